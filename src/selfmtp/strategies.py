@@ -65,7 +65,8 @@ class Static:
 class ConfAdapt:
     """Keep the longest leading run whose confidences are all >= tau; always at least one token.
 
-    Position 1 is the exact next-token prediction, so accepting it unconditionally is lossless.
+    A low first confidence ends the run at once; its token is still kept, since position 1 is the
+    exact next-token prediction (never worse than plain NTP).
     """
 
     tau: float
@@ -82,12 +83,12 @@ class ConfAdapt:
         return f"confadapt:{self.tau:g}:{self.k_max}"
 
     def accept(self, confidences: torch.Tensor) -> int:
-        accepted = 1
-        for confidence in confidences.tolist()[1 : self.k_max]:  # one transfer, then plain floats
+        run = 0
+        for confidence in confidences.tolist()[: self.k_max]:  # one transfer, then plain floats
             if confidence < self.tau:
                 break
-            accepted += 1
-        return accepted
+            run += 1
+        return max(run, 1)
 
 
 def parse_strategy(text: str) -> Strategy:
