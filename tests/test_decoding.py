@@ -53,7 +53,7 @@ def uncached_reference(mtp: MTPModel, prompt_ids: list[int], strategy, max_new_t
     """Recompute prompt + generated + (k_max-1) masks from scratch every pass, no cache, no padding."""
     mask_id = mtp.model.config.mtp_mask_token_id
     stops = mtp.stop_token_ids
-    generated, sizes = [], []
+    generated, sizes, chunk_confidences = [], [], []
     while len(generated) < max_new_tokens:
         ids = torch.tensor([prompt_ids + generated + [mask_id] * (strategy.k_max - 1)])
         with torch.no_grad():
@@ -65,9 +65,10 @@ def uncached_reference(mtp: MTPModel, prompt_ids: list[int], strategy, max_new_t
         take = take[: hit[0] + 1] if hit else take
         generated += take
         sizes.append(len(take))
+        chunk_confidences.append(confidences[: len(take)].tolist())
         if hit:
             break
-    return generated, sizes
+    return generated, sizes, chunk_confidences
 
 
 def chunk_sizes(result) -> list[int]:
@@ -108,9 +109,11 @@ def test_cached_equals_uncached_recomputation(peaked, strategy):
     for prompt in PROMPTS[:3]:
         ids = peaked.encode(prompt, chat=False)
         result = peaked.generate(prompt, strategy=strategy, max_new_tokens=20, chat=False)
-        tokens, sizes = uncached_reference(peaked, ids, strategy, 20)
+        tokens, sizes, confidences = uncached_reference(peaked, ids, strategy, 20)
         assert result.token_ids == tokens
         assert chunk_sizes(result) == sizes
+        for chunk, expected in zip(result.chunks, confidences, strict=True):
+            assert chunk.confidences == pytest.approx(expected, abs=1e-4)
         assert result.forward_passes == len(sizes)
 
 
