@@ -52,7 +52,11 @@ def ntp_vs_transformers(mtp: MTPModel, questions: list[str], max_new_tokens: int
             tokens, seconds = hf_generate(mtp, mtp.encode(question), max_new_tokens)
             hf_tokens, hf_seconds = hf_tokens + tokens, hf_seconds + seconds
             assert tokens == result.num_tokens, "both engines decode the same greedy tokens"
-        row = {"run": run, "ours_tokens_per_s": ours_tokens / ours_seconds, "transformers_tokens_per_s": hf_tokens / hf_seconds}
+        row = {
+            "run": run,
+            "ours_tokens_per_s": ours_tokens / ours_seconds,
+            "transformers_tokens_per_s": hf_tokens / hf_seconds,
+        }
         row["ratio"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
         print(json.dumps(row), flush=True)
         per_run.append(row)
@@ -60,7 +64,9 @@ def ntp_vs_transformers(mtp: MTPModel, questions: list[str], max_new_tokens: int
         "runs": per_run,
         "tokens_per_run": int(ours_tokens),
         "median_ours_tokens_per_s": statistics.median(r["ours_tokens_per_s"] for r in per_run),
-        "median_transformers_tokens_per_s": statistics.median(r["transformers_tokens_per_s"] for r in per_run),
+        "median_transformers_tokens_per_s": statistics.median(
+            r["transformers_tokens_per_s"] for r in per_run
+        ),
         "median_ratio": statistics.median(r["ratio"] for r in per_run),
     }
 
@@ -78,7 +84,13 @@ def pass_cost(mtp: MTPModel, prefix_ids: list[int], fed_counts: list[int], repea
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=n)
+                model(
+                    input_ids=ids,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=n,
+                )
                 times.append(time.perf_counter() - start)
                 cache.crop(-n)
             costs[str(n)] = 1000 * statistics.median(times)
@@ -86,12 +98,16 @@ def pass_cost(mtp: MTPModel, prefix_ids: list[int], fed_counts: list[int], repea
     return {"prefix_tokens": prefix, "median_ms_by_tokens_fed": costs}
 
 
-def batched_throughput(mtp: MTPModel, questions: list[str], max_new_tokens: int, batch_sizes: list[int], strategies: list[str]) -> list[dict]:
+def batched_throughput(
+    mtp: MTPModel, questions: list[str], max_new_tokens: int, batch_sizes: list[int], strategies: list[str]
+) -> list[dict]:
     rows = []
     for strategy in strategies:
         for batch_size in batch_sizes:
             start = time.perf_counter()
-            results = mtp.generate(questions, strategy=strategy, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            results = mtp.generate(
+                questions, strategy=strategy, max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
             seconds = time.perf_counter() - start
             tokens = sum(r.num_tokens for r in results)
             row = {"strategy": strategy, "batch_size": batch_size, "tokens": tokens, "seconds": seconds,
@@ -130,7 +146,9 @@ def main() -> None:
     prefix = (mtp.encode(questions[0]) + first.token_ids)[:200]
     report["pass_cost"] = pass_cost(mtp, prefix, [1, 2, 4, 8, 16], repeats=15)
     if args.batch_sizes:
-        report["batched"] = batched_throughput(mtp, questions, args.max_new_tokens, args.batch_sizes, args.batch_strategies)
+        report["batched"] = batched_throughput(
+            mtp, questions, args.max_new_tokens, args.batch_sizes, args.batch_strategies
+        )
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 

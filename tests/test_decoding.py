@@ -179,7 +179,9 @@ def test_stop_string_cuts_text_exactly(peaked):
     free = peaked.generate(PROMPTS[0], strategy="static:4", max_new_tokens=24, chat=False)
     stop = free.text[len(free.text) // 2 :][:3]  # three characters from the middle of the text
     assert stop.strip() and stop in free.text
-    result = peaked.generate(PROMPTS[0], strategy="static:4", max_new_tokens=24, chat=False, stop=["@@never@@", stop])
+    result = peaked.generate(
+        PROMPTS[0], strategy="static:4", max_new_tokens=24, chat=False, stop=["@@never@@", stop]
+    )
     assert result.text == free.text[: free.text.index(stop)]
     assert result.stop_reason == "stop_string"
     # the tokens kept are those up to the one completing the stop string, and no more
@@ -192,7 +194,9 @@ def test_stop_string_cuts_text_exactly(peaked):
 
 def test_eos_inside_a_chunk_cuts_after_it(peaked):
     free = peaked.generate(PROMPTS[2], strategy="static:5", max_new_tokens=20, chat=False)
-    position = next(i for i, t in enumerate(free.token_ids) if i % 5 not in (0, 4) and free.token_ids.index(t) == i)
+    position = next(
+        i for i, t in enumerate(free.token_ids) if i % 5 not in (0, 4) and free.token_ids.index(t) == i
+    )
     result = generate_batch(
         peaked.model, [peaked.encode(PROMPTS[2], chat=False)], Static(5), max_new_tokens=20,
         stop_token_ids={free.token_ids[position]}, tokenizer=peaked.tokenizer,
@@ -251,6 +255,24 @@ def test_uncroppable_cache_is_refused(tiny):
     with pytest.raises(SelfMTPError, match="cannot drop the <mtp> masks"):
         generate_batch(model, [[1, 2, 3]], Static(2), max_new_tokens=4)
     assert generate_batch(model, [[1, 2, 3]], Static(1), max_new_tokens=4)[0].num_tokens == 4
+    with pytest.raises(SelfMTPError, match="one prompt at a time"):
+        generate_batch(model, [[1, 2, 3], [4, 5]], Static(1), max_new_tokens=4)
+
+
+def test_context_limit_ends_generation(tiny):
+    small = MTPModel(*load_model("tiny:context=40", seed=0))
+    ids = small.encode("one two three four five six seven eight nine ten " * 3, chat=False)
+    result = small.generate(small.tokenizer.decode(ids), strategy="static:3", max_new_tokens=30, chat=False)
+    assert result.num_tokens == 40 - len(ids) and result.stop_reason == "context"
+
+
+def test_strategy_returning_a_bad_count_is_a_bug(peaked):
+    class Broken(Static):
+        def accept(self, confidences):
+            return 0
+
+    with pytest.raises(ValueError, match="accept\\(\\) returned 0"):
+        peaked.generate("hello", strategy=Broken(2), max_new_tokens=4, chat=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +299,9 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, argv, message):
 
 def test_cli_generate_json_chunks_and_html(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"question": "What is 2+2?"}) + "\n" + json.dumps({"prompt": "Say hi"}) + "\n")
+    prompts.write_text(
+        json.dumps({"question": "What is 2+2?"}) + "\n" + json.dumps({"prompt": "Say hi"}) + "\n"
+    )
     page = tmp_path / "chunks.html"
     argv = ["generate", "--model", "tiny", "--prompts-file", str(prompts), "--strategy", "static:3",
             "--max-new-tokens", "7", "--json", "--html", str(page), "--no-chat"]  # fmt: skip
@@ -297,3 +321,24 @@ def test_cli_generate_json_chunks_and_html(tmp_path, capsys):
                  "--max-new-tokens", "4", "--show-chunks"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "₂" in out and "4 tokens in 2 passes" in out
+
+
+def test_preallocated_cache_layer_matches_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from selfmtp.kv_cache import GROW_BY, PreallocatedLayer
+
+    ours, reference = PreallocatedLayer(), DynamicLayer()
+    steps = [(3, 0), (GROW_BY, -2), (5, -5), (1, 0), (GROW_BY + 7, -3)]  # (entries added, then cropped)
+    for added, cropped in steps:
+        keys, values = torch.randn(3, 2, added, 4), torch.randn(3, 2, added, 4)
+        for layer in (ours, reference):
+            out = layer.update(keys, values)
+            layer.crop(cropped)
+        assert torch.equal(out[0][..., : ours.get_seq_length(), :], ours.keys)
+        assert torch.equal(ours.keys, reference.keys) and torch.equal(ours.values, reference.values)
+        assert ours.get_seq_length() == reference.get_seq_length()
+    index = torch.tensor([2, 0])
+    ours.batch_select_indices(index)
+    reference.batch_select_indices(index)
+    assert torch.equal(ours.keys, reference.keys) and torch.equal(ours.values, reference.values)

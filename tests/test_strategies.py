@@ -60,5 +60,7 @@ def test_parse_strategy_valid_spellings():
     ],
 )
 def test_parse_strategy_rejects_bad_strings(text, message):
-    with pytest.raises(SelfMTPError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(
+        SelfMTPError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
         parse_strategy(text)

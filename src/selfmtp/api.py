@@ -15,6 +15,7 @@ from pathlib import Path
 
 from selfmtp.decoding import GenerationResult, generate_batch
 from selfmtp.errors import SelfMTPError
+from selfmtp.kv_cache import has_plain_cache
 from selfmtp.strategies import Strategy, parse_strategy
 
 
@@ -90,6 +91,8 @@ class MTPModel:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[GenerationResult | None] = [None] * len(encoded)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if not has_plain_cache(self.model):
+            batch_size = 1  # sliding-window caches: our padded batches cannot express their masks
         for start in range(0, len(order), batch_size):
             group = order[start : start + batch_size]
             outputs = generate_batch(

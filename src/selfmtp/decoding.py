@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from selfmtp.errors import SelfMTPError
+from selfmtp.kv_cache import has_plain_cache, preallocated_cache
 from selfmtp.models import mtp_token_id
 from selfmtp.strategies import Strategy
 
@@ -88,7 +88,7 @@ def generate_batch(
         raise SelfMTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     n_masks = strategy.k_max - 1
     mask_id = _mask_token_id(model, n_masks)
-    cache = _croppable_cache(model, n_masks)
+    cache = _croppable_cache(model, n_masks, batched=len(prompts) > 1)
     rows = [_new_row(prompt, max_new_tokens, _context_length(model)) for prompt in prompts]
     stop_token_ids = frozenset(stop_token_ids)
     device = model.device
@@ -118,6 +118,10 @@ def generate_batch(
             for i, row in enumerate(active):
                 row.passes += 1
                 wanted = strategy.accept(confidences[i])
+                if not 1 <= wanted <= strategy.k_max:  # 0 would stall the loop forever
+                    raise ValueError(
+                        f"{strategy.name}: accept() returned {wanted}, expected 1..{strategy.k_max}"
+                    )
                 _take(
                     row,
                     proposals[i].tolist()[:wanted],
@@ -201,14 +205,23 @@ def _mask_token_id(model, n_masks: int) -> int | None:
     return token_id
 
 
-def _croppable_cache(model, n_masks: int) -> DynamicCache:
-    """A cache whose every layer can drop its last entries; refuse models where that is not so."""
+def _croppable_cache(model, n_masks: int, *, batched: bool) -> DynamicCache:
+    """A cache that can drop the masks' entries; refuse models where that is not so.
+
+    Batches need our own 4-D mask, which would override a sliding window, so they need a plain cache too.
+    """
+    if has_plain_cache(model):
+        return preallocated_cache(model)
     cache = DynamicCache(config=model.config)
-    if n_masks and any(type(layer) is not DynamicLayer for layer in cache.layers):
-        kinds = sorted({type(layer).__name__ for layer in cache.layers} - {"DynamicLayer"})
+    kinds = ", ".join(sorted({type(layer).__name__ for layer in cache.layers} - {"DynamicLayer"}))
+    if n_masks:
         raise SelfMTPError(
-            f"{model.config.model_type} models keep a {', '.join(kinds)} cache that cannot drop the <mtp> masks' "
+            f"{model.config.model_type} models keep a {kinds} cache that cannot drop the <mtp> masks' "
             "entries: only ntp decoding is supported for this model"
+        )
+    if batched:
+        raise SelfMTPError(
+            f"{model.config.model_type} models keep a {kinds} cache: decode one prompt at a time"
         )
     return cache
 
