@@ -90,7 +90,7 @@ def generate_batch(
     mask_id = _mask_token_id(model, n_masks)
     cache = _croppable_cache(model, n_masks, batched=len(prompts) > 1)
     rows = [_new_row(prompt, max_new_tokens, _context_length(model)) for prompt in prompts]
-    stop_token_ids = frozenset(stop_token_ids)
+    stops = _StopRules(frozenset(stop_token_ids), list(stop_strings), tokenizer)
     device = model.device
     key_is_real = torch.zeros(len(rows), 0, dtype=torch.bool, device=device)
     real_count = torch.zeros(len(rows), dtype=torch.long, device=device)
@@ -116,29 +116,15 @@ def generate_batch(
             real_count = real_count + fed_real.sum(dim=1)
             confidences, proposals = greedy_readout(logits, mask_id)
             for i, row in enumerate(active):
-                row.passes += 1
-                wanted = strategy.accept(confidences[i])
-                if not 1 <= wanted <= strategy.k_max:  # 0 would stall the loop forever
-                    raise ValueError(
-                        f"{strategy.name}: accept() returned {wanted}, expected 1..{strategy.k_max}"
-                    )
-                _take(
-                    row,
-                    proposals[i].tolist()[:wanted],
-                    confidences[i].tolist()[:wanted],
-                    stop_token_ids,
-                    stop_strings,
-                    tokenizer,
-                )
+                _accept(row, strategy, proposals[i], confidences[i], stops)
                 if row.stop_reason is not None:
                     row.seconds = time.perf_counter() - start
             keep = [i for i, row in enumerate(active) if row.stop_reason is None]
             if len(keep) < len(active):  # finished rows leave the batch (and the cache)
                 active = [active[i] for i in keep]
-                if keep:
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    key_is_real, real_count = key_is_real[index], real_count[index]
+                index = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(index)
+                key_is_real, real_count = key_is_real[index], real_count[index]
     return [_result(row, tokenizer, strategy.name) for row in rows]
 
 
@@ -246,22 +232,33 @@ def _new_row(prompt: list[int], max_new_tokens: int, context: int | None) -> _Ro
 # Accepting tokens and stopping
 
 
-def _take(
-    row: _Row, tokens: list[int], confidences: list[float], stop_token_ids, stop_strings, tokenizer
-) -> None:
-    """Append one pass's accepted tokens to `row`, applying the budget and every stop rule."""
-    room = row.budget - len(row.token_ids)
-    tokens, confidences = tokens[:room], confidences[:room]
+@dataclass(frozen=True)
+class _StopRules:
+    token_ids: frozenset[int]
+    strings: list[str]
+    tokenizer: object
+
+
+def _accept(
+    row: _Row, strategy: Strategy, proposals: torch.Tensor, confidences: torch.Tensor, stops: _StopRules
+):
+    """Append the tokens `strategy` accepts from one pass to `row`, applying the budget and every stop rule."""
+    row.passes += 1
+    wanted = strategy.accept(confidences)
+    if not 1 <= wanted <= strategy.k_max:  # 0 would stall the loop forever
+        raise ValueError(f"{strategy.name}: accept() returned {wanted}, expected 1..{strategy.k_max}")
+    wanted = min(wanted, row.budget - len(row.token_ids))
+    tokens, confidences = proposals.tolist()[:wanted], confidences.tolist()[:wanted]
     for i, token in enumerate(tokens):
-        if token in stop_token_ids:  # keep the stop token itself, drop what follows
+        if token in stops.token_ids:  # keep the stop token itself, drop what follows
             tokens, confidences = tokens[: i + 1], confidences[: i + 1]
             row.stop_reason = "eos"
             break
     row.token_ids.extend(tokens)
     row.chunks.append((tokens, confidences))
     row.pending = tokens
-    if stop_strings:
-        _cut_at_stop_string(row, len(tokens), stop_strings, tokenizer)
+    if stops.strings:
+        _cut_at_stop_string(row, len(tokens), stops.strings, stops.tokenizer)
     if row.stop_reason is None and len(row.token_ids) >= row.budget:
         row.stop_reason = row.budget_reason
 
