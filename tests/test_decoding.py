@@ -342,3 +342,19 @@ def test_preallocated_cache_layer_matches_dynamic_layer():
     ours.batch_select_indices(index)
     reference.batch_select_indices(index)
     assert torch.equal(ours.keys, reference.keys) and torch.equal(ours.values, reference.values)
+
+
+def test_chunk_views_show_one_block_per_pass():
+    from selfmtp.chunk_view import render_html, render_terminal
+    from selfmtp.decoding import Chunk, GenerationResult
+
+    chunks = [Chunk([1, 2, 3], "The cat", [0.9, 0.8, 0.95]), Chunk([4], " <sat>\n", [0.4])]
+    result = GenerationResult(
+        "The cat <sat>\n", [1, 2, 3, 4], 4, 2, 2.0, chunks, 0.5, 8.0, "eos", 5, "confadapt:0.7:16"
+    )
+    coloured = render_terminal(result)
+    assert coloured.count("\x1b[48;5;") == 2 and "₃" in coloured and "₁" in coloured
+    assert render_terminal(result, colour=False).startswith("[The cat]₃[ <sat>↵\n]₁")
+    page = render_html([result], ["a <prompt>"])
+    assert page.count('class="chunk" style=') == 2 + 5  # two passes plus the five legend swatches
+    assert "&lt;sat&gt;" in page and "a &lt;prompt&gt;" in page and "2.00" in page
