@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from selfmtp.errors import SelfMTPError
 
@@ -61,6 +62,98 @@ def _run_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# generate
+
+
+def _add_generate(subparsers) -> None:
+    from selfmtp.strategies import STRATEGY_HELP
+
+    parser = subparsers.add_parser(
+        "generate",
+        help="decode prompts with ntp, static-k or ConfAdapt multi-token decoding",
+        description="Generate from one prompt or a file of prompts with KV-cached multi-token decoding and report "
+        "tokens, forward passes, acceleration (tokens per pass) and tokens/s.",
+    )
+    _add_common_model_args(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument(
+        "--prompts-file", help="one prompt per line, or .jsonl with a 'prompt' or 'question' field"
+    )
+    parser.add_argument("--strategy", default="ntp", help=f"{STRATEGY_HELP} (default: ntp)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, default=None,
+        help="wrap prompts in the chat template (default: iff the tokenizer has one)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stop",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="STR",
+        help="stop strings (text is cut before them)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument(
+        "--show-chunks", action="store_true", help="colour each forward pass's tokens as one block"
+    )
+    parser.add_argument("--html", metavar="FILE", help="also write the chunk view as a standalone HTML page")
+    parser.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from selfmtp.api import MTPModel, read_prompts
+    from selfmtp.decoding import summarize
+    from selfmtp.strategies import parse_strategy
+
+    strategy = parse_strategy(args.strategy)  # bad input fails before the model loads
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
+    if args.max_new_tokens < 1:
+        raise SelfMTPError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise SelfMTPError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if any(not p.strip() for p in prompts):
+        raise SelfMTPError("empty prompt: give some text to continue")
+    mtp = MTPModel.from_pretrained(args.model, seed=args.seed, dtype=args.dtype, device=args.device)
+    results = mtp.generate(
+        prompts, strategy=strategy, max_new_tokens=args.max_new_tokens, stop=args.stop or None,
+        chat=args.chat, batch_size=args.batch_size,
+    )  # fmt: skip
+    _print_generations(prompts, results, args)
+    if args.html:
+        from selfmtp.chunk_view import render_html
+
+        Path(args.html).write_text(
+            render_html(results, prompts, title=f"{args.model} / {strategy.name}"), encoding="utf-8"
+        )
+    if not args.json and len(results) > 1:
+        summary = summarize(results)
+        print(
+            f"{summary['generations']} generations: acceleration {summary['acceleration_mean']:.2f} +- "
+            f"{summary['acceleration_std']:.2f}, {summary['tokens_per_second_mean']:.1f} tokens/s on average"
+        )
+    return 0
+
+
+def _print_generations(prompts, results, args) -> None:
+    from selfmtp.chunk_view import render_terminal
+
+    for prompt, result in zip(prompts, results, strict=True):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **result.to_dict()}, ensure_ascii=False))
+        elif args.show_chunks:
+            print(render_terminal(result, colour=sys.stdout.isatty()))
+        else:
+            print(result.text)
+            print(
+                f"[{result.num_tokens} tokens, {result.forward_passes} passes, {result.acceleration:.2f} tokens/pass, "
+                f"{result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason}]"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"selfmtp {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo,):
+    for add in (_add_demo, _add_generate):
         add(subparsers)
     return parser
 

@@ -1,0 +1,154 @@
+"""`MTPModel`: load a model once, generate from text, chat messages or a list of either.
+
+from selfmtp.api import MTPModel
+from selfmtp.strategies import parse_strategy
+
+mtp = MTPModel.from_pretrained("smollm2-135m")
+result = mtp.generate("What is 7 * 6?", strategy="confadapt:0.9", max_new_tokens=64)
+print(result.text, result.acceleration)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from selfmtp.decoding import GenerationResult, generate_batch
+from selfmtp.errors import SelfMTPError
+from selfmtp.kv_cache import has_plain_cache
+from selfmtp.strategies import Strategy, parse_strategy
+
+
+class MTPModel:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, spec: str, **load_model_kwargs) -> MTPModel:
+        """`spec` as for `--model` (see `selfmtp.models.load_model`, whose keywords pass through)."""
+        from selfmtp.models import load_model
+
+        return cls(*load_model(spec, **load_model_kwargs))
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """The generation config's EOS ids (what transformers' `generate` stops on), else the tokenizer's."""
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+    def encode(self, prompt, *, chat: bool | None = None) -> list[int]:
+        """Prompt text or chat messages -> token ids. chat=None: chat template for text iff the tokenizer has one."""
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise SelfMTPError("empty prompt: give some text to continue")
+            if chat is False or (chat is None and not has_template):
+                return self.tokenizer(prompt)["input_ids"]
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = _check_messages(prompt)
+            if chat is False:
+                raise SelfMTPError("chat messages given with chat=False: pass plain text instead")
+        if not has_template:
+            raise SelfMTPError(
+                "this tokenizer has no chat template: use chat=False (--no-chat) and plain text"
+            )
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def generate(
+        self,
+        prompts,
+        strategy: str | Strategy = "ntp",
+        max_new_tokens: int = 256,
+        stop: str | list[str] | None = None,
+        chat: bool | None = None,
+        batch_size: int = 8,
+    ) -> GenerationResult | list[GenerationResult]:
+        """A str or a list of {"role", "content"} dicts -> one result; a list of those -> a list of results.
+
+        Prompts are decoded `batch_size` at a time, grouped by length to waste less on padding; the
+        output of each prompt is the same as decoding it alone.
+        """
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and all(isinstance(p, dict) for p in prompts)
+        )
+        batch = [prompts] if single else prompts
+        if not isinstance(batch, (list, tuple)) or not batch:
+            raise SelfMTPError("no prompts given: pass a string, chat messages, or a non-empty list of them")
+        if batch_size < 1:
+            raise SelfMTPError(f"batch size must be >= 1, got {batch_size}")
+        strategy = parse_strategy(strategy) if isinstance(strategy, str) else strategy
+        stop_strings = _check_stop(stop)
+        encoded = [self.encode(p, chat=chat) for p in batch]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[GenerationResult | None] = [None] * len(encoded)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if not has_plain_cache(self.model):
+            batch_size = 1  # sliding-window caches: our padded batches cannot express their masks
+        for start in range(0, len(order), batch_size):
+            group = order[start : start + batch_size]
+            outputs = generate_batch(
+                self.model, [encoded[i] for i in group], strategy, max_new_tokens=max_new_tokens,
+                stop_token_ids=self.stop_token_ids, stop_strings=stop_strings, tokenizer=self.tokenizer, pad_token_id=pad_id,
+            )  # fmt: skip
+            for i, output in zip(group, outputs, strict=True):
+                results[i] = output
+        return results[0] if single else results
+
+
+def _check_messages(messages) -> list[dict]:
+    ok = (
+        isinstance(messages, (list, tuple))
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    )
+    if not ok:
+        raise SelfMTPError(
+            "a prompt must be a string or a non-empty list of {'role': ..., 'content': ...} messages"
+        )
+    if not any(m["content"].strip() for m in messages):
+        raise SelfMTPError("empty prompt: every chat message is empty")
+    return list(messages)
+
+
+def _check_stop(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise SelfMTPError("stop strings must be non-empty strings")
+    return stops
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: .jsonl (or lines starting with '{') with a "prompt" or "question" field, else one per line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SelfMTPError(f"cannot read prompts file {path}: {exc}") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        raise SelfMTPError(f"prompts file {path} holds no prompts")
+    if path.suffix != ".jsonl" and not numbered[0][1].lstrip().startswith("{"):
+        return [line for _, line in numbered]
+    prompts = []
+    for n, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SelfMTPError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        text = record.get("prompt", record.get("question")) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise SelfMTPError(f"{path}:{n}: expected an object with a 'prompt' or 'question' string")
+        prompts.append(text)
+    return prompts

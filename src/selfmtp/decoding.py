@@ -1,0 +1,332 @@
+"""KV-cached multi-token decoding (METHOD.md, "Inference"), several prompts at once.
+
+One pass feeds, per row, the tokens accepted last step (the whole prompt on the first pass) plus
+k_max-1 `<mtp>` masks. The logits at the last real token and at each mask propose k_max tokens,
+read out greedily with their max-softmax confidences; the strategy says how many leading ones to keep.
+The masks' KV entries are then cropped off, so the cache only ever holds real tokens and plain
+causal attention is right for every pass.
+
+Batching: rows are left padded and each row's new tokens are right aligned, so the masks of every
+row sit at the end (one crop serves all rows) and the proposals are the last k_max logits of every
+row. Pads stay in the cache and are masked out by an explicit 4-D attention mask; position ids are
+counted per row over real tokens only, so each row sees exactly what it would see alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from selfmtp.errors import SelfMTPError
+from selfmtp.kv_cache import has_plain_cache, preallocated_cache
+from selfmtp.models import mtp_token_id
+from selfmtp.strategies import Strategy
+
+
+@dataclass
+class Chunk:
+    """The tokens one forward pass contributed, with their confidences."""
+
+    token_ids: list[int]
+    text: str
+    confidences: list[float]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    num_tokens: int
+    forward_passes: int
+    acceleration: float  # num_tokens / forward_passes
+    chunks: list[Chunk]
+    seconds: float  # from the start of the (batched) call until this row finished
+    tokens_per_second: float
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens" | "context"
+    prompt_tokens: int
+    strategy: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Row:
+    """Book-keeping for one prompt while it decodes."""
+
+    prompt_tokens: int
+    budget: int  # most tokens this row may emit (max_new_tokens, or what the context leaves)
+    budget_reason: str
+    pending: list[int]  # accepted but not yet in the cache (the prompt before the first pass)
+    token_ids: list[int] = field(default_factory=list)
+    chunks: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    passes: int = 0
+    stop_reason: str | None = None
+    text: str | None = None  # set when a stop string cut the text
+    seconds: float = 0.0
+
+
+def generate_batch(
+    model,
+    prompts: list[list[int]],
+    strategy: Strategy,
+    *,
+    max_new_tokens: int,
+    stop_token_ids=(),
+    stop_strings=(),
+    tokenizer=None,
+    pad_token_id: int = 0,
+) -> list[GenerationResult]:
+    """Decode all `prompts` (token id lists) together; results are in prompt order."""
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the text")
+    if max_new_tokens < 1:
+        raise SelfMTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    n_masks = strategy.k_max - 1
+    mask_id = _mask_token_id(model, n_masks)
+    cache = _croppable_cache(model, n_masks, batched=len(prompts) > 1)
+    rows = [_new_row(prompt, max_new_tokens, _context_length(model)) for prompt in prompts]
+    stops = _StopRules(frozenset(stop_token_ids), list(stop_strings), tokenizer)
+    device = model.device
+    key_is_real = torch.zeros(len(rows), 0, dtype=torch.bool, device=device)
+    real_count = torch.zeros(len(rows), dtype=torch.long, device=device)
+    active = list(rows)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        while active:
+            input_ids, position_ids, fed = step_inputs(
+                [r.pending for r in active], real_count, n_masks, pad_token_id, mask_id
+            )
+            logits = model(
+                input_ids=input_ids.to(device),
+                position_ids=position_ids,
+                attention_mask=attention_mask(key_is_real, fed),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=strategy.k_max,
+            ).logits
+            if n_masks:
+                cache.crop(-n_masks)  # pop the masks: the cache holds real tokens only
+            fed_real = fed[:, : fed.shape[1] - n_masks]
+            key_is_real = torch.cat([key_is_real, fed_real], dim=1)
+            real_count = real_count + fed_real.sum(dim=1)
+            confidences, proposals = greedy_readout(logits, mask_id)
+            for i, row in enumerate(active):
+                _accept(row, strategy, proposals[i], confidences[i], stops)
+                if row.stop_reason is not None:
+                    row.seconds = time.perf_counter() - start
+            keep = [i for i, row in enumerate(active) if row.stop_reason is None]
+            if len(keep) < len(active):  # finished rows leave the batch (and the cache)
+                active = [active[i] for i in keep]
+                index = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(index)
+                key_is_real, real_count = key_is_real[index], real_count[index]
+    return [_result(row, tokenizer, strategy.name) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure tensor helpers
+
+
+def step_inputs(
+    pending: list[list[int]], real_count: torch.Tensor, n_masks: int, pad_id: int, mask_id: int | None
+):
+    """Right-aligned (tokens + masks) per row -> input_ids (cpu), position_ids, fed (True = not a pad).
+
+    Position ids continue each row's count of real tokens; masks continue them further.
+    """
+    width = max(len(p) for p in pending) + n_masks
+    masks = [mask_id] * n_masks
+    input_ids = torch.tensor([[pad_id] * (width - len(p) - n_masks) + p + masks for p in pending])
+    lengths = torch.tensor([len(p) + n_masks for p in pending], device=real_count.device)
+    first = (width - lengths)[:, None]  # column of each row's first fed token
+    columns = torch.arange(width, device=real_count.device)[None, :]
+    fed = columns >= first
+    position_ids = (real_count[:, None] + columns - first).clamp(min=0)
+    return input_ids, position_ids, fed
+
+
+def attention_mask(key_is_real: torch.Tensor, fed: torch.Tensor) -> torch.Tensor | None:
+    """4-D bool mask (batch, 1, fed, cache+fed), True = may attend; None when there are no pads.
+
+    Causal over cache columns, pads hidden as keys. A pad query attends to itself only, so its
+    (masked, never read) KV stay finite: a NaN there would poison every row that multiplies it by 0.
+    """
+    if bool(fed.all()) and bool(key_is_real.all()):
+        return None  # no pads anywhere: let the model build its own causal mask
+    past, width = key_is_real.shape[1], fed.shape[1]
+    keys = torch.cat([key_is_real, fed], dim=1)
+    query_column = torch.arange(width, device=fed.device)[:, None] + past
+    key_column = torch.arange(past + width, device=fed.device)[None, :]
+    allowed = ((key_column <= query_column)[None] & keys[:, None, :]) | (key_column == query_column)[None]
+    return allowed[:, None]
+
+
+def greedy_readout(logits: torch.Tensor, mask_id: int | None):
+    """(batch, k, vocab) logits -> (confidences, proposals), both (batch, k) on the cpu.
+
+    `<mtp>` is never proposed: fed back as a real token it would only derail an untrained model.
+    """
+    logits = logits.float()
+    if mask_id is not None:
+        logits[..., mask_id] = float("-inf")
+    confidences, proposals = torch.softmax(logits, dim=-1).max(dim=-1)
+    return confidences.cpu(), proposals.cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checks
+
+
+def _mask_token_id(model, n_masks: int) -> int | None:
+    token_id = mtp_token_id(model)
+    if n_masks and token_id is None:
+        raise SelfMTPError(
+            "this model has no <mtp> token: multi-token strategies need a converted model (or use ntp)"
+        )
+    return token_id
+
+
+def _croppable_cache(model, n_masks: int, *, batched: bool) -> DynamicCache:
+    """A cache that can drop the masks' entries; refuse models where that is not so.
+
+    Batches need our own 4-D mask, which would override a sliding window, so they need a plain cache too.
+    """
+    if has_plain_cache(model):
+        return preallocated_cache(model)
+    cache = DynamicCache(config=model.config)
+    kinds = ", ".join(sorted({type(layer).__name__ for layer in cache.layers} - {"DynamicLayer"}))
+    if n_masks:
+        raise SelfMTPError(
+            f"{model.config.model_type} models keep a {kinds} cache that cannot drop the <mtp> masks' "
+            "entries: only ntp decoding is supported for this model"
+        )
+    if batched:
+        raise SelfMTPError(
+            f"{model.config.model_type} models keep a {kinds} cache: decode one prompt at a time"
+        )
+    return cache
+
+
+def _context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _new_row(prompt: list[int], max_new_tokens: int, context: int | None) -> _Row:
+    if not prompt:
+        raise SelfMTPError("empty prompt: give some text to continue")
+    budget, reason = max_new_tokens, "max_new_tokens"
+    if context is not None:
+        if len(prompt) >= context:
+            raise SelfMTPError(f"prompt has {len(prompt)} tokens but the model's context is {context} tokens")
+        if context - len(prompt) < budget:
+            budget, reason = context - len(prompt), "context"
+    return _Row(prompt_tokens=len(prompt), budget=budget, budget_reason=reason, pending=list(prompt))
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepting tokens and stopping
+
+
+@dataclass(frozen=True)
+class _StopRules:
+    token_ids: frozenset[int]
+    strings: list[str]
+    tokenizer: object
+
+
+def _accept(
+    row: _Row, strategy: Strategy, proposals: torch.Tensor, confidences: torch.Tensor, stops: _StopRules
+):
+    """Append the tokens `strategy` accepts from one pass to `row`, applying the budget and every stop rule."""
+    row.passes += 1
+    wanted = strategy.accept(confidences)
+    if not 1 <= wanted <= strategy.k_max:  # 0 would stall the loop forever
+        raise ValueError(f"{strategy.name}: accept() returned {wanted}, expected 1..{strategy.k_max}")
+    wanted = min(wanted, row.budget - len(row.token_ids))
+    tokens, confidences = proposals.tolist()[:wanted], confidences.tolist()[:wanted]
+    for i, token in enumerate(tokens):
+        if token in stops.token_ids:  # keep the stop token itself, drop what follows
+            tokens, confidences = tokens[: i + 1], confidences[: i + 1]
+            row.stop_reason = "eos"
+            break
+    row.token_ids.extend(tokens)
+    row.chunks.append((tokens, confidences))
+    row.pending = tokens
+    if stops.strings:
+        _cut_at_stop_string(row, len(tokens), stops.strings, stops.tokenizer)
+    if row.stop_reason is None and len(row.token_ids) >= row.budget:
+        row.stop_reason = row.budget_reason
+
+
+def _cut_at_stop_string(row: _Row, new_tokens: int, stop_strings, tokenizer) -> None:
+    """If the text now holds a stop string: keep the tokens up to the one completing it, cut the text before it."""
+    if _first_stop(tokenizer.decode(row.token_ids, skip_special_tokens=True), stop_strings) is None:
+        return
+    before = len(row.token_ids) - new_tokens  # no stop string in those, or we would have stopped
+    for end in range(before + 1, len(row.token_ids) + 1):
+        text = tokenizer.decode(row.token_ids[:end], skip_special_tokens=True)
+        cut = _first_stop(text, stop_strings)
+        if cut is not None:
+            break
+    dropped = len(row.token_ids) - end
+    del row.token_ids[end:]
+    tokens, confidences = row.chunks[-1]
+    row.chunks[-1] = (tokens[: len(tokens) - dropped], confidences[: len(tokens) - dropped])
+    row.text, row.stop_reason = text[:cut], "stop_string"
+
+
+def _first_stop(text: str, stop_strings) -> int | None:
+    found = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(found) if found else None
+
+
+def _result(row: _Row, tokenizer, strategy_name: str) -> GenerationResult:
+    def decode(ids, **kwargs) -> str:
+        return tokenizer.decode(ids, **kwargs) if tokenizer is not None else ""
+
+    text = row.text if row.text is not None else decode(row.token_ids, skip_special_tokens=True)
+    chunks = [Chunk(list(ids), decode(ids), [round(c, 6) for c in confs]) for ids, confs in row.chunks]
+    n = len(row.token_ids)
+    return GenerationResult(
+        text=text,
+        token_ids=list(row.token_ids),
+        num_tokens=n,
+        forward_passes=row.passes,
+        acceleration=n / row.passes if row.passes else 0.0,
+        chunks=chunks,
+        seconds=row.seconds,
+        tokens_per_second=n / row.seconds if row.seconds > 0 else 0.0,
+        stop_reason=row.stop_reason or row.budget_reason,
+        prompt_tokens=row.prompt_tokens,
+        strategy=strategy_name,
+    )
+
+
+def summarize(results: list[GenerationResult]) -> dict:
+    """Aggregates over generations: acceleration and tokens/s as mean and std, plus totals."""
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        if not values:
+            return 0.0, 0.0
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    accel_mean, accel_std = mean_std([r.acceleration for r in results])
+    tps_mean, tps_std = mean_std([r.tokens_per_second for r in results])
+    total_tokens = sum(r.num_tokens for r in results)
+    total_passes = sum(r.forward_passes for r in results)
+    return {
+        "generations": len(results),
+        "acceleration_mean": accel_mean,
+        "acceleration_std": accel_std,
+        "tokens_per_second_mean": tps_mean,
+        "tokens_per_second_std": tps_std,
+        "total_tokens": total_tokens,
+        "total_forward_passes": total_passes,
+        "tokens_per_pass_overall": total_tokens / total_passes if total_passes else 0.0,
+        "total_seconds": sum(r.seconds for r in results),
+    }

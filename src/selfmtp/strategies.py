@@ -1,0 +1,120 @@
+"""Decoding strategies: how many of a pass's proposed tokens to keep.
+
+Each forward pass proposes `k_max` tokens (the exact next-token prediction from the last real token,
+then one per `<mtp>` mask) with their max-softmax confidences. A strategy looks only at those
+confidences and answers one question: how many leading tokens to accept (1 <= n <= k_max).
+The decode loop never asks anything else, so a new strategy never touches the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from selfmtp.errors import SelfMTPError
+
+STRATEGY_HELP = "ntp, static:K or confadapt:TAU[:KMAX] (e.g. confadapt:0.9:16)"
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    k_max: int  # tokens proposed per pass (k_max - 1 masks are fed)
+    name: str
+
+    def accept(self, confidences: torch.Tensor) -> int:
+        """Number of leading proposed tokens to keep, 1 <= n <= k_max."""
+        ...
+
+
+@dataclass(frozen=True)
+class NTP:
+    """Plain next-token prediction: no masks, one token per pass."""
+
+    k_max: int = field(default=1, init=False)
+    name: str = field(default="ntp", init=False)
+
+    def accept(self, confidences: torch.Tensor) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class Static:
+    """Always keep all k proposed tokens (k=1 is plain greedy NTP)."""
+
+    k: int
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 1:
+            raise SelfMTPError(f"static k must be an integer >= 1, got {self.k!r}")
+
+    @property
+    def k_max(self) -> int:
+        return self.k
+
+    @property
+    def name(self) -> str:
+        return f"static:{self.k}"
+
+    def accept(self, confidences: torch.Tensor) -> int:
+        return self.k
+
+
+@dataclass(frozen=True)
+class ConfAdapt:
+    """Keep the longest leading run whose confidences are all >= tau; always at least one token.
+
+    A low first confidence ends the run at once; its token is still kept, since position 1 is the
+    exact next-token prediction (never worse than plain NTP).
+    """
+
+    tau: float
+    k_max: int = 16
+
+    def __post_init__(self):
+        if not (0.0 < self.tau <= 1.0):
+            raise SelfMTPError(f"confadapt tau must be in (0, 1], got {self.tau}")
+        if not isinstance(self.k_max, int) or self.k_max < 1:
+            raise SelfMTPError(f"confadapt k_max must be an integer >= 1, got {self.k_max!r}")
+
+    @property
+    def name(self) -> str:
+        return f"confadapt:{self.tau:g}:{self.k_max}"
+
+    def accept(self, confidences: torch.Tensor) -> int:
+        run = 0
+        for confidence in confidences.tolist()[: self.k_max]:  # one transfer, then plain floats
+            if confidence < self.tau:
+                break
+            run += 1
+        return max(run, 1)
+
+
+def parse_strategy(text: str) -> Strategy:
+    """'ntp' | 'static:K' | 'confadapt:TAU[:KMAX]' -> a strategy; SelfMTPError for anything else."""
+    parts = (text or "").strip().lower().split(":")
+    kind, args = parts[0], parts[1:]
+    if kind == "ntp" and not args:
+        return NTP()
+    if kind == "static" and len(args) == 1:
+        return Static(_parse_int(args[0], "static k", text))
+    if kind == "confadapt" and len(args) in (1, 2):
+        tau = _parse_float(args[0], "confadapt tau", text)
+        k_max = _parse_int(args[1], "confadapt k_max", text) if len(args) == 2 else 16
+        return ConfAdapt(tau, k_max)
+    raise SelfMTPError(f"unknown strategy {text!r}: use {STRATEGY_HELP}")
+
+
+def _parse_int(value: str, what: str, text: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise SelfMTPError(f"{what} in strategy {text!r} must be an integer, got {value!r}") from None
+
+
+def _parse_float(value: str, what: str, text: str) -> float:
+    try:
+        return float(value)  # the range (and NaN) is checked by ConfAdapt itself
+    except ValueError:
+        raise SelfMTPError(f"{what} in strategy {text!r} must be a number, got {value!r}") from None
