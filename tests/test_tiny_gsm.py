@@ -7,7 +7,12 @@ import re
 
 import pytest
 
-from selfmtp.tasks.pretrain_teacher import TeacherConfig, answer_number, greedy_accuracy, pretrain_tiny_teacher
+from selfmtp.tasks.pretrain_teacher import (
+    TeacherConfig,
+    answer_number,
+    greedy_accuracy,
+    pretrain_tiny_teacher,
+)
 from selfmtp.tasks.tiny_gsm import (
     generate_problems,
     generate_tiny_gsm,
