@@ -169,15 +169,11 @@ def _train(model, encoded, pad_id: int, config: TeacherConfig, test, tokenizer) 
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=(0.9, 0.98),
     )
-    order_rng = random.Random(config.seed)
-    order: list[int] = []
+    batches = _length_bucketed_batches(encoded, config.batch_size, random.Random(config.seed))
     losses: list[float] = []
     progress = tqdm(range(config.steps), desc="pretrain teacher", mininterval=5)
     for step in progress:
-        if len(order) < config.batch_size:
-            order.extend(order_rng.sample(range(len(encoded)), len(encoded)))
-        batch = collate([encoded[i] for i in order[: config.batch_size]], pad_id)
-        del order[: config.batch_size]
+        batch = collate(next(batches), pad_id)
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
@@ -192,6 +188,18 @@ def _train(model, encoded, pad_id: int, config: TeacherConfig, test, tokenizer) 
             probe = greedy_accuracy(model, tokenizer, test[:100], max_new_tokens=config.max_new_tokens)
             tqdm.write(f"step {step + 1}: loss {loss.item():.4f} test accuracy {probe['accuracy']:.3f} (n=100)")
     return losses
+
+
+def _length_bucketed_batches(encoded: list, batch_size: int, rng: random.Random, pool: int = 16):
+    """Endless shuffled batches; each pool of `pool` batches is sorted by length to cut padding."""
+    span = batch_size * pool
+    while True:
+        order = rng.sample(range(len(encoded)), len(encoded))
+        for start in range(0, len(order), span):  # a short last pool just gives a few short batches
+            chunk = sorted(order[start : start + span], key=lambda i: len(encoded[i][0]))
+            batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            rng.shuffle(batches)
+            yield from ([encoded[i] for i in batch] for batch in batches)
 
 
 def save_teacher(model, tokenizer, out_dir: Path, metrics: dict) -> Path:

@@ -28,6 +28,8 @@ from pathlib import Path
 SPLITS = ("train", "test")
 TEST_BUCKETS = 10  # out of 100: about 10% of the problem space is test-only
 MAX_VALUE = 99  # every number a solution writes stays in 0..MAX_VALUE
+MAX_OPERAND = 9  # "buys 7 more", "gives 4": one-digit operands keep each carry learnable
+MAX_FACTOR = 5  # packs, prices and splits use factors 2..5
 
 NAMES = ("Tom", "Mia", "Leo", "Ann", "Sam", "Eva", "Ben", "Zoe", "Max", "Ivy", "Jack", "Lily")
 ITEMS = (
@@ -153,18 +155,18 @@ def _sample_op(rng: random.Random, value: int, *, money: bool, last: bool) -> tu
     """Pick an operation valid at `value` (no negatives, no remainders, nothing above MAX_VALUE)."""
     choices = []
     if value + 2 <= MAX_VALUE:
-        choices.append(("add", (rng.randint(2, min(20, MAX_VALUE - value)),)))
+        choices.append(("add", (rng.randint(2, min(MAX_OPERAND, MAX_VALUE - value)),)))
     if value >= 3:
-        choices.append(("sub", (rng.randint(1, min(20, value - 1)),)))
+        choices.append(("sub", (rng.randint(1, min(MAX_OPERAND, value - 1)),)))
     multiplier = "spend" if money else "pack"
-    pairs = [(a, b) for a in range(2, 10) for b in range(2, 10)]
+    pairs = [(a, b) for a in range(2, MAX_FACTOR + 1) for b in range(2, MAX_FACTOR + 1)]
     if money:
         pairs = [(a, b) for a, b in pairs if a * b < value]
     else:
         pairs = [(a, b) for a, b in pairs if value + a * b <= MAX_VALUE]
     if pairs:
         choices.append((multiplier, rng.choice(pairs)))
-    divisors = [d for d in range(2, 10) if value % d == 0 and value // d >= 1]
+    divisors = [d for d in range(2, MAX_FACTOR + 1) if value % d == 0]
     if last and divisors and value >= 4:
         choices.append(("split", (rng.choice(divisors),)))
     return rng.choice(choices)
