@@ -109,7 +109,9 @@ def plot_pareto(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     series = {"static k": ("static", "ntp"), "ConfAdapt": ("confadapt",)}
     for (label, kinds), marker in zip(series.items(), ("s", "o"), strict=True):
-        rows = sorted((r for r in results["rows"] if r["kind"] in kinds), key=lambda r: r["acceleration_mean"])
+        rows = sorted(
+            (r for r in results["rows"] if r["kind"] in kinds), key=lambda r: r["acceleration_mean"]
+        )
         if not rows:
             continue
         x = [r["acceleration_mean"] for r in rows]

@@ -55,7 +55,10 @@ class SweepConfig:
     def fingerprint(self, model: str) -> dict:
         """What decides a run's outputs (batch size and device do not, up to float noise)."""
         keys = ("task", "limit", "shots", "chat", "max_new_tokens", "seed", "dtype")
-        paths = {k: str(Path(v).resolve()) if v else None for k, v in (("data", self.data), ("fewshot_data", self.fewshot_data))}
+        paths = {
+            k: str(Path(v).resolve()) if v else None
+            for k, v in (("data", self.data), ("fewshot_data", self.fewshot_data))
+        }
         return {"model": model, **{k: getattr(self, k) for k in keys}, **paths}
 
 
@@ -83,7 +86,9 @@ def plan_runs(config: SweepConfig) -> list[PlannedRun]:
     for spec in specs:
         if spec.lower() == TEACHER:
             if not config.teacher:
-                raise SelfMTPError("strategy 'teacher' needs --teacher SPEC (the model whose NTP is the baseline)")
+                raise SelfMTPError(
+                    "strategy 'teacher' needs --teacher SPEC (the model whose NTP is the baseline)"
+                )
             continue
         strategy = parse_strategy(spec)
         runs.setdefault(strategy.name, PlannedRun(strategy.name, spec, strategy, config.model))
@@ -102,7 +107,9 @@ def run_sweep(config: SweepConfig, output_dir: str | Path, *, task=None, progres
     models: dict[tuple[str, bool], object] = {}
     finished = {}
     for run in runs:
-        finished[run.label] = _load_finished(output_dir / "runs" / run.filename, config.fingerprint(run.model))
+        finished[run.label] = _load_finished(
+            output_dir / "runs" / run.filename, config.fingerprint(run.model)
+        )
     for run in runs:
         if finished[run.label] is not None:
             continue
@@ -172,7 +179,9 @@ def _load_model(run: PlannedRun, config: SweepConfig):
 
     # The teacher only ever decodes token by token: it needs no <mtp> surgery.
     extra = {"add_mtp": False} if run.label == TEACHER else {}
-    return MTPModel.from_pretrained(run.model, seed=config.seed, dtype=config.dtype, device=config.device, **extra)
+    return MTPModel.from_pretrained(
+        run.model, seed=config.seed, dtype=config.dtype, device=config.device, **extra
+    )
 
 
 def _load_finished(path: Path, fingerprint: dict) -> dict | None:

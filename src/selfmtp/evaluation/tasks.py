@@ -25,7 +25,9 @@ from selfmtp.evaluation import extract
 TASK_HELP = "gsm8k, bbh:TASK (e.g. bbh:date_understanding) or tiny-gsm"
 COT_SUFFIX = "Let's think step by step."
 FEWSHOT_STOP = ("Q:",)
-CHAT_INSTRUCTION = 'Solve the problem step by step. End your answer with "The answer is N." where N is the final number.'
+CHAT_INSTRUCTION = (
+    'Solve the problem step by step. End your answer with "The answer is N." where N is the final number.'
+)
 TINY_GSM_DEFAULT_N = 200
 _ANNOTATION = re.compile(r"<<[^>]*>>")
 
@@ -60,7 +62,10 @@ class GSM8K:
         return "\n\n".join([*shots, f"Q: {item.question}\nA: {COT_SUFFIX}"])
 
     def score(self, output: str, item: EvalItem) -> dict[str, dict]:
-        found = {"flexible_extract": extract.flexible_extract(output), "strict_match": extract.strict_match(output)}
+        found = {
+            "flexible_extract": extract.flexible_extract(output),
+            "strict_match": extract.strict_match(output),
+        }
         return {m: {"extracted": v, "correct": v == item.target} for m, v in found.items()}
 
 
@@ -178,7 +183,9 @@ def _load_bbh(subtask: str, data, limit, chat) -> BBH:
         examples = json.loads(examples_path.read_text(encoding="utf-8"))["examples"]
         items = [EvalItem(i, e["input"], e["target"]) for i, e in enumerate(examples)]
     except (ValueError, KeyError, TypeError) as exc:
-        raise SelfMTPError(f"{examples_path}: expected {{'examples': [{{'input', 'target'}}]}} ({exc})") from None
+        raise SelfMTPError(
+            f"{examples_path}: expected {{'examples': [{{'input', 'target'}}]}} ({exc})"
+        ) from None
     return BBH(items[:limit], strip_canary(prompt_path.read_text(encoding="utf-8")), subtask, chat)
 
 
@@ -213,7 +220,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SelfMTPError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        if not (isinstance(record, dict) and isinstance(record.get("question"), str) and isinstance(record.get("answer"), str)):
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("question"), str)
+            and isinstance(record.get("answer"), str)
+        ):
             raise SelfMTPError(f"{path}:{n}: expected an object with 'question' and 'answer' strings")
         records.append(record)
     if not records:
