@@ -133,7 +133,7 @@ def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: b
     prompts = [task.prompt(item, mtp.tokenizer) for item in task.items]
     results = []
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc=run.label, unit="item", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=run.label, unit="item", disable=not progress) as bar:
         for begin in range(0, len(prompts), config.batch_size):
             chunk = prompts[begin : begin + config.batch_size]
             results += mtp.generate(chunk, strategy=run.strategy, max_new_tokens=config.max_new_tokens,
