@@ -1,0 +1,146 @@
+"""Sweep results on disk: `results.json` (for machines), `results.md` (a table like the paper's) and
+`pareto.png` (accuracy against acceleration: static k and ConfAdapt as two series, the teacher as a
+reference line). Every file is written atomically, so a crash never leaves half a file behind.
+
+Standard error of an accuracy p over n items: sqrt(p (1 - p) / (n - 1)), the sample standard
+deviation over sqrt(n), which is what lm-evaluation-harness reports (0 when n < 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+STDERR_FORMULA = "sqrt(p*(1-p)/(n-1))  (sample std / sqrt(n), as lm-evaluation-harness)"
+
+
+def accuracy_with_stderr(correct: list[bool]) -> dict:
+    n = len(correct)
+    p = sum(correct) / n if n else 0.0
+    stderr = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0
+    return {"accuracy": p, "stderr": stderr, "n": n}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _write_atomic(Path(path), text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Table
+
+
+def display_name(row: dict) -> str:
+    kind = row.get("kind")
+    if kind == "teacher":
+        return "teacher (NTP, step 0)"
+    if kind == "static":
+        return f"static k={row['k_max']}"
+    if kind == "confadapt":
+        return f"ConfAdapt tau={row['tau']:g} (k_max {row['k_max']})"
+    return row["strategy"]
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: one row per strategy, accuracy in % with stderr, acceleration mean +- std."""
+    rows = results["rows"]
+    extra = [m for m in results.get("metrics", [])[1:]]
+    primary = results.get("metrics", ["accuracy"])[0]
+    header = ["strategy", f"{primary} (%)", *[f"{m} (%)" for m in extra], "acceleration", "tokens/s", "n"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [display_name(row), _percent(row["accuracy"], row["stderr"])]
+        cells += [_percent(row["metrics"][m]["accuracy"], row["metrics"][m]["stderr"]) for m in extra]
+        cells += [
+            f"{row['acceleration_mean']:.2f}x +- {row['acceleration_std']:.2f}",
+            f"{row['tokens_per_second']:.1f}",
+            str(row["n"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _percent(p: float, stderr: float) -> str:
+    return f"{100 * p:.1f} +- {100 * stderr:.1f}"
+
+
+def markdown_report(results: dict) -> str:
+    title = f"# {results['task']} - {results['model']}"
+    notes = [
+        f"Accuracy: {results.get('metrics', ['accuracy'])[0]} with standard error {STDERR_FORMULA}.",
+        "Acceleration: generated tokens / forward passes per generation, mean +- std over generations.",
+    ]
+    if results.get("teacher"):
+        notes.append(f"teacher: plain greedy NTP of {results['teacher']} (the step-0 baseline).")
+    return "\n\n".join([title, format_table(results), "\n".join(f"- {n}" for n in notes)]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    """Accuracy (with stderr bars) against mean acceleration; static and ConfAdapt as two series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    series = {"static k": ("static", "ntp"), "ConfAdapt": ("confadapt",)}
+    for (label, kinds), marker in zip(series.items(), ("s", "o"), strict=True):
+        rows = sorted(
+            (r for r in results["rows"] if r["kind"] in kinds), key=lambda r: r["acceleration_mean"]
+        )
+        if not rows:
+            continue
+        x = [r["acceleration_mean"] for r in rows]
+        y = [100 * r["accuracy"] for r in rows]
+        ax.errorbar(x, y, yerr=[100 * r["stderr"] for r in rows], marker=marker, capsize=3, label=label)
+        for row, xi, yi in zip(rows, x, y, strict=True):
+            tag = f"k={row['k_max']}" if row["kind"] != "confadapt" else f"{row['tau']:g}"
+            ax.annotate(tag, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for row in (r for r in results["rows"] if r["kind"] == "teacher"):
+        acc, err = 100 * row["accuracy"], 100 * row["stderr"]
+        ax.axhline(acc, color="gray", linestyle="--", linewidth=1, label="teacher (step 0)")
+        ax.axhspan(acc - err, acc + err, color="gray", alpha=0.15)
+        ax.plot([row["acceleration_mean"]], [acc], marker="*", color="gray", markersize=10)
+    ax.set_xlabel("acceleration (tokens per forward pass)")
+    ax.set_ylabel(f"{results.get('metrics', ['accuracy'])[0]} accuracy (%)")
+    ax.set_title(f"{results['task']}: {results['model']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(results: dict, output_dir: Path, *, plot: bool = True) -> None:
+    output_dir = Path(output_dir)
+    write_json_atomic(output_dir / "results.json", results)
+    write_text_atomic(output_dir / "results.md", markdown_report(results))
+    if plot:
+        plot_pareto(results, output_dir / "pareto.png")

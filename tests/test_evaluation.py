@@ -1,0 +1,286 @@
+"""Evaluation harness: answer extraction on real GSM8K/BBH data, prompts, sweeps, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import SHARED_DATA
+from selfmtp.cli import main
+from selfmtp.errors import SelfMTPError
+from selfmtp.evaluation import extract, sweep
+from selfmtp.evaluation.report import accuracy_with_stderr
+from selfmtp.evaluation.sweep import SweepConfig, run_sweep
+from selfmtp.evaluation.tasks import COT_SUFFIX, cot_rationale, load_task
+
+GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
+BBH = SHARED_DATA / "bbh"
+needs_data = pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason="../shared/data not present")
+
+
+def _gsm8k_records():
+    return [json.loads(line) for line in GSM8K_TRAIN.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+
+
+@needs_data
+def test_gsm8k_gold_recovers_every_train_answer():
+    records = _gsm8k_records()
+    assert len(records) == 7473
+    for record in records:
+        last_line = record["answer"].strip().splitlines()[-1]
+        assert last_line.startswith("#### ")
+        expected = last_line[len("#### ") :].strip().replace(",", "")
+        gold = extract.gsm8k_gold(record["answer"])
+        assert gold == expected
+        float(gold)  # always a number
+
+
+@needs_data
+def test_flexible_and_strict_on_cot_outputs_built_from_real_answers():
+    for record in _gsm8k_records()[:500]:
+        gold = extract.gsm8k_gold(record["answer"])
+        output = "\n" + cot_rationale(record["answer"]) + "\n\n"  # what a perfect model writes
+        assert extract.strict_match(output) == gold
+        assert extract.flexible_extract(output) == gold
+        # Without the final sentence strict-match finds nothing; flexible takes the last number.
+        body = output.rsplit("The answer is", 1)[0] + f"So she has ${int(float(gold)) + 1:,}."
+        assert extract.strict_match(body) is None
+        assert extract.flexible_extract(body) == str(int(float(gold)) + 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "flexible", "strict"),
+    [
+        ("She pays $1,234.50 in total. The answer is 1,234.50.", "1234.50", "1234.50"),
+        ("It drops by 7. The answer is -7.", "-7", "-7"),
+        ("The answer is 18.\n\nQ: next question 3", "3", "18"),
+        ("no digits here.", None, None),
+        ("He has 5 apples... and 2.", "2", None),
+    ],
+)
+def test_gsm8k_extraction_cases(text, flexible, strict):
+    assert extract.flexible_extract(text) == flexible
+    assert extract.strict_match(text) == strict
+
+
+@needs_data
+def test_bbh_extraction_recovers_every_target():
+    files = sorted(BBH.glob("*.json"))
+    assert len(files) == 27
+    total = 0
+    for path in files:
+        for example in json.loads(path.read_text())["examples"]:
+            target = example["target"]
+            output = f"Let's see.\nSome reasoning here. So the answer is {target}.\n\nQ: more"
+            assert extract.bbh_extract(output) == target, (path.name, target)
+            assert extract.bbh_match(extract.bbh_extract(output), target)
+            total += 1
+    assert total > 6000
+
+
+def test_bbh_option_matching():
+    assert extract.bbh_match("(A)", "(A)")
+    assert extract.bbh_match("A", "(A)")
+    assert extract.bbh_match("(A) 12/14/1937", "(A)")
+    assert not extract.bbh_match("(B)", "(A)")
+    assert not extract.bbh_match("A dog", "(A)")
+    assert extract.bbh_match("yes", "Yes")
+    assert not extract.bbh_match(None, "Yes")
+    assert extract.bbh_extract("I think THE ANSWER IS valid.") == "valid"
+    assert extract.bbh_extract("no conclusion") is None
+
+
+def test_stderr_formula():
+    assert accuracy_with_stderr([True, False, True, True]) == pytest.approx(
+        {"accuracy": 0.75, "stderr": (0.75 * 0.25 / 3) ** 0.5, "n": 4}
+    )
+    assert accuracy_with_stderr([True])["stderr"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+@needs_data
+def test_gsm8k_fewshot_prompt_and_exemplar_exclusion():
+    task = load_task("gsm8k", data=GSM8K_TRAIN, limit=5)
+    records = _gsm8k_records()
+    assert len(task.exemplars) == 8 and len(task.items) == 5
+    exemplar_questions = {r["question"] for r in records[:8]}
+    assert all(item.question not in exemplar_questions for item in task.items)
+    assert [item.index for item in task.items] == [8, 9, 10, 11, 12]
+    prompt = task.prompt(task.items[0])
+    assert prompt.count("Q: ") == 9 and prompt.count("The answer is ") == 8
+    assert prompt.endswith(f"Q: {task.items[0].question}\nA: {COT_SUFFIX}")
+    assert "<<" not in prompt and "####" not in prompt
+    assert f"The answer is {extract.gsm8k_gold(records[0]['answer'])}." in prompt
+    assert task.stop == ("Q:",)
+    # The same exemplars through --fewshot-data remove the overlap from a different items file too.
+    from_pool = load_task("gsm8k", data=GSM8K_TRAIN, fewshot_data=GSM8K_TRAIN, limit=2, shots=3)
+    assert [item.index for item in from_pool.items] == [3, 4]
+
+
+@needs_data
+def test_gsm8k_chat_prompt_is_multiturn():
+    task = load_task("gsm8k", data=GSM8K_TRAIN, limit=1, shots=2, chat=True)
+    messages = task.prompt(task.items[0])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert messages[-1]["content"].startswith(task.items[0].question)
+    assert messages[1]["content"].endswith("The answer is 72.")
+    assert task.stop == ()
+    assert len(load_task("gsm8k", data=GSM8K_TRAIN, limit=1, shots=0, chat=True).prompt(task.items[0])) == 1
+
+
+@needs_data
+def test_bbh_prompt():
+    task = load_task("bbh:date_understanding", data=BBH, limit=2)
+    prompt = task.prompt(task.items[0])
+    assert prompt.startswith("Infer the date from context.")
+    assert "canary" not in prompt.lower() and "-----" not in prompt
+    assert prompt.endswith(f"\n\nQ: {task.items[0].question}\nA: {COT_SUFFIX}")
+    assert prompt.count(f"A: {COT_SUFFIX}") == 4  # 3 shots + the question
+    target = json.loads((BBH / "date_understanding.json").read_text())["examples"][0]["target"]
+    assert task.name == "bbh:date_understanding" and task.items[0].target == target
+    assert task.score(f"So the answer is {target}.", task.items[0])["exact_match"]["correct"]
+
+
+def test_tiny_gsm_prompt_matches_teacher_template():
+    from selfmtp.tasks.tiny_gsm import generate_problems
+    from selfmtp.tasks.tokenizer import encode_plain, train_tokenizer
+
+    problems = generate_problems(40, seed=0, split="train")
+    tokenizer = train_tokenizer([p["question"] + "\n\n" + p["answer"] for p in problems], vocab_size=300)
+    task = load_task("tiny-gsm", limit=4, seed=1)
+    assert len(task.items) == 4 and task.stop == ()
+    for item in task.items:
+        assert (
+            tokenizer(task.prompt(item, tokenizer))["input_ids"] == encode_plain(tokenizer, item.question)[0]
+        )
+        assert task.score(f"... so 1 + 2 = 3.\n#### {item.target}", item)["accuracy"]["correct"]
+        assert not task.score("#### 100000", item)["accuracy"]["correct"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+
+@pytest.fixture
+def tiny_mtp(tiny, monkeypatch):
+    """Sweeps reuse the session's tiny model instead of loading one per run."""
+    from selfmtp.api import MTPModel
+
+    mtp = MTPModel(*tiny)
+    monkeypatch.setattr(sweep, "_load_model", lambda run, config: mtp)
+    return mtp
+
+
+def _config(**overrides) -> SweepConfig:
+    base = dict(model="tiny", task="tiny-gsm", limit=3, max_new_tokens=8, batch_size=2)
+    return SweepConfig(**{**base, **overrides})
+
+
+def test_sweep_writes_results(tiny_mtp, tmp_path):
+    config = _config(strategies=["static:1", "static:2", "confadapt:0.9"], teacher="tiny")
+    results = run_sweep(config, tmp_path, progress=False)
+    assert [r["strategy"] for r in results["rows"]] == ["teacher", "static:1", "static:2", "confadapt:0.9:16"]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
+    assert on_disk["task"] == "tiny-gsm" and on_disk["model"] == "tiny" and "stderr_formula" in on_disk
+    rows = {r["strategy"]: r for r in results["rows"]}
+    for row in rows.values():
+        assert row["n"] == 3 and 0.0 <= row["accuracy"] <= 1.0 and row["stderr"] >= 0.0
+        assert row["tokens_per_second"] > 0 and row["acceleration_std"] >= 0
+        assert set(row) >= {"strategy", "accuracy", "stderr", "acceleration_mean", "acceleration_std", "n"}
+    assert rows["static:1"]["acceleration_mean"] == 1.0 and rows["teacher"]["kind"] == "teacher"
+    assert 1.0 < rows["static:2"]["acceleration_mean"] <= 2.0
+    assert rows["confadapt:0.9:16"]["tau"] == 0.9 and rows["confadapt:0.9:16"]["k_max"] == 16
+    # Per-item outputs: the teacher (plain NTP) and static k=1 decode the same text.
+    teacher = json.loads((tmp_path / "runs" / "teacher.json").read_text())["outputs"]
+    static1 = json.loads((tmp_path / "runs" / "static_1.json").read_text())["outputs"]
+    assert [o["output"] for o in teacher] == [o["output"] for o in static1]
+    assert all(o["num_tokens"] == sum(1 for _ in o["chunks"]) for o in static1)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| static k=2 |" in markdown and "teacher" in markdown and "ConfAdapt tau=0.9" in markdown
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_resumes_after_a_crash(tiny_mtp, tmp_path, monkeypatch):
+    ran = []
+    real_run_strategy = sweep.run_strategy
+
+    def crashing(mtp, task, run, config, **kwargs):
+        ran.append(run.label)
+        if run.label == "static:2":
+            raise RuntimeError("killed mid-sweep")
+        return real_run_strategy(mtp, task, run, config, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_strategy", crashing)
+    with pytest.raises(RuntimeError):
+        run_sweep(_config(strategies=["static:1", "static:2"]), tmp_path, progress=False)
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert [r["strategy"] for r in kept["rows"]] == ["static:1"]
+    assert not list((tmp_path / "runs").glob(".*"))  # no half-written temporaries
+
+    monkeypatch.setattr(
+        sweep, "run_strategy", lambda *a, **k: (ran.append(a[2].label), real_run_strategy(*a, **k))[1]
+    )
+    results = run_sweep(_config(strategies=["static:1", "static:2"]), tmp_path, progress=False)
+    assert ran == ["static:1", "static:2", "static:2"]  # static:1 was not run again
+    assert [r["strategy"] for r in results["rows"]] == ["static:1", "static:2"]
+    run_sweep(_config(strategies=["static:2"]), tmp_path, progress=False)
+    assert len(ran) == 3  # everything finished: nothing to run
+
+    with pytest.raises(SelfMTPError, match="different run"):
+        run_sweep(_config(strategies=["static:1"], max_new_tokens=4), tmp_path, progress=False)
+
+
+def test_plan_runs_validates_before_loading():
+    with pytest.raises(SelfMTPError, match="unknown strategy"):
+        sweep.plan_runs(_config(strategies=["static:1", "fast"]))
+    with pytest.raises(SelfMTPError, match="--teacher"):
+        sweep.plan_runs(_config(strategies=["teacher"]))
+    runs = sweep.plan_runs(_config(strategies=["static:1", "ntp", "static:1", "teacher"], teacher="t"))
+    assert [r.label for r in runs] == ["teacher", "static:1", "ntp"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--task", "mmlu"],
+        ["--task", "gsm8k"],  # no --data
+        ["--task", "gsm8k", "--data", "/nonexistent/gsm8k.jsonl"],
+        ["--task", "bbh:not_a_task", "--data", str(BBH)],
+        ["--task", "tiny-gsm", "--strategies", "static:0"],
+        ["--task", "tiny-gsm", "--strategies", "confadapt:abc"],
+        ["--task", "tiny-gsm", "--chat"],
+        ["--task", "tiny-gsm", "--limit", "0"],
+        ["--task", "tiny-gsm", "--max-new-tokens", "0"],
+    ],
+)
+def test_cli_user_errors_exit_2(args, tmp_path, capsys):
+    assert main(["eval", "--model", "tiny", "--output", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfmtp: error: ") and "\n" not in err
+
+
+def test_cli_eval_runs_and_prints(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["eval", "--model", "tiny", "--task", "tiny-gsm", "--limit", "2", "--strategies", "static:1,static:3",
+            "--max-new-tokens", "6", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\| static k=3 \| \d+\.\d \+- \d+\.\d \| [123]\.\d\dx", printed)
+    assert main([*argv, "--json"]) == 0  # resumed: both strategies already finished
+    results = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in results["rows"]] == ["static:1", "static:3"]
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "pareto.png", "runs"}
