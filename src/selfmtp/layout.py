@@ -266,3 +266,14 @@ def fill_rollout(layout: MTPLayout, rollout: torch.Tensor) -> torch.Tensor:
     keep = layout.sup_fill >= 0
     ids[layout.sup_batch[keep], layout.sup_fill[keep]] = rollout[keep].to(ids.dtype)
     return ids
+
+
+def model_attention_mask(mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The boolean layout mask in the form an attention implementation takes as a custom 4D mask.
+
+    transformers passes a 4D mask through unchanged: `sdpa` reads a bool mask, but `eager` ADDS the
+    mask to the scores, so it needs 0 where attending is allowed and a large negative elsewhere.
+    """
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask

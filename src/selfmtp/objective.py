@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmtp.layout import MTPLayout, fill_rollout
+from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask
 
 TEACHER_MODES = ("hard", "soft")
 SUPERVISION = ("online", "ground-truth")
@@ -38,7 +38,10 @@ class SelectedLogits(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, rows, cols) -> torch.Tensor:
         decoder = self.lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask).last_hidden_state
+        implementation = getattr(decoder.config, "_attn_implementation", "sdpa")
+        dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else decoder.dtype
+        mask = model_attention_mask(attention_mask, implementation, dtype)
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
         return self.lm.get_output_embeddings()(hidden[rows, cols])
 
 
@@ -110,9 +113,10 @@ class StepStats:
 
 
 def _without_mtp(logits: torch.Tensor, mtp_token_id: int | None) -> torch.Tensor:
+    """Float logits with the `<mtp>` column at -inf. In place: a linear layer's backward does not
+    need its output, and copying a (positions x vocab) matrix is a visible cost on CPU."""
     logits = logits.float()
     if mtp_token_id is not None and mtp_token_id < logits.shape[-1]:
-        logits = logits.clone()
         logits[:, mtp_token_id] = float("-inf")
     return logits
 
