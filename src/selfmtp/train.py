@@ -275,7 +275,7 @@ def train(config: TrainConfig) -> dict:
     if config.teacher is not None:
         teacher_model, _ = load_model(config.teacher, seed=config.seed, device=device,
                                       attn_implementation=config.attn_implementation)
-    elif not config.lora_rank:
+    elif not config.lora_rank and config.supervision == "online":
         teacher_model = copy.deepcopy(student)
     student, teacher = build_student_and_teacher(student, teacher_model, config)
     student.train()

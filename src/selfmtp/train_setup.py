@@ -15,7 +15,9 @@ from selfmtp.objective import adapter_disabled_teacher, frozen_teacher
 
 
 def build_student_and_teacher(student, teacher_model, config):
-    """Returns (student module to train, teacher callable). `teacher_model` None means shared (LoRA)."""
+    """Returns (student module to train, teacher callable or None). With LoRA and no `teacher_model`
+    the teacher is the adapter-disabled student; without LoRA, None means no teacher (ground truth)."""
+    teacher = None
     if teacher_model is not None:
         if teacher_model.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
             from selfmtp.errors import SelfMTPError
