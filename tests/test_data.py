@@ -82,7 +82,7 @@ def test_tokenize_gsm8k_rows(tiny):
     examples, _ = read_examples(SHARED_DATA / "gsm8k" / "train.jsonl", limit=30)
     rows = tokenize_examples(examples, tokenizer, template="chat", seq_len=160)
     assert rows.input_ids.shape == (len(rows), 160) and len(rows) + rows.dropped == 30
-    for ids, length, start in zip(rows.input_ids, rows.lengths, rows.response_start):
+    for ids, length, start in zip(rows.input_ids, rows.lengths, rows.response_start, strict=True):
         assert 0 < start < length - 1 <= 159
         text = tokenizer.decode(ids[start:length])
         assert "<<" not in text

@@ -34,7 +34,7 @@ def naive_layout(ids, lengths, starts, ks, bidirectional=False):
     """Slots built token by token; attention decided per (query, key) from the METHOD.md rules."""
     rows = []
     for b in range(ids.shape[0]):
-        regions = {int(s): (r, int(k)) for r, (s, k) in enumerate(zip(starts[b], ks[b])) if k > 0}
+        regions = {int(s): (r, int(k)) for r, (s, k) in enumerate(zip(starts[b], ks[b], strict=True)) if k > 0}
         slots = []  # (token, position, kind, gt index or region start, region, j)
         for t in range(int(lengths[b])):
             slots.append((int(ids[b, t]), t, "gt", t, -1, 0))
@@ -73,9 +73,9 @@ def test_layout_matches_naive_reference_over_many_draws(k_sampling, static_k, bl
         )
         plan_starts = torch.full((ids.shape[0], 3), -1)
         plan_ks = torch.zeros((ids.shape[0], 3), dtype=torch.long)
-        for b, r, j in zip(layout.sup_batch.tolist(), layout.sup_region.tolist(), layout.sup_j.tolist()):
+        for b, r, j in zip(layout.sup_batch.tolist(), layout.sup_region.tolist(), layout.sup_j.tolist(), strict=True):
             plan_ks[b, r] = max(plan_ks[b, r], j)
-        for b, r, pos, j in zip(layout.sup_batch, layout.sup_region, layout.sup_pos, layout.sup_j):
+        for b, r, pos, j in zip(layout.sup_batch, layout.sup_region, layout.sup_pos, layout.sup_j, strict=True):
             if j == 1:
                 plan_starts[b, r] = int(layout.position_ids[b, pos])
         ref_ids, ref_pos, ref_attn = naive_layout(ids, lengths, plan_starts, plan_ks, block_attention == "bidirectional")
@@ -89,7 +89,7 @@ def test_layout_matches_naive_reference_over_many_draws(k_sampling, static_k, bl
 def check_supervision(layout, ids, response_start, lengths, plan_starts, plan_ks, k_sampling, static_k):
     for b in range(ids.shape[0]):
         length, has_eos = int(lengths[b]), bool(ids[b, lengths[b] - 1] == EOS)
-        used = [(int(s), int(k)) for s, k in zip(plan_starts[b], plan_ks[b]) if k > 0]
+        used = [(int(s), int(k)) for s, k in zip(plan_starts[b], plan_ks[b], strict=True) if k > 0]
         assert used == sorted(used)
         for number, (start, k) in enumerate(used):
             assert response_start[b] - 1 <= start <= length - 2  # every target is a response token
@@ -102,7 +102,7 @@ def check_supervision(layout, ids, response_start, lengths, plan_starts, plan_ks
             if not has_eos:
                 assert start + k <= length - 1  # only known tokens are targets
     for b, pos, j, target, past, fill in zip(layout.sup_batch, layout.sup_pos, layout.sup_j, layout.sup_target,
-                                             layout.sup_past_eos, layout.sup_fill):
+                                             layout.sup_past_eos, layout.sup_fill, strict=True):
         start = int(layout.position_ids[b, pos]) - int(j) + 1
         gt_index = start + int(j)
         assert bool(past) == (gt_index > lengths[b] - 1)
@@ -168,7 +168,7 @@ def test_layout_logits_equal_plain_causal_forward(attn, tiny):
         # Each mask block behaves like the masks appended to its prefix in a plain causal forward.
         mtp = tokenizer.convert_tokens_to_ids("<mtp>")
         checked = 0
-        for b, pos, r, j, fill in zip(layout.sup_batch, layout.sup_pos, layout.sup_region, layout.sup_j, layout.sup_fill):
+        for b, pos, r, j, fill in zip(layout.sup_batch, layout.sup_pos, layout.sup_region, layout.sup_j, layout.sup_fill, strict=True):
             if j != 1 or fill < 0:
                 continue
             start = int(layout.position_ids[b, pos])

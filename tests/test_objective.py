@@ -69,7 +69,7 @@ def test_targets_are_teacher_argmax_on_student_rollout(tiny):
     loss, stats = loss_of(student, teacher, layout, tokenizer)
     total, count = 0.0, 0
     with torch.no_grad():
-        for b, r in sorted({(int(b), int(r)) for b, r in zip(layout.sup_batch, layout.sup_region)}):
+        for b, r in sorted({(int(b), int(r)) for b, r in zip(layout.sup_batch, layout.sup_region, strict=True)}):
             mine = (layout.sup_batch == b) & (layout.sup_region == r)
             k = int(mine.sum())
             start = int(layout.position_ids[b, layout.sup_pos[mine][0]])

@@ -98,7 +98,7 @@ class StepStats:
         return StepStats.from_tensor(self.as_tensor() + other.as_tensor())
 
     def summary(self) -> dict:
-        rate = [round(h / c, 6) if c else None for h, c in zip(self.agree_hits.tolist(), self.agree_count.tolist())]
+        rate = [round(h / c, 6) if c else None for h, c in zip(self.agree_hits.tolist(), self.agree_count.tolist(), strict=True)]
         hits, total = int(self.agree_hits.sum()), int(self.agree_count.sum())
         out = {
             "loss": self.loss_sum / max(self.count, 1),

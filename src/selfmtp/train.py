@@ -279,6 +279,7 @@ def train(config: TrainConfig) -> dict:
         teacher_model = copy.deepcopy(student)
     student, teacher = build_student_and_teacher(student, teacher_model, config)
     student.train()
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     student_logits = SelectedLogits(student)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -300,7 +301,7 @@ def train(config: TrainConfig) -> dict:
     summary = {
         "final_dir": str(final_dir), "output": str(out), "steps": config.steps, "resumed_from": start,
         "world_size": world, "seconds": round(time.perf_counter() - started, 3),
-        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
         "first": history[0] if history else None, "last": history[-1] if history else None,
         **data_info, "config": asdict(config),
     }
