@@ -113,7 +113,6 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     train(cfg)
-    torch.distributed.destroy_process_group()
 
 
 def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):

@@ -129,6 +129,8 @@ def _run_train(args) -> int:
         strip_calculator=not args.keep_calculator, max_examples=args.max_examples, progress=not args.no_progress,
     )
     summary = train(config)
+    if summary["rank"] != 0:  # under torchrun only the first process reports
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -115,15 +115,17 @@ class _Run:
     _perms: dict
 
 
-def _init_distributed(device: str) -> tuple[int, int, torch.device]:
+def _init_distributed(device: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we created the process group) from torchrun's env."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    created = world > 1 and not dist.is_initialized()
+    if created:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
-    return rank, world, torch.device(device)
+    return rank, world, torch.device(device), created
 
 
 def _load_rows(config: TrainConfig, tokenizer) -> tuple[TokenRows, TokenRows | None, dict]:
@@ -266,8 +268,10 @@ def train(config: TrainConfig) -> dict:
     """Train, write `config.output`, return a summary (also written to summary.json)."""
     validate(config)
     started = time.perf_counter()
-    rank, world, device = _init_distributed(config.device)
+    rank, world, device, owns_group = _init_distributed(config.device)
     out, resume_from = _prepare_output(config, rank)
+    if world > 1:
+        dist.barrier()  # every process checks the output directory before rank 0 writes to it
     torch.manual_seed(config.seed)
     student, tokenizer = load_model(config.model, seed=config.seed, device=device,
                                     attn_implementation=config.attn_implementation)
@@ -300,7 +304,7 @@ def train(config: TrainConfig) -> dict:
         export_final(student, tokenizer, final_dir, config)
     summary = {
         "final_dir": str(final_dir), "output": str(out), "steps": config.steps, "resumed_from": start,
-        "world_size": world, "seconds": round(time.perf_counter() - started, 3),
+        "world_size": world, "rank": rank, "seconds": round(time.perf_counter() - started, 3),
         "trainable_parameters": trainable,
         "first": history[0] if history else None, "last": history[-1] if history else None,
         **data_info, "config": asdict(config),
@@ -309,6 +313,8 @@ def train(config: TrainConfig) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if world > 1:
         dist.barrier()
+    if owns_group:
+        dist.destroy_process_group()
     return summary
 
 
