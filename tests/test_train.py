@@ -191,3 +191,18 @@ def test_cli_trains_and_refuses_to_overwrite(data, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["last"]["step"] == 2
     assert main(argv) == 2
     assert "already holds a training run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [
+    {"teacher_mode": "soft"},
+    {"supervision": "ground-truth"},
+    {"block_attention": "bidirectional"},
+    {"k_sampling": "static", "static_k": 2},
+    {"prefix_loss": 0.5},
+])
+def test_ablation_settings_train_end_to_end(data, tmp_path, overrides):
+    summary = train(config(data, tmp_path / "o", steps=1, batch_size=2, **overrides))
+    row = summary["last"]
+    assert row["step"] == 1 and row["loss"] > 0 and ("prefix_loss" in row) == ("prefix_loss" in overrides)
+    if overrides.get("k_sampling") == "static":
+        assert row["agreement_by_j"][2:] == [None, None]
