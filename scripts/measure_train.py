@@ -7,7 +7,7 @@
    forward, AdamW step) divided by one plain NTP fine-tuning step (stock `model(ids, labels=...)`,
    backward, AdamW step) on the same GSM8K batch. Steps alternate NTP/MTP after one warm-up each,
    so background load hits both alike; medians are reported.
-2. Memory: peak RSS (ru_maxrss) of a fresh process doing two MTP steps with (a) LoRA and the
+2. Memory: peak RSS (VmHWM) of a fresh process doing MTP steps (--memory-steps) with (a) LoRA and the
    shared-weight teacher (adapter disabled), (b) full fine-tuning with a separate teacher copy.
 """
 
@@ -101,10 +101,19 @@ def measure_time(args) -> dict:
     }
 
 
+def peak_rss_mib() -> float:
+    """VmHWM of this process. Not ru_maxrss: Linux keeps that across exec, so a child started by a
+    big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure_memory(args) -> dict:
     """Runs in a fresh process: peak RSS of two MTP steps in one setting."""
     student, tokenizer = load_model(args.model, seed=0)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_loaded = peak_rss_mib()
     if args.memory == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -117,10 +126,10 @@ def measure_memory(args) -> dict:
     student.train()
     rows = batch_rows(tokenizer, args)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
-    for step in range(2):
+    for step in range(args.memory_steps):  # the first step already allocates grads and AdamW state
         mtp_step(student, teacher, optimizer, rows, tokenizer, args, step)
-    return {"setting": args.memory, "rss_after_load_mib": rss_loaded / 1024,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"setting": args.memory, "steps": args.memory_steps, "peak_after_load_mib": rss_loaded,
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def main() -> None:
@@ -136,6 +145,7 @@ def main() -> None:
     parser.add_argument("--memory", choices=["lora", "full"], help="internal: measure one memory setting")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--output", default="measure_train.json")
     args = parser.parse_args()
     if args.memory:
