@@ -1,0 +1,144 @@
+"""Training data: jsonl conversations -> fixed-length token rows with a prompt/response boundary.
+
+Accepted lines (one JSON object each):
+    {"question", "answer"}    GSM8K (calculator annotations like <<48/2=24>> are stripped by default)
+    {"query", "response"}     MetaMathQA
+    {"prompt", "response"}
+    {"messages": [...]}       chat messages; the last one must be the assistant's response
+
+Templates: `chat` renders with the tokenizer's chat template; `plain` is BOS + prompt + "\\n\\n" +
+response. Every row ends with EOS unless `seq_len` cut it; the prompt is context, the response is
+what the MTP regions predict.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from selfmtp.errors import SelfMTPError
+
+TEMPLATES = ("chat", "plain")
+CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+@dataclass
+class Example:
+    prompt: list[dict]  # chat messages before the response
+    response: str
+
+
+@dataclass
+class TokenRows:
+    """Right-padded token rows: `input_ids` (n, seq_len), `lengths` (n,), `response_start` (n,)."""
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    response_start: torch.Tensor
+    dropped: int = 0  # examples whose prompt left no room for a response
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def take(self, index) -> TokenRows:
+        return TokenRows(self.input_ids[index], self.lengths[index], self.response_start[index])
+
+
+def parse_example(record, *, strip_calculator: bool = True) -> Example:
+    """One JSON value -> Example; ValueError (with the reason) if it has no known shape."""
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        ok = isinstance(messages, list) and len(messages) >= 2 and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        )
+        if not ok:
+            raise ValueError('"messages" must be a list of at least two {"role", "content"} objects')
+        if messages[-1]["role"] != "assistant":
+            raise ValueError('the last of "messages" must have role "assistant"')
+        return Example([dict(m) for m in messages[:-1]], messages[-1]["content"])
+    for prompt_key, response_key in (("question", "answer"), ("query", "response"), ("prompt", "response")):
+        if prompt_key in record and response_key in record:
+            prompt, response = record[prompt_key], record[response_key]
+            if not isinstance(prompt, str) or not isinstance(response, str):
+                raise ValueError(f'"{prompt_key}" and "{response_key}" must be strings')
+            if prompt_key == "question" and strip_calculator:
+                response = CALCULATOR_ANNOTATION.sub("", response)
+            return Example([{"role": "user", "content": prompt}], response)
+    raise ValueError('expected keys "question"+"answer", "query"+"response", "prompt"+"response" or "messages"')
+
+
+def read_examples(path: str | Path, *, skip_bad_lines: bool = False, strip_calculator: bool = True,
+                  limit: int | None = None) -> tuple[list[Example], int]:
+    """Read a jsonl file; returns (examples, skipped). Blank lines are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfMTPError(f"data file not found: {path}")
+    examples, skipped = [], 0
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(parse_example(json.loads(line), strip_calculator=strip_calculator))
+            except (ValueError, json.JSONDecodeError) as exc:
+                if not skip_bad_lines:
+                    raise SelfMTPError(f"{path}:{number}: malformed line: {exc} (use --skip-bad-lines to skip)") from exc
+                skipped += 1
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise SelfMTPError(f"{path}: no usable examples" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
+    return examples, skipped
+
+
+def render(example: Example, tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """Token ids of (prompt, response); the response ends with EOS."""
+    if template not in TEMPLATES:
+        raise SelfMTPError(f"unknown template {template!r} (use one of {', '.join(TEMPLATES)})")
+    eos = tokenizer.eos_token_id
+    if template == "plain":
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        prompt_text = "\n\n".join(m["content"] for m in example.prompt) + "\n\n"
+        prompt = bos + tokenizer(prompt_text, add_special_tokens=False).input_ids
+        return prompt, tokenizer(example.response, add_special_tokens=False).input_ids + [eos]
+    if not getattr(tokenizer, "chat_template", None):
+        raise SelfMTPError("--template chat needs a tokenizer with a chat template; use --template plain")
+    prompt_text = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(
+        [*example.prompt, {"role": "assistant", "content": example.response}], tokenize=False
+    )
+    if not full_text.startswith(prompt_text):
+        raise SelfMTPError("the chat template does not render the prompt as a prefix of the conversation")
+    prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    response = tokenizer(full_text[len(prompt_text):], add_special_tokens=False).input_ids
+    if eos in response:  # end the row at the turn's EOS (drop the template's trailing newline)
+        response = response[: len(response) - response[::-1].index(eos)]
+    else:
+        response = response + [eos]
+    return prompt, response
+
+
+def tokenize_examples(examples: list[Example], tokenizer, *, template: str = "chat", seq_len: int = 160) -> TokenRows:
+    """Render, cut to `seq_len` and right-pad. Examples whose prompt fills the row are dropped."""
+    if seq_len < 4:
+        raise SelfMTPError(f"--seq-len must be at least 4, got {seq_len}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, lengths, starts, dropped = [], [], [], 0
+    for example in examples:
+        prompt, response = render(example, tokenizer, template)
+        if len(prompt) > seq_len - 2:  # need at least two response tokens to predict
+            dropped += 1
+            continue
+        ids = (prompt + response)[:seq_len]
+        rows.append(ids + [pad] * (seq_len - len(ids)))
+        lengths.append(len(ids))
+        starts.append(len(prompt))
+    if not rows:
+        raise SelfMTPError(f"no example fits --seq-len {seq_len} (all {dropped} prompts are too long)")
+    return TokenRows(torch.tensor(rows), torch.tensor(lengths), torch.tensor(starts), dropped)

@@ -1,0 +1,342 @@
+"""The online self-distillation trainer: `train(TrainConfig) -> summary dict`.
+
+Per optimizer step: take the next global batch (batch_size x processes x grad_accum rows) from a
+seeded epoch-wise shuffle, draw ONE region plan for it from a generator seeded by (seed, step),
+and give each (micro-batch, process) its slice. Losses are divided by the supervised count of the
+whole global batch, so grad accumulation and data parallel (DDP averages over processes) give
+the gradient of one big batch, and the data/plan of a step depends only on (seed, step): resume
+needs nothing but weights, optimizer, scheduler and RNG.
+
+Output directory: `final/` (stock-transformers checkpoint, tokenizer with `<mtp>`), `metrics.jsonl`
+(one JSON per step), `checkpoints/step-N/`, `summary.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from selfmtp.data import TokenRows, read_examples, tokenize_examples
+from selfmtp.errors import SelfMTPError
+from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
+from selfmtp.models import load_model, mtp_token_id
+from selfmtp.objective import SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
+from selfmtp.train_setup import build_student_and_teacher, export_final
+from selfmtp.train_state import list_checkpoints, load_training_state, save_training_state
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    output: str = "runs/train"
+    model: str = "tiny"
+    teacher: str | None = None  # None: a frozen copy of the student's starting checkpoint
+    template: str = "chat"
+    seq_len: int = 160
+    k_max: int = 16
+    regions: int | None = None  # None: seq_len // (2 k_max)
+    k_sampling: str = "random"
+    static_k: int | None = None
+    block_attention: str = "causal"
+    teacher_mode: str = "hard"
+    supervision: str = "online"
+    prefix_loss: float = 0.0
+    lr: float = 1e-5
+    warmup: int = 2000
+    weight_decay: float = 0.01  # PyTorch AdamW default
+    clip: float = 1.0
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    eval_every: int = 50
+    eval_size: int = 64
+    eval_data: str | None = None
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_export: str = "merged"  # merged | adapter
+    seed: int = 0
+    device: str = "cpu"
+    attn_implementation: str = "sdpa"
+    skip_bad_lines: bool = False
+    strip_calculator: bool = True
+    max_examples: int | None = None
+    progress: bool = True
+
+
+def validate(config: TrainConfig) -> None:
+    checks = [
+        (config.teacher_mode in TEACHER_MODES, f"--teacher must be one of {TEACHER_MODES}"),
+        (config.supervision in SUPERVISION, f"--supervision must be one of {SUPERVISION}"),
+        (config.block_attention in BLOCK_ATTENTION, f"--block-attention must be one of {BLOCK_ATTENTION}"),
+        (config.k_sampling in K_SAMPLING, f"--k-sampling must be one of {K_SAMPLING}"),
+        (config.k_max >= 1, "--k-max must be >= 1"),
+        (config.k_sampling != "static" or (config.static_k or 0) >= 1, "--k-sampling static needs --static-k >= 1"),
+        (config.static_k is None or config.static_k <= config.k_max, "--static-k must be <= --k-max"),
+        (config.regions is None or config.regions >= 1, "--regions must be >= 1"),
+        (config.steps >= 1 and config.batch_size >= 1 and config.grad_accum >= 1, "--steps, --batch-size, --grad-accum must be >= 1"),
+        (config.lr > 0 and config.warmup >= 0 and config.prefix_loss >= 0, "--lr must be > 0, --warmup and --prefix-loss >= 0"),
+        (config.lora_rank >= 0, "--lora-rank must be >= 0"),
+        (config.lora_export in ("merged", "adapter"), "--lora-export must be merged or adapter"),
+        (config.eval_every >= 0 and config.save_every >= 0, "--eval-every and --save-every must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SelfMTPError(message)
+
+
+@dataclass
+class _Run:
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    student: torch.nn.Module  # the (possibly peft) model
+    student_logits: torch.nn.Module  # SelectedLogits, DDP-wrapped when world > 1
+    teacher: object
+    tokenizer: object
+    train_rows: TokenRows
+    eval_rows: TokenRows | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    _perms: dict
+
+
+def _init_distributed(device: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we created the process group) from torchrun's env."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    created = world > 1 and not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    return rank, world, torch.device(device), created
+
+
+def _load_rows(config: TrainConfig, tokenizer) -> tuple[TokenRows, TokenRows | None, dict]:
+    read = dict(skip_bad_lines=config.skip_bad_lines, strip_calculator=config.strip_calculator)
+    examples, skipped = read_examples(config.data, limit=config.max_examples, **read)
+    rows = tokenize_examples(examples, tokenizer, template=config.template, seq_len=config.seq_len)
+    info = {"examples": len(examples), "skipped_lines": skipped, "dropped_too_long": rows.dropped}
+    if config.eval_data:
+        eval_examples, _ = read_examples(config.eval_data, **read)
+        eval_rows = tokenize_examples(eval_examples[: config.eval_size], tokenizer, template=config.template,
+                                      seq_len=config.seq_len)
+        return rows, eval_rows, info
+    held_out = min(config.eval_size, len(rows) // 10) if config.eval_every else 0
+    if held_out == 0:
+        return rows, None, info
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
+    return rows.take(order[held_out:]), rows.take(order[:held_out]), info
+
+
+def _step_rows(run: _Run, step: int) -> torch.Tensor:
+    """Indices of the global batch of `step` in an endless seeded epoch-wise shuffle."""
+    n, cfg = len(run.train_rows), run.config
+    size = cfg.batch_size * run.world * cfg.grad_accum
+    out = []
+    for g in range(step * size, (step + 1) * size):
+        epoch = g // n
+        if epoch not in run._perms:
+            run._perms = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))}
+        out.append(run._perms[epoch][g % n])
+    return torch.stack(out)
+
+
+def _plan(cfg: TrainConfig, rows: TokenRows, tokenizer, seed: int):
+    has_eos = rows.input_ids.gather(1, (rows.lengths - 1)[:, None])[:, 0] == tokenizer.eos_token_id
+    return sample_regions(
+        rows.response_start, rows.lengths, has_eos, k_max=cfg.k_max,
+        regions=cfg.regions or default_regions(cfg.seq_len, cfg.k_max),
+        generator=torch.Generator().manual_seed(seed), k_sampling=cfg.k_sampling, static_k=cfg.static_k,
+    )
+
+
+def _layout(run: _Run, rows: TokenRows, plan):
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    return assemble_layout(
+        rows.input_ids, rows.response_start, rows.lengths, plan, mtp_token_id=mtp_token_id(run.student),
+        eos_token_id=run.tokenizer.eos_token_id, pad_token_id=pad, block_attention=run.config.block_attention,
+    ).to(run.device)
+
+
+def _loss(run: _Run, student, layout, normalizer=None, prefix_normalizer=None):
+    cfg = run.config
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        return mtp_loss(
+            student, run.teacher, layout, teacher_mode=cfg.teacher_mode, supervision=cfg.supervision,
+            prefix_loss_weight=cfg.prefix_loss, mtp_token_id=mtp_token_id(run.student),
+            eos_token_id=run.tokenizer.eos_token_id, k_max=cfg.k_max,
+            normalizer=normalizer, prefix_normalizer=prefix_normalizer,
+        )
+
+
+def train_step(run: _Run, step: int) -> StepStats:
+    """One optimizer step (all micro-batches of this process); returns stats summed over processes."""
+    cfg, b = run.config, run.config.batch_size
+    rows = run.train_rows.take(_step_rows(run, step))
+    plan = _plan(cfg, rows, run.tokenizer, seed=cfg.seed * 1_000_000_007 + step)
+    first_target = (rows.response_start - 1).clamp(min=0)
+    prefix_total = int((rows.lengths - 1 - first_target).clamp(min=0).sum())
+    # DDP averages gradients over processes: scale the normaliser so the result is sum / global count.
+    normalizer = max(plan.supervised_count, 1) / run.world
+    prefix_normalizer = max(prefix_total, 1) / run.world
+    total = None
+    for micro in range(cfg.grad_accum):
+        index = slice((micro * run.world + run.rank) * b, (micro * run.world + run.rank + 1) * b)
+        layout = _layout(run, rows.take(index), plan.rows(index))
+        last = micro == cfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last or run.world == 1 else run.student_logits.no_sync()
+        with sync:
+            loss, stats = _loss(run, run.student_logits, layout, normalizer, prefix_normalizer)
+            loss.backward()
+        total = stats if total is None else total + stats
+    if cfg.clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in run.student.parameters() if p.requires_grad], cfg.clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return _all_reduce(total, run.world)
+
+
+def _all_reduce(stats: StepStats, world: int) -> StepStats:
+    if world == 1:
+        return stats
+    t = stats.as_tensor()
+    dist.all_reduce(t)
+    return StepStats.from_tensor(t)
+
+
+@torch.no_grad()
+def evaluate(run: _Run) -> dict:
+    """Held-out online loss and agreement with a fixed region plan (same every evaluation)."""
+    rows, cfg = run.eval_rows, run.config
+    plan = _plan(cfg, rows, run.tokenizer, seed=cfg.seed + EVAL_SEED_OFFSET)
+    student = SelectedLogits(run.student)
+    run.student.eval()
+    total = None
+    for lo in range(0, len(rows), cfg.batch_size):
+        index = slice(lo, lo + cfg.batch_size)
+        _, stats = _loss(run, student, _layout(run, rows.take(index), plan.rows(index)))
+        total = stats if total is None else total + stats
+    run.student.train()
+    return {f"eval_{key}": value for key, value in total.summary().items()}
+
+
+def _warmup(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _prepare_output(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
+    out = Path(cfg.output)
+    checkpoints = list_checkpoints(out / "checkpoints")
+    if cfg.resume and not checkpoints:
+        raise SelfMTPError(f"--resume: no checkpoint to resume in {out / 'checkpoints'}")
+    if not cfg.resume and (checkpoints or (out / "metrics.jsonl").exists()):
+        raise SelfMTPError(f"{out} already holds a training run: pass --resume or choose another --output")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return out, (checkpoints[-1] if cfg.resume else None)
+
+
+def _rewrite_metrics(path: Path, upto: int) -> None:
+    """On resume: drop metric rows written after the checkpoint we continue from."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= upto]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, write `config.output`, return a summary (also written to summary.json)."""
+    validate(config)
+    started = time.perf_counter()
+    rank, world, device, owns_group = _init_distributed(config.device)
+    out, resume_from = _prepare_output(config, rank)
+    if world > 1:
+        dist.barrier()  # every process checks the output directory before rank 0 writes to it
+    torch.manual_seed(config.seed)
+    student, tokenizer = load_model(config.model, seed=config.seed, device=device,
+                                    attn_implementation=config.attn_implementation)
+    teacher_model = None
+    if config.teacher is not None:
+        teacher_model, _ = load_model(config.teacher, seed=config.seed, device=device,
+                                      attn_implementation=config.attn_implementation)
+    elif not config.lora_rank and config.supervision == "online":
+        teacher_model = copy.deepcopy(student)
+    student, teacher = build_student_and_teacher(student, teacher_model, config)
+    student.train()
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    student_logits = SelectedLogits(student)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        student_logits = torch.nn.parallel.DistributedDataParallel(student_logits, device_ids=ids)
+    train_rows, eval_rows, data_info = _load_rows(config, tokenizer)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(config.warmup))
+    run = _Run(config, rank, world, device, student, student_logits, teacher, tokenizer, train_rows, eval_rows,
+               optimizer, scheduler, {})
+    start = load_training_state(resume_from, student, optimizer, scheduler) if resume_from else 0
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0 and resume_from:
+        _rewrite_metrics(metrics_path, start)
+    history = _loop(run, start, metrics_path, out)
+    final_dir = out / "final"
+    if rank == 0:
+        export_final(student, tokenizer, final_dir, config)
+    summary = {
+        "final_dir": str(final_dir), "output": str(out), "steps": config.steps, "resumed_from": start,
+        "world_size": world, "rank": rank, "seconds": round(time.perf_counter() - started, 3),
+        "trainable_parameters": trainable,
+        "first": history[0] if history else None, "last": history[-1] if history else None,
+        **data_info, "config": asdict(config),
+    }
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if world > 1:
+        dist.barrier()
+    if owns_group:
+        dist.destroy_process_group()
+    return summary
+
+
+def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
+    cfg, history = run.config, []
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress or run.rank != 0)
+    with bar, open(metrics_path, "a") if run.rank == 0 else contextlib.nullcontext() as metrics_file:
+        for step in range(start, cfg.steps):
+            tick, lr = time.perf_counter(), run.scheduler.get_last_lr()[0]
+            stats = train_step(run, step)
+            seconds = time.perf_counter() - tick
+            row = {"step": step + 1, **stats.summary(), "lr": lr,
+                   "tokens_per_s": round(stats.tokens / seconds, 1)}
+            if run.rank == 0 and run.eval_rows is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                row.update(evaluate(run))
+            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps) and run.rank == 0:
+                save_training_state(out / "checkpoints", step + 1, run.student, run.optimizer, run.scheduler,
+                                    keep=cfg.keep_checkpoints)
+            if run.rank == 0:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+    return history

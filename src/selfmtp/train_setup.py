@@ -1,0 +1,57 @@
+"""Student/teacher wiring for training (full fine-tuning or LoRA) and the final export.
+
+Full fine-tuning: every student parameter trains; the teacher is a separate frozen model.
+LoRA (peft): the student is the base model with adapters on every linear layer plus trainable
+`<mtp>` embedding rows (peft `trainable_token_indices`); unless a different teacher is named, the
+teacher is the SAME module with the adapter disabled, so the weights exist once in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selfmtp.models import _atomic_dir_write, mtp_token_id, save_checkpoint
+from selfmtp.objective import adapter_disabled_teacher, frozen_teacher
+
+
+def build_student_and_teacher(student, teacher_model, config):
+    """Returns (student module to train, teacher callable or None). With LoRA and no `teacher_model`
+    the teacher is the adapter-disabled student; without LoRA, None means no teacher (ground truth)."""
+    teacher = None
+    if teacher_model is not None:
+        if teacher_model.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
+            from selfmtp.errors import SelfMTPError
+
+            raise SelfMTPError("the teacher's vocabulary differs from the student's: they must share a tokenizer")
+        teacher = frozen_teacher(teacher_model)
+    if config.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            trainable_token_indices=[mtp_token_id(student)],
+        )
+        student = get_peft_model(student, lora)
+        if teacher_model is None:
+            teacher = adapter_disabled_teacher(student)
+    else:
+        student.requires_grad_(True)
+    return student, teacher
+
+
+def export_final(student, tokenizer, final_dir: Path, config) -> Path:
+    """Full model: a standard checkpoint. LoRA: merged weights (default) or the adapter alone."""
+    if not config.lora_rank:
+        return save_checkpoint(student, tokenizer, final_dir)
+    if config.lora_export == "adapter":
+        def write(tmp: Path) -> None:
+            student.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        _atomic_dir_write(final_dir, write)
+        return final_dir
+    merged = student.merge_and_unload()
+    return save_checkpoint(merged, tokenizer, final_dir)

@@ -1,0 +1,80 @@
+"""Resumable training state: trainable weights, optimizer, scheduler and RNG, written atomically.
+
+A checkpoint is a directory `checkpoints/step-NNNNNNN/` that appears complete or not at all:
+    trainable.safetensors   every parameter with requires_grad (all of them, or LoRA + <mtp> rows)
+    state.pt                step, optimizer and scheduler state dicts, RNG states (torch.save;
+                            read back with torch.load(weights_only=True))
+Frozen weights are not saved: they are the starting checkpoint, which resume loads again.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from selfmtp.errors import SelfMTPError
+from selfmtp.models import _atomic_dir_write
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_training_state(root: str | Path, step: int, model, optimizer, scheduler, *, keep: int = 2) -> Path:
+    """Write `root/step-<step>` atomically and keep only the newest `keep` checkpoints."""
+    root = Path(root)
+    target = root / f"step-{step:07d}"
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(state, tmp / "state.pt")
+
+    _atomic_dir_write(target, write)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    return target
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.pt").exists()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def load_training_state(path: str | Path, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint written by `save_training_state`; returns its step."""
+    path = Path(path)
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise SelfMTPError(f"cannot read checkpoint {path}: {exc}") from exc
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(weights):
+        raise SelfMTPError(f"checkpoint {path} does not match this model/LoRA setting (different trainable weights)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return int(state["step"])

@@ -1,0 +1,208 @@
+"""The trainer end to end on the tiny model: learning, exact resume, accumulation/DDP equivalence,
+LoRA with a shared-weight teacher, stock-loadable output, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfmtp.cli import main
+from selfmtp.train import TrainConfig, train
+
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "gsm8k-48.jsonl"
+    path.write_text("".join(GSM8K.read_text().splitlines(keepends=True)[:48]))
+    return str(path)
+
+
+def config(data, out: Path, **overrides) -> TrainConfig:
+    base = dict(data=data, output=str(out), model="tiny", template="plain", seq_len=64, k_max=4, batch_size=4, steps=4, lr=3e-3,
+                warmup=0, eval_every=0, save_every=0, progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict:
+    return load_file(str(Path(out) / "final" / "model.safetensors"))
+
+
+def assert_weights_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= atol
+
+
+@pytest.fixture(scope="module")
+def short_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    summary = train(config(data, out, steps=16, eval_every=8, eval_size=8, save_every=8))
+    return out, summary
+
+
+def mtp_agreement(row: dict) -> float:
+    """Mean rollout/teacher agreement over the MTP positions j >= 2."""
+    rates = [r for r in row["agreement_by_j"][1:] if r is not None]
+    return sum(rates) / len(rates)
+
+
+def test_short_run_lowers_online_loss_and_raises_agreement(short_run):
+    # The random tiny teacher nearly copies its input token (tied embeddings), so its targets are
+    # learnable: mask 1 must learn to predict what the teacher says after x_{i_r}. Its next-token
+    # argmax is near-uniform and fragile, so j = 1 agreement is not asserted here.
+    out, summary = short_run
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    first, last = rows[:3], rows[-3:]
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    assert mean([r["loss"] for r in last]) < mean([r["loss"] for r in first]) - 1.0
+    assert mean([mtp_agreement(r) for r in last]) > mean([mtp_agreement(r) for r in first]) + 0.1
+    assert mean([r["confidence"] for r in last]) > 10 * mean([r["confidence"] for r in first])
+    assert "eval_loss" in rows[7] and rows[15]["eval_loss"] < rows[7]["eval_loss"]
+    assert len(rows[0]["agreement_by_j"]) == 4
+    assert summary["last"]["step"] == 16 and (out / "summary.json").exists()
+
+
+def test_final_checkpoint_loads_with_stock_transformers(short_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = short_run
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    mtp = tokenizer.convert_tokens_to_ids("<mtp>")
+    assert model.config.mtp_mask_token_id == mtp and model.get_input_embeddings().weight.shape[0] > mtp
+    ids = tokenizer("Natalia sold clips", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000008", "step-0000016"]
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    whole = tmp_path / "whole"
+    train(config(data, whole, steps=6, save_every=3))
+    parts = tmp_path / "parts"
+    train(config(data, parts, steps=3, save_every=3))
+    train(config(data, parts, steps=6, save_every=3, resume=True))
+    assert [r["loss"] for r in metrics(parts)] == [r["loss"] for r in metrics(whole)]
+    assert_weights_close(final_weights(parts), final_weights(whole), 0.0)
+
+
+def test_grad_accumulation_equals_big_batch(data, tmp_path):
+    train(config(data, tmp_path / "big", batch_size=4, steps=2))
+    train(config(data, tmp_path / "accum", batch_size=2, grad_accum=2, steps=2))
+    for a, b in zip(metrics(tmp_path / "big"), metrics(tmp_path / "accum"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and a["agreement_by_j"] == b["agreement_by_j"]
+    assert_weights_close(final_weights(tmp_path / "big"), final_weights(tmp_path / "accum"), 1e-5)
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(cfg)
+
+
+def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, ddp), nprocs=2, join=True)
+    train(config(data, tmp_path / "single", batch_size=4, steps=2))
+    for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and a["supervised"] == b["supervised"]
+    assert_weights_close(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), 1e-5)
+
+
+def test_lora_shares_weights_with_teacher_and_trains_mtp_row(data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from selfmtp.models import load_model
+
+    out = tmp_path / "lora"
+    summary = train(config(data, out, lora_rank=4, steps=3, lr=1e-2))
+    base, tokenizer = load_model("tiny", seed=0)
+    mtp = tokenizer.convert_tokens_to_ids("<mtp>")
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    base_embed, merged_embed = base.get_input_embeddings().weight, merged.get_input_embeddings().weight
+    assert not torch.equal(base_embed[mtp], merged_embed[mtp])  # <mtp> row trained
+    assert torch.equal(base_embed[:mtp], merged_embed[:mtp])  # real token rows untouched
+    assert not torch.equal(base.model.layers[0].self_attn.q_proj.weight, merged.model.layers[0].self_attn.q_proj.weight)
+    total = sum(p.numel() for p in base.parameters())
+    assert 0 < summary["trainable_parameters"] < total // 10
+    adapter = tmp_path / "adapter"
+    train(config(data, adapter, lora_rank=4, steps=1, lora_export="adapter"))
+    assert (adapter / "final" / "adapter_config.json").exists() and (adapter / "final" / "tokenizer.json").exists()
+
+
+def test_lora_teacher_is_the_base_model(tiny):
+    """The adapter-disabled student must give exactly the original model's logits."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from selfmtp.objective import SelectedLogits, adapter_disabled_teacher
+
+    model, tokenizer = tiny
+    mtp = tokenizer.convert_tokens_to_ids("<mtp>")
+    student = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear",
+                                                              trainable_token_indices=[mtp], init_lora_weights=False))
+    teacher = adapter_disabled_teacher(student)
+    ids = torch.randint(10, 3000, (1, 12))
+    pos = torch.arange(12)[None]
+    mask = torch.ones(1, 1, 12, 12, dtype=torch.bool).tril()
+    rows, cols = torch.zeros(12, dtype=torch.long), torch.arange(12)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits[0]
+        adapted = SelectedLogits(student)(ids, pos, mask, rows, cols)
+    assert (teacher(ids, pos, mask, rows, cols) - reference).abs().max() < 1e-5
+    assert (adapted - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "/nonexistent.jsonl"], "data file not found"),
+    (["--k-sampling", "static"], "needs --static-k"),
+    (["--resume"], "no checkpoint to resume"),
+    (["--k-max", "0"], "--k-max must be"),
+])
+def test_cli_user_errors(data, tmp_path, capsys, argv, message):
+    base = ["train", "--model", "tiny", "--data", data, "--output", str(tmp_path / "o"), "--no-progress"]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_trains_and_refuses_to_overwrite(data, tmp_path, capsys):
+    argv = ["train", "--model", "tiny", "--data", data, "--output", str(tmp_path / "o"), "--no-progress",
+            "--steps", "2", "--template", "plain", "--seq-len", "64", "--k-max", "4", "--batch-size", "2", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["last"]["step"] == 2
+    assert main(argv) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [
+    {"teacher_mode": "soft"},
+    {"supervision": "ground-truth"},
+    {"block_attention": "bidirectional"},
+    {"k_sampling": "static", "static_k": 2},
+    {"prefix_loss": 0.5},
+])
+def test_ablation_settings_train_end_to_end(data, tmp_path, overrides):
+    summary = train(config(data, tmp_path / "o", steps=1, batch_size=2, **overrides))
+    row = summary["last"]
+    assert row["step"] == 1 and row["loss"] > 0 and ("prefix_loss" in row) == ("prefix_loss" in overrides)
+    if overrides.get("k_sampling") == "static":
+        assert row["agreement_by_j"][2:] == [None, None]
