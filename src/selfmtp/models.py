@@ -266,7 +266,7 @@ def _smollm2_tokenizer_dir() -> Path:
     target = cache_dir() / "tokenizers" / f"smollm2-{_file_fingerprint(gguf)}"
     if not (target / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        _atomic_dir_write(target, tokenizer.save_pretrained)
+        atomic_dir_write(target, tokenizer.save_pretrained)
     return target
 
 
@@ -359,11 +359,12 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    _atomic_dir_write(out_dir, write)
+    atomic_dir_write(out_dir, write)
     return out_dir
 
 
-def _atomic_dir_write(target: Path, write) -> None:
+def atomic_dir_write(target: Path, write) -> None:
+    """Call `write(tmp_dir)` on a sibling temp dir, then rename it onto `target` (all or nothing)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfmtp.models import _atomic_dir_write, mtp_token_id, save_checkpoint
+from selfmtp.models import atomic_dir_write, mtp_token_id, save_checkpoint
 from selfmtp.objective import adapter_disabled_teacher, frozen_teacher
 
 
@@ -51,7 +51,7 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
 
-        _atomic_dir_write(final_dir, write)
+        atomic_dir_write(final_dir, write)
         return final_dir
     merged = student.merge_and_unload()
     return save_checkpoint(merged, tokenizer, final_dir)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selfmtp.errors import SelfMTPError
-from selfmtp.models import _atomic_dir_write
+from selfmtp.models import atomic_dir_write
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -42,7 +42,7 @@ def save_training_state(root: str | Path, step: int, model, optimizer, scheduler
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(state, tmp / "state.pt")
 
-    _atomic_dir_write(target, write)
+    atomic_dir_write(target, write)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         for file in old.iterdir():
             file.unlink()
