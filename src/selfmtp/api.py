@@ -10,11 +10,11 @@ print(result.text, result.acceleration)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from selfmtp.decoding import GenerationResult, generate_batch
 from selfmtp.errors import SelfMTPError
+from selfmtp.jsonl import numbered_lines, parse_json_line
 from selfmtp.kv_cache import has_plain_cache
 from selfmtp.strategies import Strategy, parse_strategy
 
@@ -132,21 +132,14 @@ def _check_stop(stop) -> list[str]:
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: .jsonl (or lines starting with '{') with a "prompt" or "question" field, else one per line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SelfMTPError(f"cannot read prompts file {path}: {exc}") from None
-    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    numbered = numbered_lines(path, "prompts file")
     if not numbered:
         raise SelfMTPError(f"prompts file {path} holds no prompts")
     if path.suffix != ".jsonl" and not numbered[0][1].lstrip().startswith("{"):
         return [line for _, line in numbered]
     prompts = []
     for n, line in numbered:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SelfMTPError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        record = parse_json_line(path, n, line)
         text = record.get("prompt", record.get("question")) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise SelfMTPError(f"{path}:{n}: expected an object with a 'prompt' or 'question' string")

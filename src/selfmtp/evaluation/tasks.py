@@ -21,6 +21,7 @@ from pathlib import Path
 
 from selfmtp.errors import SelfMTPError
 from selfmtp.evaluation import extract
+from selfmtp.jsonl import numbered_lines, parse_json_line
 
 TASK_HELP = "gsm8k, bbh:TASK (e.g. bbh:date_understanding) or tiny-gsm"
 COT_SUFFIX = "Let's think step by step."
@@ -208,18 +209,9 @@ def strip_canary(text: str) -> str:
 def read_jsonl(path: str | Path) -> list[dict]:
     """`{"question", "answer"}` records, one JSON object per line. SelfMTPError when unreadable."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SelfMTPError(f"cannot read data file {path}: {exc.strerror or exc}") from None
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SelfMTPError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    for n, line in numbered_lines(path, "data file"):
+        record = parse_json_line(path, n, line)
         if not (
             isinstance(record, dict)
             and isinstance(record.get("question"), str)
