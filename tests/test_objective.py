@@ -115,6 +115,27 @@ def test_prefix_loss_adds_weighted_ntp_cross_entropy(tiny):
     assert abs(with_prefix.item() - base.item() - 0.5 * expected_prefix) < 1e-3
 
 
+def test_teacher_prefix_target_is_the_teachers_plain_next_token_choice(tiny):
+    """prefix_target="teacher": hard CE to the teacher's argmax of a PLAIN causal forward at every
+    ground-truth position (independent reference), and 0 in soft mode while student == teacher."""
+    model, tokenizer = tiny
+    ids, layout = make_layout(tokenizer, seed=4)
+    student, teacher = perturbed(model), copy.deepcopy(model)
+    base, _ = loss_of(student, teacher, layout, tokenizer)
+    with_prefix, _ = loss_of(student, teacher, layout, tokenizer, prefix_loss_weight=0.5, prefix_target="teacher")
+    total = 0.0
+    with torch.no_grad():
+        for row, (start, end) in enumerate(((5, 39), (3, 29))):  # the NTP spans of the two rows, as above
+            s_logits = student(input_ids=ids[row : row + 1, : end + 1]).logits[0, start:end]
+            t_choice = teacher(input_ids=ids[row : row + 1, : end + 1]).logits[0, start:end].argmax(-1)
+            total += float(torch.nn.functional.cross_entropy(s_logits, t_choice, reduction="sum"))
+    assert abs(with_prefix.item() - base.item() - 0.5 * total / 60) < 1e-3
+    same, _ = loss_of(copy.deepcopy(model), teacher, layout, tokenizer, teacher_mode="soft",
+                      prefix_loss_weight=1.0, prefix_target="teacher")  # fmt: skip
+    only_regions, _ = loss_of(copy.deepcopy(model), teacher, layout, tokenizer, teacher_mode="soft")
+    assert abs(same.item() - only_regions.item()) < 1e-6
+
+
 @pytest.mark.parametrize("teacher_mode", ["hard", "soft"])
 def test_teacher_gets_no_gradient_and_never_changes(tiny, teacher_mode):
     model, tokenizer = tiny

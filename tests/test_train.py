@@ -206,3 +206,15 @@ def test_ablation_settings_train_end_to_end(data, tmp_path, overrides):
     assert row["step"] == 1 and row["loss"] > 0 and ("prefix_loss" in row) == ("prefix_loss" in overrides)
     if overrides.get("k_sampling") == "static":
         assert row["agreement_by_j"][2:] == [None, None]
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
+    from selfmtp.train import TrainConfig, lr_multiplier
+
+    constant = lr_multiplier(TrainConfig(data="x", warmup=4, steps=20))
+    cosine = lr_multiplier(TrainConfig(data="x", warmup=4, steps=20, lr_schedule="cosine"))
+    assert [constant(s) for s in range(4)] == [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert constant(19) == 1.0 and cosine(4) == 1.0
+    assert cosine(12) == pytest.approx(0.5) and cosine(19) == pytest.approx(0.0096, abs=1e-4) and cosine(25) == 0.0
+    decay = [cosine(s) for s in range(4, 20)]
+    assert decay == sorted(decay, reverse=True)

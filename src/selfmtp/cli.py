@@ -35,29 +35,53 @@ def _add_common_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_demo(subparsers) -> None:
+    from selfmtp.demo import DemoConfig
+
+    d = DemoConfig()
     parser = subparsers.add_parser(
         "demo",
-        help="load the default model, add <mtp>, answer one GSM8K-style question",
-        description="Load a model (default: SmolLM2-135M-Instruct), perform the <mtp> surgery and answer one "
-        "GSM8K-style question greedily, printing the answer and tokens/s.",
+        help="the whole method on CPU in minutes: tiny teacher -> MTP self-distillation -> eval sweep",
+        description="End to end on tiny-gsm: load the committed tiny teacher, self-distil it into a multi-token "
+        "predictor, sweep static k and ConfAdapt against the teacher's own greedy accuracy, then print the table "
+        "and write results.json, results.md, pareto.png, chunks.html and demo.json into --output. Resumable.",
     )
-    _add_common_model_args(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add = parser.add_argument
+    add("--output", default=d.output, help=f"output folder (default: {d.output})")
+    add("--teacher", default=d.teacher, help=f"teacher model spec (default: {d.teacher})")
+    add("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    add("--lr", type=float, default=d.lr, help=f"learning rate (default: {d.lr:g})")
+    add("--prefix-loss", type=float, default=d.prefix_loss, help=f"next-token loss weight (default: {d.prefix_loss:g})")
+    add("--k-max", type=int, default=d.k_max, help=f"largest k in training and ConfAdapt (default: {d.k_max})")
+    add("--train-problems", type=int, default=d.train_problems, help=f"(default: {d.train_problems})")
+    add("--eval-problems", type=int, default=d.eval_problems, help=f"tiny-gsm test problems (default: {d.eval_problems})")
+    add("--strategies", default=",".join(d.strategies), help="comma-separated sweep (default: %(default)s)")
+    add("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"per answer (default: {d.max_new_tokens})")
+    add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    add("--no-progress", action="store_true")
+    add("--json", action="store_true", help="print demo.json's content instead of the table")
     parser.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from selfmtp.demo import run_demo
+    from selfmtp.demo import DemoConfig, format_targets, run_demo
+    from selfmtp.evaluation.report import format_table
 
-    result = run_demo(args.model, seed=args.seed, dtype=args.dtype, device=args.device, max_new_tokens=args.max_new_tokens)
+    config = DemoConfig(
+        output=args.output, teacher=args.teacher, steps=args.steps, lr=args.lr, prefix_loss=args.prefix_loss,
+        k_max=args.k_max, train_problems=args.train_problems, eval_problems=args.eval_problems,
+        strategies=args.strategies.split(","), max_new_tokens=args.max_new_tokens, threads=args.threads, seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    log = (lambda *_: None) if args.json else print
+    summary = run_demo(config, log=log)
     if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"model: {result['model']}  (<mtp> id {result['mtp_mask_token_id']})")
-        print(f"Q: {result['question']}")
-        print(f"A: {result['answer']}")
-        print(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s = {result['tokens_per_second']:.1f} tokens/s")
+        print(json.dumps({k: v for k, v in summary.items() if k != "results"} | {"rows": summary["results"]["rows"]}, indent=2))
+        return 0
+    print(format_table(summary["results"]))
+    print("targets (issue 5):")
+    print(format_targets(summary["targets"]))
+    total = sum(summary["seconds"].values())
+    print(f"done in {total / 60:.1f} min; wrote " + ", ".join(summary["files"].values()))
     return 0
 
 
@@ -236,10 +260,14 @@ def _add_train(subparsers) -> None:
     add("--k-max", type=int, default=16)
     add("--regions", type=int, default=None, help="MTP regions per sequence (default: seq_len // (2 k_max))")
     add("--prefix-loss", type=float, default=0.0, metavar="WEIGHT", help="extra next-token loss weight (default 0)")
+    add("--prefix-target", default="ground-truth", choices=["ground-truth", "teacher"],
+        help="the prefix loss's target: the data's next token, or the teacher's choice (keeps k=1 decoding close to it)")
     add("--template", default="chat", choices=["chat", "plain"])
     add("--seq-len", type=int, default=160)
     add("--lr", type=float, default=1e-5)
-    add("--warmup", type=int, default=2000, help="linear warm-up steps, then constant")
+    add("--warmup", type=int, default=2000, help="linear warm-up steps (default: 2000)")
+    add("--lr-schedule", default="constant", choices=["constant", "cosine"],
+        help="after warm-up: constant (the paper's) or cosine decay to 0 at --steps")
     add("--weight-decay", type=float, default=0.01)
     add("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     add("--steps", type=int, default=100)
@@ -271,7 +299,7 @@ def _run_train(args) -> int:
         data=args.data, output=args.output, model=args.model, teacher=args.teacher_model, template=args.template,
         seq_len=args.seq_len, k_max=args.k_max, regions=args.regions, k_sampling=args.k_sampling,
         static_k=args.static_k, block_attention=args.block_attention, teacher_mode=args.teacher,
-        supervision=args.supervision, prefix_loss=args.prefix_loss, lr=args.lr, warmup=args.warmup,
+        supervision=args.supervision, prefix_loss=args.prefix_loss, prefix_target=args.prefix_target, lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, clip=args.clip, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, eval_every=args.eval_every, eval_size=args.eval_size, eval_data=args.eval_data,
         save_every=args.save_every, resume=args.resume, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,

@@ -22,6 +22,7 @@ from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask
 
 TEACHER_MODES = ("hard", "soft")
 SUPERVISION = ("online", "ground-truth")
+PREFIX_TARGETS = ("ground-truth", "teacher")
 
 
 class SelectedLogits(nn.Module):
@@ -129,6 +130,7 @@ def mtp_loss(
     teacher_mode: str = "hard",
     supervision: str = "online",
     prefix_loss_weight: float = 0.0,
+    prefix_target: str = "ground-truth",
     mtp_token_id: int | None = None,
     eos_token_id: int | None = None,
     k_max: int | None = None,
@@ -140,13 +142,16 @@ def mtp_loss(
     `student` and `teacher` are callables (input_ids, position_ids, attention_mask, rows, cols) ->
     logits at those positions (`SelectedLogits`, `frozen_teacher`, `adapter_disabled_teacher`).
     The loss is sum / `normalizer` (default: this batch's supervised count), so a trainer can
-    normalise by the count of a whole accumulated or distributed batch.
+    normalise by the count of a whole accumulated or distributed batch. The optional prefix loss
+    adds next-token terms at ground-truth positions, towards the ground truth (the paper's
+    ablation) or towards the teacher's own next-token choice there (`prefix_target="teacher"`:
+    it anchors plain k=1 decoding to the original model, whatever text the data holds).
     """
-    if teacher_mode not in TEACHER_MODES:
-        raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}")
-    if supervision not in SUPERVISION:
-        raise ValueError(f"supervision must be one of {SUPERVISION}, got {supervision!r}")
+    _check_modes(teacher_mode, supervision, prefix_target)
     n_sup, use_prefix = layout.sup_pos.numel(), prefix_loss_weight > 0
+    teacher_prefix = use_prefix and prefix_target == "teacher"
+    if (supervision == "online" or teacher_prefix) and teacher is None:
+        raise ValueError("online supervision and a teacher prefix target need a teacher")
     rows, cols = layout.sup_batch, layout.sup_pos
     if use_prefix:
         rows, cols = torch.cat([rows, layout.ntp_batch]), torch.cat([cols, layout.ntp_pos])
@@ -158,34 +163,57 @@ def mtp_loss(
     past_eos = layout.sup_past_eos
     eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
 
+    t_sup = t_prefix = None
+    if supervision == "online" or teacher_prefix:
+        # One teacher pass on the student-forced layout. Ground-truth positions never see a mask or a
+        # rollout token, so the teacher's logits there are its plain next-token predictions.
+        t_rows, t_cols = (rows, cols) if teacher_prefix else (layout.sup_batch, layout.sup_pos)
+        with torch.no_grad():
+            t_logits = _without_mtp(teacher(fill_rollout(layout, rollout), layout.position_ids,
+                                            layout.teacher_attention_mask, t_rows, t_cols), mtp_token_id)  # fmt: skip
+        t_sup, t_prefix = t_logits[:n_sup], t_logits[n_sup:]
+
     if supervision == "ground-truth":
         targets, per_position = layout.sup_target, -student_lp.gather(1, layout.sup_target[:, None])[:, 0]
     else:
-        teacher_ids = fill_rollout(layout, rollout)
-        with torch.no_grad():
-            t_logits = teacher(teacher_ids, layout.position_ids, layout.teacher_attention_mask,
-                               layout.sup_batch, layout.sup_pos)
-            t_logits = _without_mtp(t_logits, mtp_token_id)
-            targets = torch.where(past_eos, eos, t_logits.argmax(dim=-1))
-        if teacher_mode == "hard":
-            per_position = -student_lp.gather(1, targets[:, None])[:, 0]
-        else:
-            with torch.no_grad():
-                t_probs = torch.softmax(t_logits, dim=-1)
-                t_probs[past_eos] = F.one_hot(eos[past_eos], t_probs.shape[-1]).to(t_probs.dtype)
-            # KL(P_T || P_S): zero when the student equals the teacher.
-            per_position = (torch.xlogy(t_probs, t_probs) - t_probs * student_lp.masked_fill(t_probs == 0, 0)).sum(-1)
+        targets = torch.where(past_eos, eos, t_sup.argmax(dim=-1))
+        per_position = distillation_loss(student_lp, t_sup, teacher_mode, targets=targets, forced=past_eos)
 
     loss_sum = per_position.sum()
     loss = loss_sum / (normalizer if normalizer is not None else max(n_sup, 1))
     prefix_sum = torch.zeros((), dtype=loss.dtype)
     if use_prefix:
-        prefix_sum = -prefix_lp.gather(1, layout.ntp_target[:, None])[:, 0].sum()
+        if teacher_prefix:
+            prefix_sum = distillation_loss(prefix_lp, t_prefix, teacher_mode).sum()
+        else:
+            prefix_sum = -prefix_lp.gather(1, layout.ntp_target[:, None])[:, 0].sum()
         denom = prefix_normalizer if prefix_normalizer is not None else max(layout.ntp_pos.numel(), 1)
         loss = loss + prefix_loss_weight * prefix_sum / denom
 
     stats = _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum if use_prefix else None, k_max)
     return loss, stats
+
+
+def distillation_loss(student_lp, t_logits, teacher_mode: str, *, targets=None, forced=None) -> torch.Tensor:
+    """Per-position loss towards the teacher: cross-entropy to its argmax (hard) or KL(P_T || P_S)
+    (soft; zero when the student equals the teacher). `targets`/`forced` override the teacher's
+    choice at some positions (EOS past the end of a sequence) with a one-hot target."""
+    if targets is None:
+        targets = t_logits.argmax(dim=-1)
+    if teacher_mode == "hard":
+        return -student_lp.gather(1, targets[:, None])[:, 0]
+    with torch.no_grad():
+        t_probs = torch.softmax(t_logits, dim=-1)
+        if forced is not None:
+            t_probs[forced] = F.one_hot(targets[forced], t_probs.shape[-1]).to(t_probs.dtype)
+    return (torch.xlogy(t_probs, t_probs) - t_probs * student_lp.masked_fill(t_probs == 0, 0)).sum(-1)
+
+
+def _check_modes(teacher_mode: str, supervision: str, prefix_target: str) -> None:
+    for value, allowed, name in ((teacher_mode, TEACHER_MODES, "teacher_mode"), (supervision, SUPERVISION, "supervision"),
+                                 (prefix_target, PREFIX_TARGETS, "prefix_target")):  # fmt: skip
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, k_max) -> StepStats:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,11 +30,12 @@ from selfmtp.data import TokenRows, read_examples, tokenize_examples
 from selfmtp.errors import SelfMTPError
 from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
 from selfmtp.models import load_model, mtp_token_id
-from selfmtp.objective import SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
+from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
 from selfmtp.train_setup import build_student_and_teacher, export_final
 from selfmtp.train_state import list_checkpoints, load_training_state, save_training_state
 
 EVAL_SEED_OFFSET = 1_000_003
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -52,8 +54,10 @@ class TrainConfig:
     teacher_mode: str = "hard"
     supervision: str = "online"
     prefix_loss: float = 0.0
+    prefix_target: str = "ground-truth"  # ground-truth (the paper's ablation) | teacher (its next-token choice)
     lr: float = 1e-5
     warmup: int = 2000
+    lr_schedule: str = "constant"  # after warm-up: constant (the paper) | cosine (decays to 0 at `steps`)
     weight_decay: float = 0.01  # PyTorch AdamW default
     clip: float = 1.0
     steps: int = 100
@@ -81,6 +85,9 @@ def validate(config: TrainConfig) -> None:
     checks = [
         (config.teacher_mode in TEACHER_MODES, f"--teacher must be one of {TEACHER_MODES}"),
         (config.supervision in SUPERVISION, f"--supervision must be one of {SUPERVISION}"),
+        (config.prefix_target in PREFIX_TARGETS, f"--prefix-target must be one of {PREFIX_TARGETS}"),
+        (config.prefix_target == "ground-truth" or config.supervision == "online",
+         "--prefix-target teacher needs --supervision online (ground-truth training loads no teacher)"),
         (config.block_attention in BLOCK_ATTENTION, f"--block-attention must be one of {BLOCK_ATTENTION}"),
         (config.k_sampling in K_SAMPLING, f"--k-sampling must be one of {K_SAMPLING}"),
         (config.k_max >= 1, "--k-max must be >= 1"),
@@ -88,6 +95,7 @@ def validate(config: TrainConfig) -> None:
         (config.static_k is None or config.static_k <= config.k_max, "--static-k must be <= --k-max"),
         (config.regions is None or config.regions >= 1, "--regions must be >= 1"),
         (config.steps >= 1 and config.batch_size >= 1 and config.grad_accum >= 1, "--steps, --batch-size, --grad-accum must be >= 1"),
+        (config.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}"),
         (config.lr > 0 and config.warmup >= 0 and config.prefix_loss >= 0, "--lr must be > 0, --warmup and --prefix-loss >= 0"),
         (config.lora_rank >= 0, "--lora-rank must be >= 0"),
         (config.lora_export in ("merged", "adapter"), "--lora-export must be merged or adapter"),
@@ -181,7 +189,7 @@ def _loss(run: _Run, student, layout, normalizer=None, prefix_normalizer=None):
     with autocast:
         return mtp_loss(
             student, run.teacher, layout, teacher_mode=cfg.teacher_mode, supervision=cfg.supervision,
-            prefix_loss_weight=cfg.prefix_loss, mtp_token_id=mtp_token_id(run.student),
+            prefix_loss_weight=cfg.prefix_loss, prefix_target=cfg.prefix_target, mtp_token_id=mtp_token_id(run.student),
             eos_token_id=run.tokenizer.eos_token_id, k_max=cfg.k_max,
             normalizer=normalizer, prefix_normalizer=prefix_normalizer,
         )
@@ -239,8 +247,18 @@ def evaluate(run: _Run) -> dict:
     return {f"eval_{key}": value for key, value in total.summary().items()}
 
 
-def _warmup(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_multiplier(config: TrainConfig):
+    """Linear warm-up, then constant or a cosine decay to 0 at the last step."""
+
+    def multiplier(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
 
 
 def _prepare_output(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
@@ -291,7 +309,7 @@ def train(config: TrainConfig) -> dict:
     train_rows, eval_rows, data_info = _load_rows(config, tokenizer)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(config.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
     run = _Run(config, rank, world, device, student, student_logits, teacher, tokenizer, train_rows, eval_rows,
                optimizer, scheduler, {})
     start = load_training_state(resume_from, student, optimizer, scheduler) if resume_from else 0

@@ -1,0 +1,62 @@
+"""`selfmtp demo`: the pipeline runs end to end at toy scale, resumes, and grades its targets honestly."""
+
+import json
+
+import pytest
+
+from selfmtp.cli import main
+from selfmtp.demo import check_targets
+
+TOY = ["--steps", "2", "--train-problems", "32", "--eval-problems", "4", "--max-new-tokens", "40", "--no-progress",
+       "--strategies", "teacher,static:1,static:2,confadapt:0.9:8"]  # fmt: skip
+
+
+def test_demo_pipeline_writes_everything_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), *TOY]) == 0
+    first = capsys.readouterr().out
+    for name in ("results.json", "results.md", "pareto.png", "chunks.html", "demo.json"):
+        assert (out / name).stat().st_size > 0, name
+    rows = {row["strategy"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"teacher", "static:1", "static:2", "confadapt:0.9:8"}
+    assert rows["static:2"]["acceleration_mean"] > 1.5  # two tokens a pass, short of EOS cuts
+    assert rows["teacher"]["acceleration_mean"] == 1.0 and rows["teacher"]["n"] == 4
+    assert "ConfAdapt tau=0.9 acceleration >= 2.5" in first and "<span class=\"chunk\"" in (out / "chunks.html").read_text()
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["config"]["steps"] == 2 and len(summary["targets"]) == 4
+
+    assert main(["demo", "--output", str(out), *TOY]) == 0  # rerun: nothing is trained or decoded again
+    second = capsys.readouterr().out
+    assert "reusing the finished run" in second
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(list(rows.values())))
+
+
+def test_demo_bad_input_is_one_line(capsys):
+    assert main(["demo", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "selfmtp: error: --steps must be >= 1"
+
+
+def _row(strategy, kind, accuracy, acceleration, **extra):
+    return {"strategy": strategy, "kind": kind, "accuracy": accuracy, "acceleration_mean": acceleration, **extra}
+
+
+@pytest.mark.parametrize(
+    ("tau9", "expected"),
+    [
+        ((0.88, 2.6), [True, True, True, True, True, True]),  # the targets met
+        ((0.80, 2.6), [True, False, False, False, True, True]),  # 8 points below k=1: dominates nothing at k=2
+        ((0.88, 1.9), [False, True, True, False, True, True]),  # static k=2 is faster than every accurate point
+    ],
+)
+def test_check_targets(tau9, expected):
+    rows = [
+        _row("teacher", "teacher", 0.90, 1.0),
+        _row("static:1", "static", 0.89, 1.0, k_max=1),
+        _row("static:2", "static", 0.85, 2.0, k_max=2),
+        _row("static:3", "static", 0.60, 3.0, k_max=3),
+        _row("static:4", "static", 0.30, 4.0, k_max=4),
+        _row("confadapt:0.9:8", "confadapt", tau9[0], tau9[1], tau=0.9, k_max=8),
+        _row("confadapt:0.6:8", "confadapt", 0.70, 3.0, tau=0.6, k_max=8),
+        _row("confadapt:0.5:8", "confadapt", 0.40, 4.5, tau=0.5, k_max=8),
+    ]
+    assert [t["met"] for t in check_targets(rows)] == expected
