@@ -100,8 +100,9 @@ class AdaptiveConfAdapt(ConfAdapt):
     """ConfAdapt that proposes only as many tokens as recent passes earned (at most k_max).
 
     After a pass that proposed k tokens and kept n: if all k were kept the next pass proposes 2k
-    (capped at k_max), else n + 1, one more than the confident run just seen. The first pass
-    proposes k_max. With tau small enough that every token is kept, it is static k_max decoding.
+    (capped at k_max), else n, as many as the confident run just seen. So where confidence is low
+    passes alternate between one token without masks (the cheapest pass there is) and one mask.
+    The first pass proposes k_max. With tau so small that every token is kept, it is static k_max.
     """
 
     @property
@@ -111,7 +112,7 @@ class AdaptiveConfAdapt(ConfAdapt):
     def next_k(self, proposed: int, accepted: int) -> int:
         if accepted >= proposed:
             return min(self.k_max, 2 * proposed)
-        return min(self.k_max, accepted + 1)
+        return accepted
 
 
 def next_proposals(strategy: Strategy, proposed: int, accepted: int) -> int:
