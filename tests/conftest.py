@@ -27,6 +27,19 @@ def tiny():
     return load_model("tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def peaked():
+    """`MTPModel` of the tiny model with its final norm scaled up: sharp, varied confidences, so
+    ConfAdapt accepts different numbers of tokens per pass (the untrained tiny model is near uniform)."""
+    from selfmtp.api import MTPModel
+    from selfmtp.models import load_model
+
+    model, tokenizer = load_model("tiny", seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40.0)
+    return MTPModel(model, tokenizer)
+
+
 def pytest_configure(config):
     # Keep the test suite reproducible and quiet on 2 cores.
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

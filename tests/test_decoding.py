@@ -30,16 +30,6 @@ def tiny_mtp(tiny):
     return MTPModel(*tiny)
 
 
-@pytest.fixture(scope="module")
-def peaked():
-    """The tiny model with its final norm scaled up: sharp, varied confidences, so ConfAdapt accepts
-    different numbers of tokens per pass (the untrained tiny model is near uniform)."""
-    model, tokenizer = load_model("tiny", seed=0)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(40.0)
-    return MTPModel(model, tokenizer)
-
-
 def hf_greedy(mtp: MTPModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     out = mtp.model.generate(

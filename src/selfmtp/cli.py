@@ -320,6 +320,64 @@ def _run_train(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# bench
+
+
+def _add_bench(subparsers) -> None:
+    from selfmtp.bench import BASELINES
+    from selfmtp.strategies import STRATEGY_HELP
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="wall-clock decode speed of strategies beside transformers generate and llama.cpp",
+        description="Time our NTP loop, each strategy, transformers `generate` and llama.cpp on the same prompts, "
+        "interleaved in one run, and write bench.json and bench.md into --output: decode tokens/s, ms/token, "
+        "time to first token, tokens per pass, and speedups as medians of paired per-prompt ratios.",
+    )
+    _add_common_model_args(parser)
+    parser.add_argument("--prompts", required=True, help="one prompt per line, or .jsonl with 'prompt' or 'question'")
+    parser.add_argument("--limit", type=int, help="only the first N prompts")
+    parser.add_argument(
+        "--strategies", default="ntp,confadapt:0.9:4,confadapt:0.9:8",
+        help=f"comma-separated, each {STRATEGY_HELP}; ntp is always measured (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baselines", default="hf-generate", help=f"comma-separated, from {', '.join(BASELINES)} or '' (default: %(default)s)"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="timed runs over all prompts (default: 3)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--gguf", help="the GGUF llama.cpp runs (default: the model's own where known)")
+    parser.add_argument("--threads", type=int, help="torch and llama.cpp threads (default: torch's setting)")
+    parser.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, default=None,
+        help="wrap prompts in the chat template (default: iff the tokenizer has one)",
+    )  # fmt: skip
+    parser.add_argument("--output", required=True, help="folder for bench.json and bench.md")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print bench.json instead of the table")
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from selfmtp.bench import BenchConfig, run_bench
+    from selfmtp.bench_report import format_markdown
+
+    config = BenchConfig(
+        model=args.model, prompts=args.prompts, strategies=[s for s in args.strategies.split(",") if s.strip()],
+        baselines=[b.strip() for b in args.baselines.split(",") if b.strip()], runs=args.runs,
+        max_new_tokens=args.max_new_tokens, limit=args.limit, gguf=args.gguf, chat=args.chat, threads=args.threads,
+        seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    result = run_bench(config, args.output)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_markdown(result))
+        print(f"wrote {Path(args.output) / 'bench.json'} and bench.md")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"selfmtp {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_train, _add_generate, _add_eval):
+    for add in (_add_demo, _add_train, _add_generate, _add_eval, _add_bench):
         add(subparsers)
     return parser
 

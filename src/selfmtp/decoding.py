@@ -1,14 +1,16 @@
 """KV-cached multi-token decoding (METHOD.md, "Inference"), several prompts at once.
 
 One pass feeds, per row, the tokens accepted last step (the whole prompt on the first pass) plus
-k_max-1 `<mtp>` masks. The logits at the last real token and at each mask propose k_max tokens,
-read out greedily with their max-softmax confidences; the strategy says how many leading ones to keep.
+k-1 `<mtp>` masks. The logits at the last real token and at each mask propose k tokens, read out
+greedily with their max-softmax confidences; the strategy says how many leading ones to keep.
 The masks' KV entries are then cropped off, so the cache only ever holds real tokens and plain
-causal attention is right for every pass.
+causal attention is right for every pass. k is k_max unless the strategy adapts it from pass to
+pass (`strategies.next_proposals`); each result records the tokens every pass fed (`tokens_fed`).
 
 Batching: rows are left padded and each row's new tokens are right aligned, so the masks of every
-row sit at the end (one crop serves all rows) and the proposals are the last k_max logits of every
-row. Pads stay in the cache and are masked out by an explicit 4-D attention mask; position ids are
+row sit at the end (one crop serves all rows) and the proposals are the last k logits of every
+row. With adaptive k a pass feeds the largest k any row asks for; a row reads only its own first k
+proposals, so it decodes exactly as it would alone. Pads stay in the cache and are masked out by an explicit 4-D attention mask; position ids are
 counted per row over real tokens only, so each row sees exactly what it would see alone.
 """
 
@@ -24,7 +26,7 @@ from transformers import DynamicCache
 from selfmtp.errors import SelfMTPError
 from selfmtp.kv_cache import has_plain_cache, preallocated_cache
 from selfmtp.models import mtp_token_id
-from selfmtp.strategies import Strategy
+from selfmtp.strategies import Strategy, next_proposals
 
 
 @dataclass
@@ -49,6 +51,8 @@ class GenerationResult:
     stop_reason: str  # "eos" | "stop_string" | "max_new_tokens" | "context"
     prompt_tokens: int
     strategy: str
+    first_token_seconds: float = 0.0  # from the start of the call until the first pass's tokens
+    tokens_fed: list[int] = field(default_factory=list)  # per pass: real tokens + masks fed for this row
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,12 +66,15 @@ class _Row:
     budget: int  # most tokens this row may emit (max_new_tokens, or what the context leaves)
     budget_reason: str
     pending: list[int]  # accepted but not yet in the cache (the prompt before the first pass)
+    k: int  # tokens the next pass proposes for this row (k - 1 masks)
     token_ids: list[int] = field(default_factory=list)
     chunks: list[tuple[list[int], list[float]]] = field(default_factory=list)
     passes: int = 0
     stop_reason: str | None = None
     text: str | None = None  # set when a stop string cut the text
     seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    tokens_fed: list[int] = field(default_factory=list)
 
 
 def generate_batch(
@@ -89,7 +96,7 @@ def generate_batch(
     n_masks = strategy.k_max - 1
     mask_id = _mask_token_id(model, n_masks)
     cache = _croppable_cache(model, n_masks, batched=len(prompts) > 1)
-    rows = [_new_row(prompt, max_new_tokens, _context_length(model)) for prompt in prompts]
+    rows = [_new_row(prompt, max_new_tokens, _context_length(model), strategy.k_max) for prompt in prompts]
     stops = _StopRules(frozenset(stop_token_ids), list(stop_strings), tokenizer)
     device = model.device
     key_is_real = torch.zeros(len(rows), 0, dtype=torch.bool, device=device)
@@ -98,6 +105,8 @@ def generate_batch(
     start = time.perf_counter()
     with torch.inference_mode():
         while active:
+            width = max(row.k for row in active)  # a row with a smaller k ignores the extra proposals
+            n_masks = width - 1
             input_ids, position_ids, fed = step_inputs(
                 [r.pending for r in active], real_count, n_masks, pad_token_id, mask_id
             )
@@ -107,7 +116,7 @@ def generate_batch(
                 attention_mask=attention_mask(key_is_real, fed),
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=strategy.k_max,
+                logits_to_keep=width,
             ).logits
             if n_masks:
                 cache.crop(-n_masks)  # pop the masks: the cache holds real tokens only
@@ -115,10 +124,14 @@ def generate_batch(
             key_is_real = torch.cat([key_is_real, fed_real], dim=1)
             real_count = real_count + fed_real.sum(dim=1)
             confidences, proposals = greedy_readout(logits, mask_id)
+            now = time.perf_counter() - start
             for i, row in enumerate(active):
+                row.tokens_fed.append(len(row.pending) + n_masks)
                 _accept(row, strategy, proposals[i], confidences[i], stops)
+                if row.passes == 1:
+                    row.first_token_seconds = now
                 if row.stop_reason is not None:
-                    row.seconds = time.perf_counter() - start
+                    row.seconds = now
             keep = [i for i, row in enumerate(active) if row.stop_reason is None]
             if len(keep) < len(active):  # finished rows leave the batch (and the cache)
                 active = [active[i] for i in keep]
@@ -216,7 +229,7 @@ def _context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def _new_row(prompt: list[int], max_new_tokens: int, context: int | None) -> _Row:
+def _new_row(prompt: list[int], max_new_tokens: int, context: int | None, k: int) -> _Row:
     if not prompt:
         raise SelfMTPError("empty prompt: give some text to continue")
     budget, reason = max_new_tokens, "max_new_tokens"
@@ -225,7 +238,7 @@ def _new_row(prompt: list[int], max_new_tokens: int, context: int | None) -> _Ro
             raise SelfMTPError(f"prompt has {len(prompt)} tokens but the model's context is {context} tokens")
         if context - len(prompt) < budget:
             budget, reason = context - len(prompt), "context"
-    return _Row(prompt_tokens=len(prompt), budget=budget, budget_reason=reason, pending=list(prompt))
+    return _Row(prompt_tokens=len(prompt), budget=budget, budget_reason=reason, pending=list(prompt), k=k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,9 +257,12 @@ def _accept(
 ):
     """Append the tokens `strategy` accepts from one pass to `row`, applying the budget and every stop rule."""
     row.passes += 1
+    proposed = row.k
+    proposals, confidences = proposals[:proposed], confidences[:proposed]
     wanted = strategy.accept(confidences)
-    if not 1 <= wanted <= strategy.k_max:  # 0 would stall the loop forever
-        raise ValueError(f"{strategy.name}: accept() returned {wanted}, expected 1..{strategy.k_max}")
+    if not 1 <= wanted <= proposed:  # 0 would stall the loop forever
+        raise ValueError(f"{strategy.name}: accept() returned {wanted}, expected 1..{proposed}")
+    row.k = next_proposals(strategy, proposed, wanted)
     wanted = min(wanted, row.budget - len(row.token_ids))
     tokens, confidences = proposals.tolist()[:wanted], confidences.tolist()[:wanted]
     for i, token in enumerate(tokens):
@@ -304,6 +320,8 @@ def _result(row: _Row, tokenizer, strategy_name: str) -> GenerationResult:
         stop_reason=row.stop_reason or row.budget_reason,
         prompt_tokens=row.prompt_tokens,
         strategy=strategy_name,
+        first_token_seconds=row.first_token_seconds,
+        tokens_fed=list(row.tokens_fed),
     )
 
 

@@ -3,7 +3,11 @@
 Each forward pass proposes `k_max` tokens (the exact next-token prediction from the last real token,
 then one per `<mtp>` mask) with their max-softmax confidences. A strategy looks only at those
 confidences and answers one question: how many leading tokens to accept (1 <= n <= k_max).
-The decode loop never asks anything else, so a new strategy never touches the loop.
+
+A strategy may also say how many tokens the next pass should propose (`next_k`, see
+`next_proposals`): feeding fewer masks makes a pass cheaper where compute is not free (a CPU).
+Without it every pass proposes k_max. The decode loop asks nothing else, so a new strategy never
+touches the loop.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from selfmtp.errors import SelfMTPError
 
-STRATEGY_HELP = "ntp, static:K or confadapt:TAU[:KMAX] (e.g. confadapt:0.9:16)"
+STRATEGY_HELP = "ntp, static:K or confadapt:TAU[:KMAX[:adaptive]] (e.g. confadapt:0.9:16)"
 
 
 @runtime_checkable
@@ -91,8 +95,39 @@ class ConfAdapt:
         return max(run, 1)
 
 
+@dataclass(frozen=True)
+class AdaptiveConfAdapt(ConfAdapt):
+    """ConfAdapt that proposes only as many tokens as recent passes earned (at most k_max).
+
+    After a pass that proposed k tokens and kept n: if all k were kept the next pass proposes 2k
+    (capped at k_max), else n, as many as the confident run just seen. So where confidence is low
+    passes alternate between one token without masks (the cheapest pass there is) and one mask.
+    The first pass proposes k_max. With tau so small that every token is kept, it is static k_max.
+    """
+
+    @property
+    def name(self) -> str:
+        return f"confadapt:{self.tau:g}:{self.k_max}:adaptive"
+
+    def next_k(self, proposed: int, accepted: int) -> int:
+        if accepted >= proposed:
+            return min(self.k_max, 2 * proposed)
+        return accepted
+
+
+def next_proposals(strategy: Strategy, proposed: int, accepted: int) -> int:
+    """Tokens the next pass proposes (1..k_max) after one that proposed `proposed` and kept `accepted`."""
+    next_k = getattr(strategy, "next_k", None)  # optional: strategies without it always propose k_max
+    if next_k is None:
+        return strategy.k_max
+    k = next_k(proposed, accepted)
+    if not 1 <= k <= strategy.k_max:  # 0 would feed a pass with nothing to propose
+        raise ValueError(f"{strategy.name}: next_k() returned {k}, expected 1..{strategy.k_max}")
+    return k
+
+
 def parse_strategy(text: str) -> Strategy:
-    """'ntp' | 'static:K' | 'confadapt:TAU[:KMAX]' -> a strategy; SelfMTPError for anything else."""
+    """'ntp' | 'static:K' | 'confadapt:TAU[:KMAX[:adaptive]]' -> a strategy; SelfMTPError for anything else."""
     parts = (text or "").strip().lower().split(":")
     kind, args = parts[0], parts[1:]
     if kind == "ntp" and not args:
@@ -103,6 +138,9 @@ def parse_strategy(text: str) -> Strategy:
         tau = _parse_float(args[0], "confadapt tau", text)
         k_max = _parse_int(args[1], "confadapt k_max", text) if len(args) == 2 else 16
         return ConfAdapt(tau, k_max)
+    if kind == "confadapt" and len(args) == 3 and args[2] == "adaptive":
+        tau = _parse_float(args[0], "confadapt tau", text)
+        return AdaptiveConfAdapt(tau, _parse_int(args[1], "confadapt k_max", text))
     raise SelfMTPError(f"unknown strategy {text!r}: use {STRATEGY_HELP}")
 
 
