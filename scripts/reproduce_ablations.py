@@ -31,7 +31,7 @@ VARIANTS = {
     "bidirectional": ({"block_attention": "bidirectional"}, "causal ~ bidirectional"),
     "prefix-loss": ({"prefix_loss": None}, "no prefix loss > prefix loss"),
 }
-STRATEGIES = "static:1,static:2,static:3,static:4,confadapt:0.95:8,confadapt:0.9:8,confadapt:0.8:8,confadapt:0.7:8,confadapt:0.6:8"
+STRATEGIES = "static:1,static:2,static:4,confadapt:0.95:8,confadapt:0.9:8,confadapt:0.8:8,confadapt:0.7:8,confadapt:0.6:8"
 
 
 def overrides_for(name: str, base: DemoConfig) -> dict:
@@ -58,7 +58,7 @@ def markdown(variants: list[dict]) -> str:
         row = next((r for r in rows if r["strategy"] == strategy), None)
         return "-" if row is None else f"{100 * row['accuracy']:.1f} @ {row['acceleration_mean']:.2f}x"
 
-    columns = ["static:1", "static:2", "static:4", "confadapt:0.9:8", "confadapt:0.8:8", "confadapt:0.7:8", "confadapt:0.6:8"]
+    columns = ["static:1", "static:2", "static:4", "confadapt:0.95:8", "confadapt:0.9:8", "confadapt:0.8:8", "confadapt:0.7:8", "confadapt:0.6:8"]
     lines = ["| variant | " + " | ".join(columns) + " | paper |", "|---" * (len(columns) + 2) + "|"]
     for v in variants:
         lines.append(f"| {v['variant']} | " + " | ".join(cell(v["rows"], c) for c in columns) + f" | {v['paper']} |")

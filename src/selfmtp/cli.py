@@ -56,7 +56,7 @@ def _add_demo(subparsers) -> None:
     add("--eval-problems", type=int, default=d.eval_problems, help=f"tiny-gsm test problems (default: {d.eval_problems})")
     add("--strategies", default=",".join(d.strategies), help="comma-separated sweep (default: %(default)s)")
     add("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"per answer (default: {d.max_new_tokens})")
-    add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add("--threads", type=int, default=d.threads, help=f"torch threads (default: {d.threads})")
     add("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     add("--no-progress", action="store_true")
     add("--json", action="store_true", help="print demo.json's content instead of the table")

@@ -33,10 +33,11 @@ DEFAULT_STRATEGIES = (
 class DemoConfig:
     output: str = "runs/demo"
     teacher: str = "tiny-gsm-teacher"
-    train_problems: int = 4000
+    train_problems: int = 10000
     eval_problems: int = 100
-    steps: int = 600
-    lr: float = 3e-4
+    steps: int = 900
+    lr: float = 5e-4
+    lr_schedule: str = "cosine"
     warmup: int = 20
     batch_size: int = 16
     k_max: int = 8
@@ -44,7 +45,7 @@ class DemoConfig:
     strategies: list[str] = field(default_factory=lambda: DEFAULT_STRATEGIES.split(","))
     max_new_tokens: int = 120
     seed: int = 0
-    threads: int | None = None  # torch threads; None: torch's default
+    threads: int | None = 1  # torch threads: a 700k-parameter model gains nothing from more
     progress: bool = True
 
     def validate(self) -> None:
@@ -66,7 +67,8 @@ def train_config(config: DemoConfig, data: Path, output: Path, **overrides):
 
     recipe = TrainConfig(
         data=str(data), output=str(output), model=config.teacher, template="plain", seq_len=160,
-        k_max=config.k_max, prefix_loss=config.prefix_loss, lr=config.lr, warmup=config.warmup,
+        k_max=config.k_max, prefix_loss=config.prefix_loss, lr=config.lr, lr_schedule=config.lr_schedule,
+        warmup=config.warmup,
         steps=config.steps, batch_size=config.batch_size, eval_every=0, save_every=100,
         seed=config.seed, progress=config.progress,
     )  # fmt: skip
