@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import SHARED_DATA
 from selfmtp.cli import main
@@ -284,3 +285,31 @@ def test_cli_eval_runs_and_prints(tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert [r["strategy"] for r in results["rows"]] == ["static:1", "static:3"]
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "pareto.png", "runs"}
+
+
+def test_token_nll_matches_one_forward_per_prefix(tiny):
+    from selfmtp.evaluation.reference import token_nll
+
+    model, _ = tiny
+    prompt, output = [1, 17, 230, 45], [88, 91, 4000, 12]
+    expected = []
+    with torch.no_grad():
+        for t in range(len(output)):  # independent: a separate full forward for every prefix
+            logits = model(input_ids=torch.tensor([prompt + output[:t]])).logits[0, -1]
+            expected.append(float(-torch.log_softmax(logits, -1)[output[t]]))
+    assert token_nll(model, prompt, output) == pytest.approx(expected, abs=1e-4)
+
+
+def test_sweep_reports_agreement_and_coherence_against_the_teacher(tiny_mtp, tmp_path):
+    """Student == teacher here: static:1 decodes the teacher's text, so it agrees on every answer
+    and gets exactly the teacher's NLL (a random model: no claim about static:2's being worse)."""
+    config = _config(strategies=["static:1", "static:2"], teacher="tiny", coherence=True, max_new_tokens=12)
+    rows = {r["strategy"]: r for r in run_sweep(config, tmp_path, progress=False)["rows"]}
+    assert rows["teacher"]["answer_agreement"] == rows["static:1"]["answer_agreement"] == 1.0
+    assert rows["static:1"]["teacher_nll_per_token"] == pytest.approx(rows["teacher"]["teacher_nll_per_token"])
+    assert rows["static:1"]["teacher_nll_tokens"] == 3 * 12
+    stored = json.loads((tmp_path / "runs" / "static_2.json").read_text())["row"]
+    assert stored["teacher_nll_per_token"] == rows["static:2"]["teacher_nll_per_token"]  # kept for reruns
+    assert "agreement with teacher" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SelfMTPError, match="--coherence needs --teacher"):
+        run_sweep(_config(coherence=True), tmp_path / "other", progress=False)

@@ -209,6 +209,8 @@ def _add_eval(subparsers) -> None:
         help=f"comma-separated strategies, 'teacher' allowed with --teacher (default: {DEFAULT_STRATEGIES})",
     )  # fmt: skip
     parser.add_argument("--teacher", metavar="SPEC", help="also report greedy NTP of this model as 'teacher'")
+    parser.add_argument("--coherence", action="store_true",
+                        help="also report the teacher's NLL per generated token for every strategy (needs --teacher)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     parser.add_argument("--output", required=True, help="folder for results.json, results.md, pareto.png")
@@ -224,7 +226,7 @@ def _run_eval(args) -> int:
         model=args.model, task=args.task, strategies=args.strategies.split(","), teacher=args.teacher,
         data=args.data, fewshot_data=args.fewshot_data, limit=args.limit, shots=args.shots, chat=args.chat,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
-        device=args.device,
+        device=args.device, coherence=args.coherence,
     )  # fmt: skip
     results = run_sweep(config, args.output)
     if args.json:

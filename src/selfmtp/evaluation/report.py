@@ -66,11 +66,19 @@ def format_table(results: dict) -> str:
     rows = results["rows"]
     extra = [m for m in results.get("metrics", [])[1:]]
     primary = results.get("metrics", ["accuracy"])[0]
-    header = ["strategy", f"{primary} (%)", *[f"{m} (%)" for m in extra], "acceleration", "tokens/s", "n"]
+    agreement = any("answer_agreement" in row for row in rows)
+    nll = any("teacher_nll_per_token" in row for row in rows)
+    header = ["strategy", f"{primary} (%)", *[f"{m} (%)" for m in extra]]
+    header += ["agreement with teacher (%)"] * agreement + ["teacher NLL/token"] * nll
+    header += ["acceleration", "tokens/s", "n"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [display_name(row), _percent(row["accuracy"], row["stderr"])]
         cells += [_percent(row["metrics"][m]["accuracy"], row["metrics"][m]["stderr"]) for m in extra]
+        if agreement:
+            cells.append(_percent(row["answer_agreement"], row["answer_agreement_stderr"]) if "answer_agreement" in row else "-")
+        if nll:
+            cells.append(f"{row['teacher_nll_per_token']:.3f}" if "teacher_nll_per_token" in row else "-")
         cells += [
             f"{row['acceleration_mean']:.2f}x +- {row['acceleration_std']:.2f}",
             f"{row['tokens_per_second']:.1f}",
@@ -92,6 +100,9 @@ def markdown_report(results: dict) -> str:
     ]
     if results.get("teacher"):
         notes.append(f"teacher: plain greedy NTP of {results['teacher']} (the step-0 baseline).")
+        notes.append("agreement with teacher: share of items whose extracted answer equals the teacher row's.")
+    if any("teacher_nll_per_token" in row for row in results["rows"]):
+        notes.append("teacher NLL/token: the teacher's mean negative log-likelihood of the generated tokens (coherence).")
     return "\n\n".join([title, format_table(results), "\n".join(f"- {n}" for n in notes)]) + "\n"
 
 

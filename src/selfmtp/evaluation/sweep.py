@@ -46,8 +46,11 @@ class SweepConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    coherence: bool = False  # also score every strategy's text with the teacher (evaluation/reference.py)
 
     def validate(self) -> None:
+        if self.coherence and not self.teacher:
+            raise SelfMTPError("--coherence needs --teacher SPEC (the model that scores the generated text)")
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise SelfMTPError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -121,9 +124,28 @@ def run_sweep(config: SweepConfig, output_dir: str | Path, *, task=None, progres
         write_json_atomic(output_dir / "runs" / run.filename, record)
         finished[run.label] = record
         write_report(_results(config, task, runs, finished), output_dir, plot=False)
+    if config.coherence:
+        _add_coherence(config, task, runs, finished, models, output_dir)
     results = _results(config, task, runs, finished)
     write_report(results, output_dir)
     return results
+
+
+def _add_coherence(config, task, runs, finished, models, output_dir: Path) -> None:
+    """Teacher NLL of each finished strategy's text, computed once and stored with its run."""
+    from selfmtp.evaluation.reference import coherence
+
+    for run in runs:
+        record = finished[run.label]
+        if "teacher_nll_per_token" in record["row"]:
+            continue
+        key = (config.teacher, True)
+        if key not in models:
+            models[key] = _load_model(PlannedRun(TEACHER, TEACHER, parse_strategy("ntp"), config.teacher), config)
+        teacher = models[key]
+        prompts = [task.prompt(item, teacher.tokenizer) for item in task.items]
+        record["row"].update(coherence(teacher, prompts, record["outputs"], chat=task.chat))
+        write_json_atomic(output_dir / "runs" / run.filename, record)
 
 
 def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: bool = True) -> dict:
@@ -170,7 +192,7 @@ def _item_output(item, result, score: dict) -> dict:
         "index": item.index, "question": item.question, "target": item.target, "output": result.text,
         "scores": score, "num_tokens": result.num_tokens, "forward_passes": result.forward_passes,
         "acceleration": result.acceleration, "stop_reason": result.stop_reason,
-        "chunks": [chunk.text for chunk in result.chunks],
+        "chunks": [chunk.text for chunk in result.chunks], "token_ids": result.token_ids,
     }  # fmt: skip
 
 
@@ -203,6 +225,19 @@ def _load_finished(path: Path, fingerprint: dict) -> dict | None:
 
 
 def _results(config: SweepConfig, task, runs: list[PlannedRun], finished: dict) -> dict:
+    teacher = finished.get(TEACHER)
+    rows = []
+    for run in runs:
+        record = finished.get(run.label)
+        if record is None:
+            continue
+        row = dict(record["row"])
+        if teacher is not None:
+            from selfmtp.evaluation.reference import answer_agreement
+
+            agreement = answer_agreement(record["outputs"], teacher["outputs"], task.metrics[0])
+            row["answer_agreement"], row["answer_agreement_stderr"] = agreement["accuracy"], agreement["stderr"]
+        rows.append(row)
     return {
         "model": config.model,
         "teacher": config.teacher,
@@ -211,5 +246,5 @@ def _results(config: SweepConfig, task, runs: list[PlannedRun], finished: dict) 
         "n_items": len(task.items),
         "config": asdict(config),
         "stderr_formula": STDERR_FORMULA,
-        "rows": [finished[run.label]["row"] for run in runs if finished.get(run.label) is not None],
+        "rows": rows,
     }

@@ -1,0 +1,50 @@
+"""Metrics against the original model, for models whose task accuracy is too low to compare on.
+
+- answer agreement: the share of items whose extracted answer equals the one the teacher's own
+  greedy decoding gave (the `teacher` row), with the same standard error as accuracy;
+- coherence: the teacher's mean per-token negative log-likelihood of the generated text, given the
+  prompt. A student that keeps writing what the original model would write scores like the teacher's
+  own greedy text; confident multi-token mistakes show up as a higher NLL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from selfmtp.evaluation.report import accuracy_with_stderr
+
+
+def answer_agreement(outputs: list[dict], teacher_outputs: list[dict], metric: str) -> dict:
+    """Both lists as stored in runs/<strategy>.json ("scores"[metric]["extracted"]), item by item."""
+    by_index = {o["index"]: o["scores"][metric]["extracted"] for o in teacher_outputs}
+    same = [o["scores"][metric]["extracted"] == by_index[o["index"]] for o in outputs if o["index"] in by_index]
+    return accuracy_with_stderr(same)
+
+
+@torch.no_grad()
+def token_nll(model, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+    """-log p(output token | prompt, earlier output tokens) under `model`, one value per output token."""
+    if not output_ids:
+        return []
+    ids = torch.tensor([prompt_ids + output_ids], device=model.device)
+    logits = model(input_ids=ids, logits_to_keep=len(output_ids) + 1).logits[0, :-1].float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return (-log_probs.gather(1, ids[0, len(prompt_ids) :, None])[:, 0]).tolist()
+
+
+def coherence(teacher, prompts: list, outputs: list[dict], *, chat: bool) -> dict:
+    """Teacher NLL per generated token: mean over all tokens, and the mean and std over items."""
+    per_item, total, count = [], 0.0, 0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        ids = output.get("token_ids")  # runs stored before token ids were kept: re-tokenize the text
+        ids = ids if ids is not None else teacher.tokenizer(output["output"], add_special_tokens=False)["input_ids"]
+        nll = token_nll(teacher.model, teacher.encode(prompt, chat=chat), ids)
+        if nll:
+            per_item.append(sum(nll) / len(nll))
+            total, count = total + sum(nll), count + len(nll)
+    mean = sum(per_item) / len(per_item) if per_item else float("nan")
+    std = math.sqrt(sum((x - mean) ** 2 for x in per_item) / len(per_item)) if per_item else float("nan")
+    return {"teacher_nll_per_token": total / count if count else float("nan"), "teacher_nll_item_mean": mean,
+            "teacher_nll_item_std": std, "teacher_nll_tokens": count}  # fmt: skip
