@@ -313,3 +313,17 @@ def test_sweep_reports_agreement_and_coherence_against_the_teacher(tiny_mtp, tmp
     assert "agreement with teacher" in (tmp_path / "results.md").read_text()
     with pytest.raises(SelfMTPError, match="--coherence needs --teacher"):
         run_sweep(_config(coherence=True), tmp_path / "other", progress=False)
+
+
+def test_results_files_get_the_usual_mode_not_tempfiles_private_one(tmp_path):
+    import os
+
+    from selfmtp.evaluation.report import write_json_atomic
+    from selfmtp.files import current_umask
+    from selfmtp.models import atomic_dir_write
+
+    write_json_atomic(tmp_path / "r.json", {"a": 1})
+    atomic_dir_write(tmp_path / "ckpt", lambda d: (d / "x").write_text("x"))
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~current_umask()
+    assert os.listdir(tmp_path / "ckpt") == ["x"]

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from selfmtp.errors import SelfMTPError
+from selfmtp.files import current_umask
 
 MTP_TOKEN = "<mtp>"
 MTP_CONFIG_KEY = "mtp_mask_token_id"
@@ -369,6 +370,7 @@ def atomic_dir_write(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a checkpoint should get the usual mode
         write(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from selfmtp.files import current_umask
+
 STDERR_FORMULA = "sqrt(p*(1-p)/(n-1))  (sample std / sqrt(n), as lm-evaluation-harness)"
 
 
@@ -36,6 +38,7 @@ def _write_atomic(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results are for everyone to read
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
