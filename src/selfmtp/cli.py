@@ -272,23 +272,22 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(run=_run_train)
 
 
-# Flags whose TrainConfig field has another name or the opposite sense.
-_TRAIN_RENAMED = {"teacher_model": ("teacher", None), "teacher": ("teacher_mode", None),
-                  "keep_calculator": ("strip_calculator", "not"), "no_progress": ("progress", "not")}
+# Flags whose TrainConfig field has another name; the last two also have the opposite sense.
+_TRAIN_FIELDS = {"teacher_model": "teacher", "teacher": "teacher_mode", "keep_calculator": "strip_calculator",
+                 "no_progress": "progress"}
+_TRAIN_NEGATED = ("keep_calculator", "no_progress")
 _TRAIN_CLI_ONLY = ("run", "command", "config", "json", "dtype")
 
 
 def _train_config(args):
-    """TrainConfig: its own defaults, then --config FILE, then the flags given on the command line."""
+    """TrainConfig: its defaults (but --model's is the CLI's), then --config FILE, then the flags given."""
     from selfmtp.models import DEFAULT_MODEL
     from selfmtp.train import TrainConfig, load_config_file
 
     values = {"model": DEFAULT_MODEL, **(load_config_file(args.config) if "config" in args else {})}
     for dest, value in vars(args).items():
-        if dest in _TRAIN_CLI_ONLY:
-            continue
-        field, sense = _TRAIN_RENAMED.get(dest, (dest, None))
-        values[field] = (not value) if sense == "not" else value
+        if dest not in _TRAIN_CLI_ONLY:
+            values[_TRAIN_FIELDS.get(dest, dest)] = (not value) if dest in _TRAIN_NEGATED else value
     if not values.get("data"):
         raise SelfMTPError("--data is required (on the command line or in the --config file)")
     return TrainConfig(**values)
