@@ -238,6 +238,8 @@ def _add_train(subparsers) -> None:
     add("--k-max", type=int, help="default: 16")
     add("--regions", type=int, help="MTP regions per sequence (default: seq_len // (2 k_max))")
     add("--prefix-loss", type=float, metavar="WEIGHT", help="extra next-token loss weight (default 0)")
+    add("--prefix-target", choices=["ground-truth", "teacher"],
+        help="target of the prefix loss: the next ground-truth token (default) or the teacher's argmax")
     add("--template", choices=["chat", "plain"], help="default: chat")
     add("--seq-len", type=int, help="default: 160")
     add("--lr", type=float, help="default: 1e-5")

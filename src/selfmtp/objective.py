@@ -22,6 +22,10 @@ from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask
 
 TEACHER_MODES = ("hard", "soft")
 SUPERVISION = ("online", "ground-truth")
+# What the prefix loss on ground-truth positions aims at: the next ground-truth token (plain NTP
+# fine-tuning, the paper's ablation) or the teacher's argmax there (keeps the student's own next-token
+# predictions, and so ConfAdapt's always-accepted first token, where the original model had them).
+PREFIX_TARGETS = ("ground-truth", "teacher")
 
 
 class SelectedLogits(nn.Module):
@@ -77,6 +81,7 @@ class StepStats:
     count: int
     prefix_loss_sum: float
     prefix_count: int
+    prefix_agree: int  # student argmax == prefix target at ground-truth positions
     confidence_sum: float  # student top-1 probability at MTP positions (j >= 2)
     confidence_count: int
     agree_hits: torch.Tensor  # (k_max,) rollout == target, by j
@@ -84,15 +89,16 @@ class StepStats:
     tokens: int
 
     def as_tensor(self) -> torch.Tensor:
-        head = torch.tensor([self.loss_sum, self.count, self.prefix_loss_sum, self.prefix_count,
+        head = torch.tensor([self.loss_sum, self.count, self.prefix_loss_sum, self.prefix_count, self.prefix_agree,
                              self.confidence_sum, self.confidence_count, self.tokens], dtype=torch.float64)
         return torch.cat([head, self.agree_hits.double(), self.agree_count.double()])
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> StepStats:
-        k = (t.numel() - 7) // 2
+        k = (t.numel() - 8) // 2
         v = t.tolist()
-        return cls(v[0], int(v[1]), v[2], int(v[3]), v[4], int(v[5]), t[7:7 + k].long(), t[7 + k:].long(), int(v[6]))
+        return cls(v[0], int(v[1]), v[2], int(v[3]), int(v[4]), v[5], int(v[6]), t[8:8 + k].long(), t[8 + k:].long(),
+                   int(v[7]))
 
     def __add__(self, other: StepStats) -> StepStats:
         return StepStats.from_tensor(self.as_tensor() + other.as_tensor())
@@ -109,6 +115,7 @@ class StepStats:
         }
         if self.prefix_count:
             out["prefix_loss"] = self.prefix_loss_sum / self.prefix_count
+            out["prefix_agreement"] = self.prefix_agree / self.prefix_count
         return out
 
 
@@ -129,6 +136,7 @@ def mtp_loss(
     teacher_mode: str = "hard",
     supervision: str = "online",
     prefix_loss_weight: float = 0.0,
+    prefix_target: str = "ground-truth",
     mtp_token_id: int | None = None,
     eos_token_id: int | None = None,
     k_max: int | None = None,
@@ -146,6 +154,8 @@ def mtp_loss(
         raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}")
     if supervision not in SUPERVISION:
         raise ValueError(f"supervision must be one of {SUPERVISION}, got {supervision!r}")
+    if prefix_target not in PREFIX_TARGETS or (prefix_target == "teacher" and supervision != "online"):
+        raise ValueError(f"prefix_target must be one of {PREFIX_TARGETS} ('teacher' needs online supervision)")
     n_sup, use_prefix = layout.sup_pos.numel(), prefix_loss_weight > 0
     rows, cols = layout.sup_batch, layout.sup_pos
     if use_prefix:
@@ -158,14 +168,18 @@ def mtp_loss(
     past_eos = layout.sup_past_eos
     eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
 
+    prefix_targets = layout.ntp_target
     if supervision == "ground-truth":
         targets, per_position = layout.sup_target, -student_lp.gather(1, layout.sup_target[:, None])[:, 0]
     else:
         teacher_ids = fill_rollout(layout, rollout)
         with torch.no_grad():
-            t_logits = teacher(teacher_ids, layout.position_ids, layout.teacher_attention_mask,
-                               layout.sup_batch, layout.sup_pos)
+            # Ground-truth positions see no filled slot, so one teacher pass also scores them.
+            t_rows, t_cols = (rows, cols) if use_prefix and prefix_target == "teacher" else (layout.sup_batch, layout.sup_pos)
+            t_logits = teacher(teacher_ids, layout.position_ids, layout.teacher_attention_mask, t_rows, t_cols)
             t_logits = _without_mtp(t_logits, mtp_token_id)
+            if t_logits.shape[0] > n_sup:
+                t_logits, prefix_targets = t_logits[:n_sup], t_logits[n_sup:].argmax(dim=-1)
             targets = torch.where(past_eos, eos, t_logits.argmax(dim=-1))
         if teacher_mode == "hard":
             per_position = -student_lp.gather(1, targets[:, None])[:, 0]
@@ -178,17 +192,18 @@ def mtp_loss(
 
     loss_sum = per_position.sum()
     loss = loss_sum / (normalizer if normalizer is not None else max(n_sup, 1))
-    prefix_sum = torch.zeros((), dtype=loss.dtype)
+    prefix_sum, prefix_agree = torch.zeros((), dtype=loss.dtype), 0
     if use_prefix:
-        prefix_sum = -prefix_lp.gather(1, layout.ntp_target[:, None])[:, 0].sum()
+        prefix_sum = -prefix_lp.gather(1, prefix_targets[:, None])[:, 0].sum()
+        prefix_agree = int((prefix_lp.detach().argmax(dim=-1) == prefix_targets).sum())
         denom = prefix_normalizer if prefix_normalizer is not None else max(layout.ntp_pos.numel(), 1)
         loss = loss + prefix_loss_weight * prefix_sum / denom
 
-    stats = _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum if use_prefix else None, k_max)
+    stats = _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum if use_prefix else None, prefix_agree, k_max)
     return loss, stats
 
 
-def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, k_max) -> StepStats:
+def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, prefix_agree, k_max) -> StepStats:
     k_max = k_max or (int(layout.sup_j.max()) if layout.sup_j.numel() else 1)
     j0 = (layout.sup_j - 1).cpu()
     agree = (rollout == targets).cpu().long()
@@ -200,6 +215,7 @@ def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, k_max) -> Ste
         count=int(layout.sup_pos.numel()),
         prefix_loss_sum=float(prefix_sum.detach()) if prefix_sum is not None else 0.0,
         prefix_count=int(layout.ntp_pos.numel()) if prefix_sum is not None else 0,
+        prefix_agree=prefix_agree,
         confidence_sum=float(top_lp[mtp].exp().sum()),
         confidence_count=int(mtp.sum()),
         agree_hits=hits,

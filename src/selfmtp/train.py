@@ -29,7 +29,7 @@ from selfmtp.data import TokenRows, read_examples, tokenize_examples
 from selfmtp.errors import SelfMTPError
 from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
 from selfmtp.models import load_model, mtp_token_id
-from selfmtp.objective import SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
+from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
 from selfmtp.train_setup import build_student_and_teacher, export_final
 from selfmtp.train_state import list_checkpoints, load_training_state, save_training_state
 
@@ -52,6 +52,7 @@ class TrainConfig:
     teacher_mode: str = "hard"
     supervision: str = "online"
     prefix_loss: float = 0.0
+    prefix_target: str = "ground-truth"  # or "teacher": the prefix loss keeps next-token predictions at the teacher's
     lr: float = 1e-5
     warmup: int = 2000
     weight_decay: float = 0.01  # PyTorch AdamW default
@@ -101,6 +102,9 @@ def validate(config: TrainConfig) -> None:
     checks = [
         (config.teacher_mode in TEACHER_MODES, f"--teacher must be one of {TEACHER_MODES}"),
         (config.supervision in SUPERVISION, f"--supervision must be one of {SUPERVISION}"),
+        (config.prefix_target in PREFIX_TARGETS, f"--prefix-target must be one of {PREFIX_TARGETS}"),
+        (config.prefix_target != "teacher" or config.supervision == "online", "--prefix-target teacher needs "
+         "--supervision online"),
         (config.block_attention in BLOCK_ATTENTION, f"--block-attention must be one of {BLOCK_ATTENTION}"),
         (config.k_sampling in K_SAMPLING, f"--k-sampling must be one of {K_SAMPLING}"),
         (config.k_max >= 1, "--k-max must be >= 1"),
@@ -206,7 +210,7 @@ def _loss(run: _Run, student, layout, normalizer=None, prefix_normalizer=None):
     with autocast:
         return mtp_loss(
             student, run.teacher, layout, teacher_mode=cfg.teacher_mode, supervision=cfg.supervision,
-            prefix_loss_weight=cfg.prefix_loss, mtp_token_id=mtp_token_id(run.student),
+            prefix_loss_weight=cfg.prefix_loss, prefix_target=cfg.prefix_target, mtp_token_id=mtp_token_id(run.student),
             eos_token_id=run.tokenizer.eos_token_id, k_max=cfg.k_max,
             normalizer=normalizer, prefix_normalizer=prefix_normalizer,
         )
