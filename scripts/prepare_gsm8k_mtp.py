@@ -8,6 +8,8 @@ train; both are copied verbatim (selfmtp.data strips the <<a*b=c>> calculator an
 reads them). With `--self-answers N`, the original model answers the first N train questions
 greedily (chat template, our NTP decode loop) and `self-train.jsonl` gets {"question", "answer"}
 records holding those answers: training prefixes like the ones the model meets at inference.
+An answer cut by --max-new-tokens gets an EOS appended when selfmtp.data reads it; with the default
+160 and the recipe's 192-token rows that EOS never fits in a row (every chat prompt is > 32 tokens).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def main() -> None:
     parser.add_argument("--dev", type=int, default=300, help="dev problems: the last N lines (default 300)")
     parser.add_argument("--self-answers", type=int, default=0, metavar="N", help="greedy answers to N train questions")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
