@@ -22,9 +22,10 @@ from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask
 
 TEACHER_MODES = ("hard", "soft")
 SUPERVISION = ("online", "ground-truth")
-# What the prefix loss on ground-truth positions aims at: the next ground-truth token (plain NTP
-# fine-tuning, the paper's ablation) or the teacher's argmax there (keeps the student's own next-token
-# predictions, and so ConfAdapt's always-accepted first token, where the original model had them).
+# What the prefix loss on ground-truth positions aims at: the next ground-truth token (cross-entropy,
+# plain NTP fine-tuning, the paper's ablation) or the teacher's next-token distribution there
+# (KL(P_T || P_S): zero at step 0, it holds the student's own next-token predictions, and so ConfAdapt's
+# always-accepted first token, where the original model had them).
 PREFIX_TARGETS = ("ground-truth", "teacher")
 
 
@@ -168,7 +169,7 @@ def mtp_loss(
     past_eos = layout.sup_past_eos
     eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
 
-    prefix_targets = layout.ntp_target
+    prefix_targets, prefix_teacher_lp = layout.ntp_target, None
     if supervision == "ground-truth":
         targets, per_position = layout.sup_target, -student_lp.gather(1, layout.sup_target[:, None])[:, 0]
     else:
@@ -179,7 +180,8 @@ def mtp_loss(
             t_logits = teacher(teacher_ids, layout.position_ids, layout.teacher_attention_mask, t_rows, t_cols)
             t_logits = _without_mtp(t_logits, mtp_token_id)
             if t_logits.shape[0] > n_sup:
-                t_logits, prefix_targets = t_logits[:n_sup], t_logits[n_sup:].argmax(dim=-1)
+                prefix_teacher_lp = torch.log_softmax(t_logits[n_sup:], dim=-1)
+                t_logits, prefix_targets = t_logits[:n_sup], prefix_teacher_lp.argmax(dim=-1)
             targets = torch.where(past_eos, eos, t_logits.argmax(dim=-1))
         if teacher_mode == "hard":
             per_position = -student_lp.gather(1, targets[:, None])[:, 0]
@@ -194,7 +196,11 @@ def mtp_loss(
     loss = loss_sum / (normalizer if normalizer is not None else max(n_sup, 1))
     prefix_sum, prefix_agree = torch.zeros((), dtype=loss.dtype), 0
     if use_prefix:
-        prefix_sum = -prefix_lp.gather(1, prefix_targets[:, None])[:, 0].sum()
+        if prefix_teacher_lp is None:
+            prefix_sum = -prefix_lp.gather(1, prefix_targets[:, None])[:, 0].sum()
+        else:  # KL(P_T || P_S); <mtp> is -inf in both (0 * -inf terms masked out)
+            t_probs = prefix_teacher_lp.exp()
+            prefix_sum = (t_probs * (prefix_teacher_lp - prefix_lp).masked_fill(t_probs == 0, 0)).sum()
         prefix_agree = int((prefix_lp.detach().argmax(dim=-1) == prefix_targets).sum())
         denom = prefix_normalizer if prefix_normalizer is not None else max(layout.ntp_pos.numel(), 1)
         loss = loss + prefix_loss_weight * prefix_sum / denom
