@@ -3,7 +3,8 @@
     PYTHONPATH=src python scripts/plot_training_curve.py runs/smollm2-135m-gsm8k-lora
 
 Three panels against the optimizer step: the online loss (train, smoothed, and held-out), the
-held-out rollout/teacher agreement for each position j of a region, and the ConfAdapt acceleration
+held-out rollout/teacher agreement for each position j of a region (and, with a teacher prefix
+loss, the student's next-token agreement with the teacher at ground-truth positions), and the ConfAdapt acceleration
 (tokens per pass) on the fixed dev prompts with the share of the teacher's greedy text reproduced.
 """
 
@@ -50,6 +51,9 @@ def plot(rows: list[dict], out: Path, title: str) -> Path:
         points = [(r["step"], r["eval_agreement_by_j"][j]) for r in evals if r["eval_agreement_by_j"][j] is not None]
         if points:
             ax_agree.plot(*zip(*points, strict=True), "o-", ms=3, color=cmap(j / max(k_max - 1, 1)), label=f"j={j + 1}")
+    prefix = [(r["step"], r["eval_prefix_agreement"]) for r in evals if "eval_prefix_agreement" in r]
+    if prefix:
+        ax_agree.plot(*zip(*prefix, strict=True), "k--", lw=1, label="next token at GT positions")
     ax_agree.set(xlabel="step", ylabel="rollout == teacher", title="held-out agreement by position j", ylim=(0, 1.02))
     ax_agree.legend(ncol=2, fontsize=8)
 

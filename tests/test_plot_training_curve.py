@@ -17,7 +17,7 @@ def rows(with_decode: bool) -> list[dict]:
     for step in range(0, 7):
         row = {"step": step} if step == 0 else {"step": step, "loss": 3.0 / step, "agreement_by_j": [1.0, 0.5, 0.2]}
         if step % 3 == 0:
-            row.update(eval_loss=2.0 - 0.1 * step, eval_agreement_by_j=[1.0, 0.1 * step, None])
+            row.update(eval_loss=2.0 - 0.1 * step, eval_agreement_by_j=[1.0, 0.1 * step, None], eval_prefix_agreement=0.9)
             if with_decode:
                 row.update(decode_strategy="confadapt:0.9:3", decode_acceleration=1 + 0.1 * step,
                            decode_acceleration_std=0.1, decode_prefix_match=1 - 0.05 * step)
