@@ -62,7 +62,8 @@ def plot(rows: list[dict], out: Path, title: str) -> Path:
         ax_accel.errorbar(d_steps, [r["decode_acceleration"] for r in decodes],
                           yerr=[r.get("decode_acceleration_std", 0.0) for r in decodes], fmt="o-", color="C2",
                           capsize=3, label=decodes[-1]["decode_strategy"])
-        ax_accel.set(ylabel="tokens per forward pass")
+        top = max(r["decode_acceleration"] + r.get("decode_acceleration_std", 0.0) for r in decodes)
+        ax_accel.set(ylabel="tokens per forward pass", ylim=(0.9, max(2.0, 1.1 * top)))
         ax_match = ax_accel.twinx()
         ax_match.plot(d_steps, [r["decode_prefix_match"] for r in decodes], "s--", color="C1",
                       label="share of teacher's greedy text kept")
