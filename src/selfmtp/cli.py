@@ -246,73 +246,93 @@ def _add_train(subparsers) -> None:
         "train",
         help="turn a causal LM into a multi-token predictor by online self-distillation",
         description="Online self-distillation training (METHOD.md): blocked <mtp> layout, student rollout, "
-        "teacher scoring of the rollout, cross-entropy to the teacher's choices. Works with torchrun (DDP).",
+        "teacher scoring of the rollout, cross-entropy to the teacher's choices. Works with torchrun (DDP). "
+        "--config FILE gives TrainConfig fields as a JSON object; flags on the command line override it.",
     )
     _add_common_model_args(parser)
     add = parser.add_argument
-    add("--data", required=True, help="jsonl: question/answer, query/response, prompt/response or messages")
-    add("--output", default="runs/train", help="output directory (default: runs/train)")
-    add("--teacher-model", dest="teacher_model", default=None,
+    add("--config", metavar="FILE", help="JSON object of TrainConfig fields, e.g. recipes/*.json")
+    add("--data", help="jsonl: question/answer, query/response, prompt/response or messages (required here or in --config)")
+    add("--output", help="output directory (default: runs/train)")
+    add("--teacher-model", dest="teacher_model",
         help="teacher model spec (default: a frozen copy of --model; with LoRA the adapter-disabled student)")
-    add("--teacher", default="hard", choices=["hard", "soft"], help="hard: teacher argmax targets; soft: KL to its distribution")
-    add("--supervision", default="online", choices=["online", "ground-truth"])
-    add("--block-attention", default="causal", choices=["causal", "bidirectional"])
-    add("--k-sampling", default="random", choices=["random", "static"])
-    add("--static-k", type=int, default=None, help="k for --k-sampling static")
-    add("--k-max", type=int, default=16)
-    add("--regions", type=int, default=None, help="MTP regions per sequence (default: seq_len // (2 k_max))")
-    add("--prefix-loss", type=float, default=0.0, metavar="WEIGHT", help="extra next-token loss weight (default 0)")
-    add("--prefix-target", default="ground-truth", choices=["ground-truth", "teacher"],
-        help="the prefix loss's target: the data's next token, or the teacher's choice (keeps k=1 decoding close to it)")
-    add("--template", default="chat", choices=["chat", "plain"])
-    add("--seq-len", type=int, default=160)
-    add("--lr", type=float, default=1e-5)
-    add("--warmup", type=int, default=2000, help="linear warm-up steps (default: 2000)")
-    add("--lr-schedule", default="constant", choices=["constant", "cosine"],
-        help="after warm-up: constant (the paper's) or cosine decay to 0 at --steps")
-    add("--weight-decay", type=float, default=0.01)
-    add("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
-    add("--steps", type=int, default=100)
-    add("--batch-size", type=int, default=8, help="sequences per process and micro-batch")
-    add("--grad-accum", type=int, default=1)
-    add("--eval-every", type=int, default=50, help="held-out loss/agreement every N steps (0: off)")
-    add("--eval-size", type=int, default=64)
-    add("--eval-data", default=None, help="held-out jsonl (default: carve --eval-size examples from --data)")
-    add("--save-every", type=int, default=100, help="checkpoint every N steps (0: off)")
+    add("--teacher", choices=["hard", "soft"], help="hard (default): teacher argmax targets; soft: KL to its distribution")
+    add("--supervision", choices=["online", "ground-truth"], help="default: online")
+    add("--block-attention", choices=["causal", "bidirectional"], help="default: causal")
+    add("--k-sampling", choices=["random", "static"], help="default: random")
+    add("--static-k", type=int, help="k for --k-sampling static")
+    add("--k-max", type=int, help="default: 16")
+    add("--regions", type=int, help="MTP regions per sequence (default: seq_len // (2 k_max))")
+    add("--prefix-loss", type=float, metavar="WEIGHT", help="extra next-token loss weight (default 0)")
+    add("--prefix-target", choices=["ground-truth", "teacher"],
+        help="target of the prefix loss: the next ground-truth token (default) or the teacher's argmax")
+    add("--template", choices=["chat", "plain"], help="default: chat")
+    add("--seq-len", type=int, help="default: 160")
+    add("--lr", type=float, help="default: 1e-5")
+    add("--warmup", type=int, help="linear warm-up steps (default: 2000)")
+    add("--lr-schedule", choices=["constant", "cosine"],
+        help="after warm-up: constant (the paper's, default) or cosine decay to 0 at --steps")
+    add("--weight-decay", type=float, help="default: 0.01")
+    add("--clip", type=float, help="gradient norm clipping, 0: off (default: 1.0)")
+    add("--steps", type=int, help="default: 100")
+    add("--batch-size", type=int, help="sequences per process and micro-batch (default: 8)")
+    add("--grad-accum", type=int, help="default: 1")
+    add("--eval-every", type=int, help="held-out loss/agreement every N steps, 0: off (default: 50)")
+    add("--eval-size", type=int, help="default: 64")
+    add("--eval-data", help="held-out jsonl (default: carve --eval-size examples from --data)")
+    add("--eval-decode-prompts", type=int, metavar="N",
+        help="at every evaluation also decode N held-out prompts with ConfAdapt (default: 0, off)")
+    add("--eval-decode-tokens", type=int, help="new tokens per decode-eval prompt (default: 64)")
+    add("--eval-decode-tau", type=float, help="ConfAdapt threshold of the decode eval (default: 0.9)")
+    add("--save-every", type=int, help="checkpoint every N steps, 0: off (default: 100)")
+    add("--keep-checkpoints", type=int, help="newest checkpoints kept (default: 2)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
-    add("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    add("--lora-alpha", type=float, default=None)
-    add("--lora-export", default="merged", choices=["merged", "adapter"])
-    add("--attn", dest="attn_implementation", default="sdpa", choices=["sdpa", "eager"])
+    add("--lora-rank", type=int, help="LoRA rank, 0: full fine-tuning (default: 0)")
+    add("--lora-alpha", type=float, help="default: 2 x rank")
+    add("--lora-export", choices=["merged", "adapter"], help="default: merged")
+    add("--attn", dest="attn_implementation", choices=["sdpa", "eager"], help="default: sdpa")
     add("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines (counted) instead of failing")
     add("--keep-calculator", action="store_true", help="keep GSM8K <<a*b=c>> annotations")
-    add("--max-examples", type=int, default=None)
+    add("--max-examples", type=int)
     add("--no-progress", action="store_true")
     add("--json", action="store_true", help="print the summary as JSON")
+    for action in parser._actions:  # absent unless given: TrainConfig and --config supply the defaults
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
     parser.set_defaults(run=_run_train)
 
 
-def _run_train(args) -> int:
-    from selfmtp.train import TrainConfig, train
+# Flags whose TrainConfig field has another name; the last two also have the opposite sense.
+_TRAIN_FIELDS = {"teacher_model": "teacher", "teacher": "teacher_mode", "keep_calculator": "strip_calculator",
+                 "no_progress": "progress"}
+_TRAIN_NEGATED = ("keep_calculator", "no_progress")
+_TRAIN_CLI_ONLY = ("run", "command", "config", "json", "dtype")
 
-    if args.dtype != "float32":
+
+def _train_config(args):
+    """TrainConfig: its defaults (but --model's is the CLI's), then --config FILE, then the flags given."""
+    from selfmtp.models import DEFAULT_MODEL
+    from selfmtp.train import TrainConfig, load_config_file
+
+    values = {"model": DEFAULT_MODEL, **(load_config_file(args.config) if "config" in args else {})}
+    for dest, value in vars(args).items():
+        if dest not in _TRAIN_CLI_ONLY:
+            values[_TRAIN_FIELDS.get(dest, dest)] = (not value) if dest in _TRAIN_NEGATED else value
+    if not values.get("data"):
+        raise SelfMTPError("--data is required (on the command line or in the --config file)")
+    return TrainConfig(**values)
+
+
+def _run_train(args) -> int:
+    from selfmtp.train import train
+
+    if getattr(args, "dtype", "float32") != "float32":
         raise SelfMTPError("train keeps float32 weights (bf16 autocast is used on CUDA): drop --dtype")
-    config = TrainConfig(
-        data=args.data, output=args.output, model=args.model, teacher=args.teacher_model, template=args.template,
-        seq_len=args.seq_len, k_max=args.k_max, regions=args.regions, k_sampling=args.k_sampling,
-        static_k=args.static_k, block_attention=args.block_attention, teacher_mode=args.teacher,
-        supervision=args.supervision, prefix_loss=args.prefix_loss, prefix_target=args.prefix_target, lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule,
-        weight_decay=args.weight_decay, clip=args.clip, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, eval_every=args.eval_every, eval_size=args.eval_size, eval_data=args.eval_data,
-        save_every=args.save_every, resume=args.resume, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_export=args.lora_export, seed=args.seed, device=args.device,
-        attn_implementation=args.attn_implementation, skip_bad_lines=args.skip_bad_lines,
-        strip_calculator=not args.keep_calculator, max_examples=args.max_examples, progress=not args.no_progress,
-    )
+    config = _train_config(args)
     summary = train(config)
     if summary["rank"] != 0:  # under torchrun only the first process reports
         return 0
-    if args.json:
+    if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))
     else:
         last = summary["last"] or {}

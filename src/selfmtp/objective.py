@@ -22,6 +22,10 @@ from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask
 
 TEACHER_MODES = ("hard", "soft")
 SUPERVISION = ("online", "ground-truth")
+# What the prefix loss on ground-truth positions aims at: the next ground-truth token (cross-entropy,
+# plain NTP fine-tuning, the paper's ablation) or the teacher's next-token distribution there
+# (KL(P_T || P_S): zero at step 0, it holds the student's own next-token predictions, and so ConfAdapt's
+# always-accepted first token, where the original model had them).
 PREFIX_TARGETS = ("ground-truth", "teacher")
 
 
@@ -78,6 +82,7 @@ class StepStats:
     count: int
     prefix_loss_sum: float
     prefix_count: int
+    prefix_agree: int  # student argmax == prefix target at ground-truth positions
     confidence_sum: float  # student top-1 probability at MTP positions (j >= 2)
     confidence_count: int
     agree_hits: torch.Tensor  # (k_max,) rollout == target, by j
@@ -85,15 +90,16 @@ class StepStats:
     tokens: int
 
     def as_tensor(self) -> torch.Tensor:
-        head = torch.tensor([self.loss_sum, self.count, self.prefix_loss_sum, self.prefix_count,
+        head = torch.tensor([self.loss_sum, self.count, self.prefix_loss_sum, self.prefix_count, self.prefix_agree,
                              self.confidence_sum, self.confidence_count, self.tokens], dtype=torch.float64)
         return torch.cat([head, self.agree_hits.double(), self.agree_count.double()])
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> StepStats:
-        k = (t.numel() - 7) // 2
+        k = (t.numel() - 8) // 2
         v = t.tolist()
-        return cls(v[0], int(v[1]), v[2], int(v[3]), v[4], int(v[5]), t[7:7 + k].long(), t[7 + k:].long(), int(v[6]))
+        return cls(v[0], int(v[1]), v[2], int(v[3]), int(v[4]), v[5], int(v[6]), t[8:8 + k].long(), t[8 + k:].long(),
+                   int(v[7]))
 
     def __add__(self, other: StepStats) -> StepStats:
         return StepStats.from_tensor(self.as_tensor() + other.as_tensor())
@@ -110,6 +116,7 @@ class StepStats:
         }
         if self.prefix_count:
             out["prefix_loss"] = self.prefix_loss_sum / self.prefix_count
+            out["prefix_agreement"] = self.prefix_agree / self.prefix_count
         return out
 
 
@@ -144,8 +151,8 @@ def mtp_loss(
     The loss is sum / `normalizer` (default: this batch's supervised count), so a trainer can
     normalise by the count of a whole accumulated or distributed batch. The optional prefix loss
     adds next-token terms at ground-truth positions, towards the ground truth (the paper's
-    ablation) or towards the teacher's own next-token choice there (`prefix_target="teacher"`:
-    it anchors plain k=1 decoding to the original model, whatever text the data holds).
+    ablation) or towards the teacher's own next-token distribution there (`prefix_target="teacher"`,
+    KL: it anchors plain k=1 decoding to the original model, whatever text the data holds).
     """
     _check_modes(teacher_mode, supervision, prefix_target)
     n_sup, use_prefix = layout.sup_pos.numel(), prefix_loss_weight > 0
@@ -181,16 +188,19 @@ def mtp_loss(
 
     loss_sum = per_position.sum()
     loss = loss_sum / (normalizer if normalizer is not None else max(n_sup, 1))
-    prefix_sum = torch.zeros((), dtype=loss.dtype)
+    prefix_sum, prefix_agree = torch.zeros((), dtype=loss.dtype), 0
     if use_prefix:
-        if teacher_prefix:
-            prefix_sum = distillation_loss(prefix_lp, t_prefix, teacher_mode).sum()
+        if teacher_prefix:  # KL(P_T || P_S) whatever teacher_mode: 0 at step 0, no push to sharpen
+            prefix_sum = distillation_loss(prefix_lp, t_prefix, "soft").sum()
+            prefix_targets = t_prefix.argmax(dim=-1)
         else:
-            prefix_sum = -prefix_lp.gather(1, layout.ntp_target[:, None])[:, 0].sum()
+            prefix_targets = layout.ntp_target
+            prefix_sum = -prefix_lp.gather(1, prefix_targets[:, None])[:, 0].sum()
+        prefix_agree = int((prefix_lp.detach().argmax(dim=-1) == prefix_targets).sum())
         denom = prefix_normalizer if prefix_normalizer is not None else max(layout.ntp_pos.numel(), 1)
         loss = loss + prefix_loss_weight * prefix_sum / denom
 
-    stats = _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum if use_prefix else None, k_max)
+    stats = _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum if use_prefix else None, prefix_agree, k_max)
     return loss, stats
 
 
@@ -216,7 +226,7 @@ def _check_modes(teacher_mode: str, supervision: str, prefix_target: str) -> Non
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, k_max) -> StepStats:
+def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, prefix_agree, k_max) -> StepStats:
     k_max = k_max or (int(layout.sup_j.max()) if layout.sup_j.numel() else 1)
     j0 = (layout.sup_j - 1).cpu()
     agree = (rollout == targets).cpu().long()
@@ -228,6 +238,7 @@ def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, k_max) -> Ste
         count=int(layout.sup_pos.numel()),
         prefix_loss_sum=float(prefix_sum.detach()) if prefix_sum is not None else 0.0,
         prefix_count=int(layout.ntp_pos.numel()) if prefix_sum is not None else 0,
+        prefix_agree=prefix_agree,
         confidence_sum=float(top_lp[mtp].exp().sum()),
         confidence_count=int(mtp.sum()),
         agree_hits=hits,

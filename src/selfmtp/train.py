@@ -79,6 +79,26 @@ class TrainConfig:
     strip_calculator: bool = True
     max_examples: int | None = None
     progress: bool = True
+    eval_decode_prompts: int = 0  # >0: at every evaluation also decode this many held-out prompts (decode_eval.py)
+    eval_decode_tokens: int = 64
+    eval_decode_tau: float = 0.9
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A JSON object of TrainConfig fields (a recipe); unknown keys are a user error."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SelfMTPError(f"config file not found: {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise SelfMTPError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise SelfMTPError(f"{path}: expected a JSON object of training settings")
+    unknown = sorted(set(values) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise SelfMTPError(f"{path}: unknown training settings: {', '.join(unknown)}")
+    return values
 
 
 def validate(config: TrainConfig) -> None:
@@ -100,6 +120,9 @@ def validate(config: TrainConfig) -> None:
         (config.lora_rank >= 0, "--lora-rank must be >= 0"),
         (config.lora_export in ("merged", "adapter"), "--lora-export must be merged or adapter"),
         (config.eval_every >= 0 and config.save_every >= 0, "--eval-every and --save-every must be >= 0"),
+        (config.eval_decode_prompts >= 0 and config.eval_decode_tokens >= 1, "--eval-decode-prompts must be >= 0, "
+         "--eval-decode-tokens >= 1"),
+        (0 < config.eval_decode_tau <= 1, "--eval-decode-tau must be in (0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -121,6 +144,8 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     _perms: dict
+    teacher_model: torch.nn.Module | None = None  # the separate teacher module, if any
+    decode_eval: object = None  # DecodeEval (decode_eval.py) when eval_decode_prompts > 0
 
 
 def _init_distributed(device: str) -> tuple[int, int, torch.device, bool]:
@@ -243,8 +268,28 @@ def evaluate(run: _Run) -> dict:
         index = slice(lo, lo + cfg.batch_size)
         _, stats = _loss(run, student, _layout(run, rows.take(index), plan.rows(index)))
         total = stats if total is None else total + stats
+    row = {f"eval_{key}": value for key, value in total.summary().items()}
+    if run.decode_eval is not None:
+        from selfmtp.decode_eval import decode_metrics
+
+        row.update(decode_metrics(run.student, run.decode_eval))
     run.student.train()
-    return {f"eval_{key}": value for key, value in total.summary().items()}
+    return row
+
+
+def _build_decode_eval(run: _Run) -> None:
+    """Fix the decode-eval prompts and their reference continuations: the named teacher's greedy text,
+    else the student's own (call this before any training or resume: it is then the original model)."""
+    from selfmtp.decode_eval import build_decode_eval
+
+    cfg, tok = run.config, run.tokenizer
+    run.student.eval()
+    run.decode_eval = build_decode_eval(
+        run.eval_rows, cfg.eval_decode_prompts, run.teacher_model if cfg.teacher else run.student,
+        tau=cfg.eval_decode_tau, k_max=cfg.k_max, max_new_tokens=cfg.eval_decode_tokens,
+        stop_token_ids={tok.eos_token_id}, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    run.student.train()
 
 
 def lr_multiplier(config: TrainConfig):
@@ -311,7 +356,9 @@ def train(config: TrainConfig) -> dict:
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
     run = _Run(config, rank, world, device, student, student_logits, teacher, tokenizer, train_rows, eval_rows,
-               optimizer, scheduler, {})
+               optimizer, scheduler, {}, teacher_model)
+    if rank == 0 and eval_rows is not None and config.eval_every and config.eval_decode_prompts:
+        _build_decode_eval(run)
     start = load_training_state(resume_from, student, optimizer, scheduler) if resume_from else 0
     metrics_path = out / "metrics.jsonl"
     if rank == 0 and resume_from:
@@ -340,6 +387,8 @@ def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
     cfg, history = run.config, []
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress or run.rank != 0)
     with bar, open(metrics_path, "a") if run.rank == 0 else contextlib.nullcontext() as metrics_file:
+        if start == 0 and run.decode_eval is not None:  # the untrained baseline of the decode curve
+            metrics_file.write(json.dumps({"step": 0, **evaluate(run)}) + "\n")
         for step in range(start, cfg.steps):
             tick, lr = time.perf_counter(), run.scheduler.get_last_lr()[0]
             stats = train_step(run, step)
