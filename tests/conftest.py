@@ -11,6 +11,19 @@ import torch
 # Repository layout: ../shared/data holds GSM8K and BBH (read-only) beside the checkout.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
+
+
+def gsm8k_style_lines(n: int) -> str:
+    """The first n GSM8K train records when ../shared/data is there, else n tiny-gsm problems: the
+    same {"question", "answer" ending in "#### N"} records, so training tests run from any checkout."""
+    if GSM8K_TRAIN.exists():
+        return "".join(GSM8K_TRAIN.read_text().splitlines(keepends=True)[:n])
+    import json
+
+    from selfmtp.tasks.tiny_gsm import generate_problems
+
+    return "".join(json.dumps(p) + "\n" for p in generate_problems(n, seed=0, split="train"))
 
 
 @pytest.fixture(autouse=True)

@@ -77,6 +77,7 @@ def read_examples_from(records):
     return [parse_example(r) for r in records]
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "train.jsonl").exists(), reason="../shared/data not present")
 def test_tokenize_gsm8k_rows(tiny):
     _, tokenizer = tiny
     examples, _ = read_examples(SHARED_DATA / "gsm8k" / "train.jsonl", limit=30)

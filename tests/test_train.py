@@ -12,16 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import gsm8k_style_lines
 from selfmtp.cli import main
 from selfmtp.train import TrainConfig, train
-
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "gsm8k-48.jsonl"
-    path.write_text("".join(GSM8K.read_text().splitlines(keepends=True)[:48]))
+    path.write_text(gsm8k_style_lines(48))
     return str(path)
 
 

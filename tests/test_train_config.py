@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from conftest import gsm8k_style_lines
 from selfmtp.cli import _train_config, build_parser, main
 from selfmtp.decode_eval import prefix_match
 from selfmtp.train import TrainConfig, train
 
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "gsm8k-32.jsonl"
-    path.write_text("".join(GSM8K.read_text().splitlines(keepends=True)[:32]))
+    path.write_text(gsm8k_style_lines(32))
     return str(path)
 
 
