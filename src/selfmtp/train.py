@@ -123,6 +123,9 @@ def validate(config: TrainConfig) -> None:
         (config.eval_decode_prompts >= 0 and config.eval_decode_tokens >= 1, "--eval-decode-prompts must be >= 0, "
          "--eval-decode-tokens >= 1"),
         (0 < config.eval_decode_tau <= 1, "--eval-decode-tau must be in (0, 1]"),
+        # Checked here, before minutes of model loading, not only where the data is read.
+        (Path(config.data).is_file(), f"data file not found: {config.data}"),
+        (config.eval_data is None or Path(config.eval_data).is_file(), f"eval data file not found: {config.eval_data}"),
     ]
     for ok, message in checks:
         if not ok:
