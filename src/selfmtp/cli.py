@@ -51,6 +51,8 @@ def _add_demo(subparsers) -> None:
     add("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     add("--lr", type=float, default=d.lr, help=f"learning rate (default: {d.lr:g})")
     add("--prefix-loss", type=float, default=d.prefix_loss, help=f"next-token loss weight (default: {d.prefix_loss:g})")
+    add("--supervision", choices=["online", "ground-truth"], default=d.supervision,
+        help=f"mask targets: the teacher on the student's rollout, or the ground-truth tokens (default: {d.supervision})")
     add("--k-max", type=int, default=d.k_max, help=f"largest k in training and ConfAdapt (default: {d.k_max})")
     add("--train-problems", type=int, default=d.train_problems, help=f"(default: {d.train_problems})")
     add("--eval-problems", type=int, default=d.eval_problems, help=f"tiny-gsm test problems (default: {d.eval_problems})")
@@ -69,7 +71,7 @@ def _run_demo(args) -> int:
 
     config = DemoConfig(
         output=args.output, teacher=args.teacher, steps=args.steps, lr=args.lr, prefix_loss=args.prefix_loss,
-        k_max=args.k_max, train_problems=args.train_problems, eval_problems=args.eval_problems,
+        supervision=args.supervision, k_max=args.k_max, train_problems=args.train_problems, eval_problems=args.eval_problems,
         strategies=args.strategies.split(","), max_new_tokens=args.max_new_tokens, threads=args.threads, seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     log = (lambda *_: None) if args.json else print

@@ -42,6 +42,7 @@ class DemoConfig:
     batch_size: int = 16
     k_max: int = 8
     prefix_loss: float = 1.0
+    supervision: str = "online"
     strategies: list[str] = field(default_factory=lambda: DEFAULT_STRATEGIES.split(","))
     max_new_tokens: int = 120
     seed: int = 0
@@ -67,7 +68,7 @@ def train_config(config: DemoConfig, data: Path, output: Path, **overrides):
 
     recipe = TrainConfig(
         data=str(data), output=str(output), model=config.teacher, template="plain", seq_len=160,
-        k_max=config.k_max, prefix_loss=config.prefix_loss, lr=config.lr, lr_schedule=config.lr_schedule,
+        k_max=config.k_max, prefix_loss=config.prefix_loss, supervision=config.supervision, lr=config.lr, lr_schedule=config.lr_schedule,
         warmup=config.warmup,
         steps=config.steps, batch_size=config.batch_size, eval_every=0, save_every=100,
         seed=config.seed, progress=config.progress,
@@ -97,7 +98,8 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     seconds["data"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    log(f"[train] self-distilling {config.teacher}: {config.steps} steps, lr {config.lr:g}, k_max {config.k_max}")
+    log(f"[train] MTP training of {config.teacher} ({config.supervision} supervision): {config.steps} steps, "
+        f"lr {config.lr:g}, k_max {config.k_max}, prefix loss {config.prefix_loss:g}")
     final = train_or_reuse(train_config(config, data, out / "train"), log)
     seconds["train"] = time.perf_counter() - start
 
