@@ -168,3 +168,28 @@ def test_eager_and_sdpa_give_the_same_loss(tiny):
     a, _ = loss_of(perturbed(model), model, layout, tokenizer)
     b, _ = loss_of(perturbed(eager), eager, layout, tokenizer)
     assert abs(a.item() - b.item()) < 1e-4
+
+
+def test_offline_targets_are_teacher_argmax_on_the_ground_truth_prefix(tiny):
+    """Reference: one plain causal teacher forward over the GT sequence; mask j of region r is
+    trained towards the teacher's argmax after x_{1:i_r+j-1} (EOS past the GT end)."""
+    model, tokenizer = tiny
+    ids, layout = make_layout(tokenizer, seed=7)
+    student, teacher = perturbed(model), perturbed(model, scale=0.02, seed=3)
+    mtp, eos = tokenizer.convert_tokens_to_ids("<mtp>"), tokenizer.eos_token_id
+    loss, stats = loss_of(student, teacher, layout, tokenizer, supervision="offline")
+    with torch.no_grad():
+        t_plain = teacher(input_ids=ids).logits
+        t_plain[..., mtp] = float("-inf")
+        gt_index = layout.position_ids[layout.sup_batch, layout.sup_pos]
+        targets = t_plain[layout.sup_batch, gt_index.clamp(max=ids.shape[1] - 1)].argmax(-1)
+        targets = torch.where(layout.sup_past_eos, torch.tensor(eos), targets)
+        s_logits = SelectedLogits(student)(layout.input_ids, layout.position_ids, layout.attention_mask,
+                                           layout.sup_batch, layout.sup_pos)
+        s_logits[:, mtp] = float("-inf")
+        expected = torch.nn.functional.cross_entropy(s_logits, targets)
+    assert abs(loss.item() - float(expected)) < 1e-5
+    # ...which differs from both the online targets and the ground truth for this perturbed pair
+    online, _ = loss_of(student, teacher, layout, tokenizer, supervision="online")
+    gt, _ = loss_of(student, None, layout, tokenizer, supervision="ground-truth")
+    assert abs(online.item() - loss.item()) > 1e-4 and abs(gt.item() - loss.item()) > 1e-4

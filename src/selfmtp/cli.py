@@ -36,6 +36,7 @@ def _add_common_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_demo(subparsers) -> None:
     from selfmtp.demo import DemoConfig
+    from selfmtp.objective import SUPERVISION
 
     d = DemoConfig()
     parser = subparsers.add_parser(
@@ -51,8 +52,9 @@ def _add_demo(subparsers) -> None:
     add("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     add("--lr", type=float, default=d.lr, help=f"learning rate (default: {d.lr:g})")
     add("--prefix-loss", type=float, default=d.prefix_loss, help=f"next-token loss weight (default: {d.prefix_loss:g})")
-    add("--supervision", choices=["online", "ground-truth"], default=d.supervision,
-        help=f"mask targets: the teacher on the student's rollout, or the ground-truth tokens (default: {d.supervision})")
+    add("--supervision", choices=SUPERVISION, default=d.supervision,
+        help="mask targets: the teacher on the student's rollout (online), the teacher on the ground-truth "
+        f"prefix (offline), or the ground-truth tokens (default: {d.supervision})")
     add("--k-max", type=int, default=d.k_max, help=f"largest k in training and ConfAdapt (default: {d.k_max})")
     add("--train-problems", type=int, default=d.train_problems, help=f"(default: {d.train_problems})")
     add("--eval-problems", type=int, default=d.eval_problems, help=f"tiny-gsm test problems (default: {d.eval_problems})")
@@ -251,6 +253,8 @@ def _add_train(subparsers) -> None:
         "teacher scoring of the rollout, cross-entropy to the teacher's choices. Works with torchrun (DDP). "
         "--config FILE gives TrainConfig fields as a JSON object; flags on the command line override it.",
     )
+    from selfmtp.objective import SUPERVISION
+
     _add_common_model_args(parser)
     add = parser.add_argument
     add("--config", metavar="FILE", help="JSON object of TrainConfig fields, e.g. recipes/*.json")
@@ -259,7 +263,9 @@ def _add_train(subparsers) -> None:
     add("--teacher-model", dest="teacher_model",
         help="teacher model spec (default: a frozen copy of --model; with LoRA the adapter-disabled student)")
     add("--teacher", choices=["hard", "soft"], help="hard (default): teacher argmax targets; soft: KL to its distribution")
-    add("--supervision", choices=["online", "ground-truth"], help="default: online")
+    add("--supervision", choices=SUPERVISION,
+        help="mask targets: teacher on the student's rollout (online, default), teacher on the ground-truth prefix "
+        "(offline), or the ground-truth tokens")
     add("--block-attention", choices=["causal", "bidirectional"], help="default: causal")
     add("--k-sampling", choices=["random", "static"], help="default: random")
     add("--static-k", type=int, help="k for --k-sampling static")

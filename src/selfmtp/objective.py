@@ -21,7 +21,10 @@ from torch import nn
 from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask
 
 TEACHER_MODES = ("hard", "soft")
-SUPERVISION = ("online", "ground-truth")
+# online: the teacher on the student's rollout (the paper). offline: the teacher on the ground-truth
+# prefix x_{1:i_r+j-1} (what a distillation dataset of its next-token choices would hold; no rollout).
+# ground-truth: x_{i_r+j} itself (no teacher).
+SUPERVISION = ("online", "offline", "ground-truth")
 # What the prefix loss on ground-truth positions aims at: the next ground-truth token (cross-entropy,
 # plain NTP fine-tuning, the paper's ablation) or the teacher's next-token distribution there
 # (KL(P_T || P_S): zero at step 0, it holds the student's own next-token predictions, and so ConfAdapt's
@@ -157,8 +160,9 @@ def mtp_loss(
     _check_modes(teacher_mode, supervision, prefix_target)
     n_sup, use_prefix = layout.sup_pos.numel(), prefix_loss_weight > 0
     teacher_prefix = use_prefix and prefix_target == "teacher"
-    if (supervision == "online" or teacher_prefix) and teacher is None:
-        raise ValueError("online supervision and a teacher prefix target need a teacher")
+    uses_teacher = supervision != "ground-truth"
+    if (uses_teacher or teacher_prefix) and teacher is None:
+        raise ValueError("online and offline supervision and a teacher prefix target need a teacher")
     rows, cols = layout.sup_batch, layout.sup_pos
     if use_prefix:
         rows, cols = torch.cat([rows, layout.ntp_batch]), torch.cat([cols, layout.ntp_pos])
@@ -171,13 +175,16 @@ def mtp_loss(
     eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
 
     t_sup = t_prefix = None
-    if supervision == "online" or teacher_prefix:
+    if uses_teacher or teacher_prefix:
         # One teacher pass on the student-forced layout. Ground-truth positions never see a mask or a
         # rollout token, so the teacher's logits there are its plain next-token predictions.
-        t_rows, t_cols = (rows, cols) if teacher_prefix else (layout.sup_batch, layout.sup_pos)
+        sup_cols = _ground_truth_cols(layout) if supervision == "offline" else layout.sup_pos
+        t_rows = torch.cat([layout.sup_batch, layout.ntp_batch]) if teacher_prefix else layout.sup_batch
+        t_cols = torch.cat([sup_cols, layout.ntp_pos]) if teacher_prefix else sup_cols
+        teacher_ids = fill_rollout(layout, rollout) if supervision == "online" else layout.input_ids
         with torch.no_grad():
-            t_logits = _without_mtp(teacher(fill_rollout(layout, rollout), layout.position_ids,
-                                            layout.teacher_attention_mask, t_rows, t_cols), mtp_token_id)  # fmt: skip
+            t_logits = _without_mtp(teacher(teacher_ids, layout.position_ids, layout.teacher_attention_mask,
+                                            t_rows, t_cols), mtp_token_id)  # fmt: skip
         t_sup, t_prefix = t_logits[:n_sup], t_logits[n_sup:]
 
     if supervision == "ground-truth":
@@ -202,6 +209,15 @@ def mtp_loss(
 
     stats = _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum if use_prefix else None, prefix_agree, k_max)
     return loss, stats
+
+
+def _ground_truth_cols(layout: MTPLayout) -> torch.Tensor:
+    """Layout index of GT token x_{i_r+j-1} for every supervised position: the teacher's logits
+    there are P_T(. | x_{1:i_r+j-1}), the offline target of mask j. Position ids give the GT index
+    (mask j-1 sits at i_r+j-1). Past the GT end there is no token; those targets are forced to EOS."""
+    gt_index = layout.position_ids[layout.sup_batch, layout.sup_pos].clamp(max=layout.gt_positions.shape[1] - 1)
+    cols = layout.gt_positions[layout.sup_batch, gt_index]
+    return torch.where(cols >= 0, cols, layout.sup_pos)
 
 
 def distillation_loss(student_lp, t_logits, teacher_mode: str, *, targets=None, forced=None) -> torch.Tensor:

@@ -106,8 +106,8 @@ def validate(config: TrainConfig) -> None:
         (config.teacher_mode in TEACHER_MODES, f"--teacher must be one of {TEACHER_MODES}"),
         (config.supervision in SUPERVISION, f"--supervision must be one of {SUPERVISION}"),
         (config.prefix_target in PREFIX_TARGETS, f"--prefix-target must be one of {PREFIX_TARGETS}"),
-        (config.prefix_target == "ground-truth" or config.supervision == "online",
-         "--prefix-target teacher needs --supervision online (ground-truth training loads no teacher)"),
+        (config.prefix_target == "ground-truth" or config.supervision != "ground-truth",
+         "--prefix-target teacher needs a teacher: --supervision online or offline"),
         (config.block_attention in BLOCK_ATTENTION, f"--block-attention must be one of {BLOCK_ATTENTION}"),
         (config.k_sampling in K_SAMPLING, f"--k-sampling must be one of {K_SAMPLING}"),
         (config.k_max >= 1, "--k-max must be >= 1"),
@@ -345,7 +345,7 @@ def train(config: TrainConfig) -> dict:
     if config.teacher is not None:
         teacher_model, _ = load_model(config.teacher, seed=config.seed, device=device,
                                       attn_implementation=config.attn_implementation)
-    elif not config.lora_rank and config.supervision == "online":
+    elif not config.lora_rank and config.supervision != "ground-truth":
         teacher_model = copy.deepcopy(student)
     student, teacher = build_student_and_teacher(student, teacher_model, config)
     student.train()
