@@ -55,6 +55,8 @@ def _add_demo(subparsers) -> None:
     add("--supervision", choices=SUPERVISION, default=d.supervision,
         help="mask targets: the teacher on the student's rollout (online), the teacher on the ground-truth "
         f"prefix (offline), or the ground-truth tokens (default: {d.supervision})")
+    add("--prefix-target", choices=["ground-truth", "teacher"], default=d.prefix_target,
+        help=f"the next-token anchor: cross-entropy to the data, or KL to the teacher (default: {d.prefix_target})")
     add("--k-max", type=int, default=d.k_max, help=f"largest k in training and ConfAdapt (default: {d.k_max})")
     add("--train-problems", type=int, default=d.train_problems, help=f"(default: {d.train_problems})")
     add("--eval-problems", type=int, default=d.eval_problems, help=f"tiny-gsm test problems (default: {d.eval_problems})")
@@ -73,7 +75,7 @@ def _run_demo(args) -> int:
 
     config = DemoConfig(
         output=args.output, teacher=args.teacher, steps=args.steps, lr=args.lr, prefix_loss=args.prefix_loss,
-        supervision=args.supervision, k_max=args.k_max, train_problems=args.train_problems, eval_problems=args.eval_problems,
+        supervision=args.supervision, prefix_target=args.prefix_target, k_max=args.k_max, train_problems=args.train_problems, eval_problems=args.eval_problems,
         strategies=args.strategies.split(","), max_new_tokens=args.max_new_tokens, threads=args.threads, seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     log = (lambda *_: None) if args.json else print
