@@ -161,6 +161,9 @@ def test_adapter_dir_with_a_missing_base_is_a_clean_error(tmp_path):
     (tmp_path / "selfmtp.json").write_text(json.dumps({"base_model": str(tmp_path / "gone")}))
     with pytest.raises(SelfMTPError, match="could not load its base model"):
         load_model(str(tmp_path))
+    (tmp_path / "selfmtp.json").write_text("{not json")
+    with pytest.raises(SelfMTPError, match="unreadable adapter record"):
+        load_model(str(tmp_path))
 
 
 def test_lora_teacher_is_the_base_model(tiny):

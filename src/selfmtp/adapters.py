@@ -34,10 +34,12 @@ def write_base_record(directory: Path, base_spec: str) -> None:
 
 def base_spec(directory: Path) -> str:
     record = directory / BASE_RECORD
-    if record.is_file():
-        return json.loads(record.read_text())["base_model"]
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    spec = config.get("base_model_name_or_path")
+    try:
+        if record.is_file():
+            return str(json.loads(record.read_text())["base_model"])
+        spec = json.loads((directory / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise SelfMTPError(f"{directory}: unreadable adapter record ({exc.__class__.__name__}: {exc})") from exc
     if not spec:
         raise SelfMTPError(f"{directory}: the adapter names no base model (no {BASE_RECORD}, no base_model_name_or_path)")
     return spec

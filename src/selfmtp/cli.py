@@ -36,7 +36,7 @@ def _add_common_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_demo(subparsers) -> None:
     from selfmtp.demo import DemoConfig
-    from selfmtp.objective import SUPERVISION
+    from selfmtp.objective import PREFIX_TARGETS, SUPERVISION
 
     d = DemoConfig()
     parser = subparsers.add_parser(
@@ -55,7 +55,7 @@ def _add_demo(subparsers) -> None:
     add("--supervision", choices=SUPERVISION, default=d.supervision,
         help="mask targets: the teacher on the student's rollout (online), the teacher on the ground-truth "
         f"prefix (offline), or the ground-truth tokens (default: {d.supervision})")
-    add("--prefix-target", choices=["ground-truth", "teacher"], default=d.prefix_target,
+    add("--prefix-target", choices=PREFIX_TARGETS, default=d.prefix_target,
         help=f"the next-token anchor: cross-entropy to the data, or KL to the teacher (default: {d.prefix_target})")
     add("--k-max", type=int, default=d.k_max, help=f"largest k in training and ConfAdapt (default: {d.k_max})")
     add("--train-problems", type=int, default=d.train_problems, help=f"(default: {d.train_problems})")
@@ -255,7 +255,7 @@ def _add_train(subparsers) -> None:
         "teacher scoring of the rollout, cross-entropy to the teacher's choices. Works with torchrun (DDP). "
         "--config FILE gives TrainConfig fields as a JSON object; flags on the command line override it.",
     )
-    from selfmtp.objective import SUPERVISION
+    from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES
 
     _add_common_model_args(parser)
     add = parser.add_argument
@@ -264,7 +264,7 @@ def _add_train(subparsers) -> None:
     add("--output", help="output directory (default: runs/train)")
     add("--teacher-model", dest="teacher_model",
         help="teacher model spec (default: a frozen copy of --model; with LoRA the adapter-disabled student)")
-    add("--teacher", choices=["hard", "soft"], help="hard (default): teacher argmax targets; soft: KL to its distribution")
+    add("--teacher", choices=TEACHER_MODES, help="hard (default): teacher argmax targets; soft: KL to its distribution")
     add("--supervision", choices=SUPERVISION,
         help="mask targets: teacher on the student's rollout (online, default), teacher on the ground-truth prefix "
         "(offline), or the ground-truth tokens")
@@ -274,7 +274,7 @@ def _add_train(subparsers) -> None:
     add("--k-max", type=int, help="default: 16")
     add("--regions", type=int, help="MTP regions per sequence (default: seq_len // (2 k_max))")
     add("--prefix-loss", type=float, metavar="WEIGHT", help="extra next-token loss weight (default 0)")
-    add("--prefix-target", choices=["ground-truth", "teacher"],
+    add("--prefix-target", choices=PREFIX_TARGETS,
         help="target of the prefix loss: the next ground-truth token (default) or the teacher's argmax")
     add("--template", choices=["chat", "plain"], help="default: chat")
     add("--seq-len", type=int, help="default: 160")

@@ -38,11 +38,6 @@ def prompt_ids(rows: TokenRows, n: int) -> list[list[int]]:
     return [rows.input_ids[i, : int(rows.response_start[i])].tolist() for i in range(min(n, len(rows)))]
 
 
-def _decode(model, prompts, strategy, *, max_new_tokens: int, stop_token_ids, pad_token_id: int) -> list:
-    return generate_batch(model, prompts, strategy, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                          pad_token_id=pad_token_id)
-
-
 @torch.no_grad()
 def build_decode_eval(rows: TokenRows, n: int, reference_model, *, tau: float, k_max: int, max_new_tokens: int,
                       stop_token_ids, pad_token_id: int) -> DecodeEval:
@@ -50,7 +45,7 @@ def build_decode_eval(rows: TokenRows, n: int, reference_model, *, tau: float, k
     prompts = prompt_ids(rows, n)
     settings = {"max_new_tokens": max_new_tokens, "stop_token_ids": frozenset(stop_token_ids),
                 "pad_token_id": pad_token_id}
-    reference = [r.token_ids for r in _decode(reference_model, prompts, NTP(), **settings)]
+    reference = [r.token_ids for r in generate_batch(reference_model, prompts, NTP(), **settings)]
     return DecodeEval(prompts, reference, f"confadapt:{tau}:{k_max}", **settings)
 
 
@@ -68,7 +63,7 @@ def prefix_match(tokens: list[int], reference: list[int]) -> float:
 def decode_metrics(model, de: DecodeEval) -> dict:
     """Decode the prompts with ConfAdapt from `model` and compare with the reference."""
     started = time.perf_counter()
-    results = _decode(model, de.prompts, parse_strategy(de.strategy_name), max_new_tokens=de.max_new_tokens,
+    results = generate_batch(model, de.prompts, parse_strategy(de.strategy_name), max_new_tokens=de.max_new_tokens,
                       stop_token_ids=de.stop_token_ids, pad_token_id=de.pad_token_id)
     seconds = time.perf_counter() - started
     accelerations = [r.acceleration for r in results]

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import math
+import statistics
 
 import torch
 
@@ -44,7 +44,7 @@ def coherence(teacher, prompts: list, outputs: list[dict], *, chat: bool) -> dic
         if nll:
             per_item.append(sum(nll) / len(nll))
             total, count = total + sum(nll), count + len(nll)
-    mean = sum(per_item) / len(per_item) if per_item else float("nan")
-    std = math.sqrt(sum((x - mean) ** 2 for x in per_item) / len(per_item)) if per_item else float("nan")
+    mean = statistics.fmean(per_item) if per_item else float("nan")
+    std = statistics.pstdev(per_item) if per_item else float("nan")
     return {"teacher_nll_per_token": total / count if count else float("nan"), "teacher_nll_item_mean": mean,
             "teacher_nll_item_std": std, "teacher_nll_tokens": count}  # fmt: skip

@@ -135,15 +135,16 @@ def _add_coherence(config, task, runs, finished, models, output_dir: Path) -> No
     """Teacher NLL of each finished strategy's text, computed once and stored with its run."""
     from selfmtp.evaluation.reference import coherence
 
-    for run in runs:
+    pending = [run for run in runs if "teacher_nll_per_token" not in finished[run.label]["row"]]
+    if not pending:
+        return
+    key = (config.teacher, True)
+    if key not in models:
+        models[key] = _load_model(PlannedRun(TEACHER, TEACHER, parse_strategy("ntp"), config.teacher), config)
+    teacher = models[key]
+    prompts = [task.prompt(item, teacher.tokenizer) for item in task.items]
+    for run in pending:
         record = finished[run.label]
-        if "teacher_nll_per_token" in record["row"]:
-            continue
-        key = (config.teacher, True)
-        if key not in models:
-            models[key] = _load_model(PlannedRun(TEACHER, TEACHER, parse_strategy("ntp"), config.teacher), config)
-        teacher = models[key]
-        prompts = [task.prompt(item, teacher.tokenizer) for item in task.items]
         record["row"].update(coherence(teacher, prompts, record["outputs"], chat=task.chat))
         write_json_atomic(output_dir / "runs" / run.filename, record)
 
