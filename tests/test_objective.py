@@ -8,20 +8,23 @@ import pytest
 import torch
 
 from selfmtp.layout import build_mtp_layout
-from selfmtp.objective import SelectedLogits, frozen_teacher, mtp_loss
+from selfmtp.objective import SelectedLogits, frozen_teacher, mtp_loss, teacher_next_tokens
 
 
-def make_layout(tokenizer, *, k_sampling="random", static_k=None, k_max=5, seed=0, block_attention="causal"):
+def make_layout(tokenizer, *, k_sampling="random", static_k=None, k_max=5, seed=0, block_attention="causal",
+                relabel=None):
+    """Two GT rows (one padded after EOS) and a layout over them; `relabel(ids, lengths)` gives its targets."""
     generator = torch.Generator().manual_seed(seed)
     n = 40
     ids = torch.randint(10, 3000, (2, n), generator=generator)
     lengths = torch.tensor([n, 30])
     ids[1, 29] = tokenizer.eos_token_id
     ids[1, 30:] = 0
+    targets = relabel(ids, lengths) if relabel is not None else None
     return ids, build_mtp_layout(
         ids, torch.tensor([6, 4]), lengths, k_max=k_max, regions=3, generator=generator,
         mtp_token_id=tokenizer.convert_tokens_to_ids("<mtp>"), eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
-        k_sampling=k_sampling, static_k=static_k, block_attention=block_attention,
+        k_sampling=k_sampling, static_k=static_k, block_attention=block_attention, targets=targets,
     )
 
 
@@ -174,12 +177,18 @@ def test_offline_targets_are_teacher_argmax_on_the_ground_truth_prefix(tiny):
     """Reference: one plain causal teacher forward over the GT sequence; mask j of region r is
     trained towards the teacher's argmax after x_{1:i_r+j-1} (EOS past the GT end)."""
     model, tokenizer = tiny
-    ids, layout = make_layout(tokenizer, seed=7)
     student, teacher = perturbed(model), perturbed(model, scale=0.02, seed=3)
     mtp, eos = tokenizer.convert_tokens_to_ids("<mtp>"), tokenizer.eos_token_id
-    loss, stats = loss_of(student, teacher, layout, tokenizer, supervision="offline")
+
+    def relabel(ids, lengths):
+        return teacher_next_tokens(frozen_teacher(teacher), ids, lengths, mtp_token_id=mtp)
+
+    ids, layout = make_layout(tokenizer, seed=7, relabel=relabel)
+    _, gt_layout = make_layout(tokenizer, seed=7)  # the same plan over the same rows, GT targets
+    assert torch.equal(layout.input_ids, gt_layout.input_ids) and torch.equal(layout.sup_pos, gt_layout.sup_pos)
+    loss, stats = loss_of(student, None, layout, tokenizer, supervision="offline")
     with torch.no_grad():
-        t_plain = teacher(input_ids=ids).logits
+        t_plain = teacher(input_ids=ids).logits  # row 1's pads come after its EOS: causal, unseen
         t_plain[..., mtp] = float("-inf")
         gt_index = layout.position_ids[layout.sup_batch, layout.sup_pos]
         targets = t_plain[layout.sup_batch, gt_index.clamp(max=ids.shape[1] - 1)].argmax(-1)
@@ -190,6 +199,6 @@ def test_offline_targets_are_teacher_argmax_on_the_ground_truth_prefix(tiny):
         expected = torch.nn.functional.cross_entropy(s_logits, targets)
     assert abs(loss.item() - float(expected)) < 1e-5
     # ...which differs from both the online targets and the ground truth for this perturbed pair
-    online, _ = loss_of(student, teacher, layout, tokenizer, supervision="online")
-    gt, _ = loss_of(student, None, layout, tokenizer, supervision="ground-truth")
+    online, _ = loss_of(student, teacher, gt_layout, tokenizer, supervision="online")
+    gt, _ = loss_of(student, None, gt_layout, tokenizer, supervision="ground-truth")
     assert abs(online.item() - loss.item()) > 1e-4 and abs(gt.item() - loss.item()) > 1e-4

@@ -114,13 +114,14 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
     train(cfg)
 
 
-def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
+@pytest.mark.parametrize("supervision", ["online", "offline"])  # offline: the processes share the relabelling
+def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path, supervision):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2)
+    ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2, supervision=supervision)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, ddp), nprocs=2, join=True)
-    train(config(data, tmp_path / "single", batch_size=4, steps=2))
+    train(config(data, tmp_path / "single", batch_size=4, steps=2, supervision=supervision))
     for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["supervised"] == b["supervised"]
     assert_weights_close(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), 1e-5)
@@ -195,6 +196,7 @@ def test_lora_teacher_is_the_base_model(tiny):
     (["--k-sampling", "static"], "needs --static-k"),
     (["--resume"], "no checkpoint to resume"),
     (["--k-max", "0"], "--k-max must be"),
+    (["--supervision", "offline", "--teacher", "soft"], "takes --teacher hard"),
 ])
 def test_cli_user_errors(data, tmp_path, capsys, argv, message):
     base = ["train", "--model", "tiny", "--data", data, "--output", str(tmp_path / "o"), "--no-progress"]
@@ -214,6 +216,7 @@ def test_cli_trains_and_refuses_to_overwrite(data, tmp_path, capsys):
 @pytest.mark.parametrize("overrides", [
     {"teacher_mode": "soft"},
     {"supervision": "ground-truth"},
+    {"supervision": "offline", "prefix_loss": 1.0, "prefix_target": "teacher"},
     {"block_attention": "bidirectional"},
     {"k_sampling": "static", "static_k": 2},
     {"prefix_loss": 0.5},
@@ -236,3 +239,24 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
     assert cosine(12) == pytest.approx(0.5) and cosine(19) == pytest.approx(0.0096, abs=1e-4) and cosine(25) == 0.0
     decay = [cosine(s) for s in range(4, 20)]
     assert decay == sorted(decay, reverse=True)
+
+
+def test_offline_relabelling_in_batches_equals_one_teacher_pass(tiny):
+    """Batches are cut to their longest row; every row must get what one pass over all rows gives."""
+    from selfmtp.data import TokenRows
+    from selfmtp.objective import frozen_teacher, teacher_next_tokens
+    from selfmtp.train_setup import relabel_with_teacher
+
+    model, tokenizer = tiny
+    mtp = tokenizer.convert_tokens_to_ids("<mtp>")
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([9, 20, 5, 14, 20])
+    ids = torch.randint(10, 3000, (5, 20), generator=generator) * (torch.arange(20)[None] < lengths[:, None])
+    rows = TokenRows(ids, lengths, torch.tensor([2, 3, 1, 4, 2]))
+    teacher = frozen_teacher(model)
+    relabelled = relabel_with_teacher(rows, teacher, mtp_token_id=mtp, batch_size=2, device="cpu", progress=False)
+    reference = teacher_next_tokens(teacher, ids, lengths, mtp_token_id=mtp)
+    real = torch.arange(20)[None] < lengths[:, None]
+    assert torch.equal(relabelled.targets[real], reference[real]) and torch.equal(relabelled.input_ids, ids)
+    assert not torch.equal(reference[real], ids[real])  # an untrained teacher does not echo the data
+    assert torch.equal(relabelled.take([3, 1]).targets, relabelled.targets[[3, 1]])

@@ -266,8 +266,8 @@ def _add_train(subparsers) -> None:
         help="teacher model spec (default: a frozen copy of --model; with LoRA the adapter-disabled student)")
     add("--teacher", choices=TEACHER_MODES, help="hard (default): teacher argmax targets; soft: KL to its distribution")
     add("--supervision", choices=SUPERVISION,
-        help="mask targets: teacher on the student's rollout (online, default), teacher on the ground-truth prefix "
-        "(offline), or the ground-truth tokens")
+        help="mask targets: teacher on the student's rollout (online, default), the teacher's argmax after the "
+        "ground-truth prefix (offline: one teacher pass over the data before training), or the ground-truth tokens")
     add("--block-attention", choices=["causal", "bidirectional"], help="default: causal")
     add("--k-sampling", choices=["random", "static"], help="default: random")
     add("--static-k", type=int, help="k for --k-sampling static")

@@ -61,7 +61,7 @@ class MTPLayout:
     sup_pos: torch.Tensor  # layout index whose logits predict the target
     sup_region: torch.Tensor  # region slot r within its row
     sup_j: torch.Tensor  # 1..k
-    sup_target: torch.Tensor  # GT target x_{i_r + j} (EOS past the end)
+    sup_target: torch.Tensor  # target x_{i_r + j} of `targets` (default the GT itself; EOS past the end)
     sup_past_eos: torch.Tensor  # bool: target lies after the GT EOS
     sup_fill: torch.Tensor  # layout index of mask j (filled with y'_j for the teacher); -1 for j = k
     # Plain next-token pairs on GT positions whose target is a response token (prefix loss):
@@ -140,8 +140,13 @@ def assemble_layout(
     eos_token_id: int,
     pad_token_id: int,
     block_attention: str = "causal",
+    targets: torch.Tensor | None = None,
 ) -> MTPLayout:
-    """Insert the mask blocks of `plan` into `input_ids` and build ids, positions, masks, indices."""
+    """Insert the mask blocks of `plan` into `input_ids` and build ids, positions, masks, indices.
+
+    `targets` (like `input_ids`) relabels what index t is supervised towards (a teacher's next-token
+    choices, `objective.teacher_next_tokens`); by default it is the ground truth itself.
+    """
     if block_attention not in BLOCK_ATTENTION:
         raise ValueError(f"block_attention must be one of {BLOCK_ATTENTION}, got {block_attention!r}")
     batch, n = input_ids.shape
@@ -175,7 +180,7 @@ def assemble_layout(
 
     causal = _attention(gt_index, anchor, block, bidirectional=False)
     student = causal if block_attention == "causal" else _attention(gt_index, anchor, block, bidirectional=True)
-    sup = _supervised_indices(input_ids, lengths, plan, gt_positions, eos_token_id)
+    sup = _supervised_indices(input_ids if targets is None else targets, lengths, plan, gt_positions, eos_token_id)
     ntp = _next_token_pairs(input_ids, response_start, lengths, gt_positions)
     return MTPLayout(ids, pos, student, causal, gt_positions, layout_lengths, *sup, *ntp)
 
@@ -193,7 +198,7 @@ def _attention(gt_index, anchor, block, *, bidirectional: bool) -> torch.Tensor:
     return (sees_gt | same_block | pad_self)[:, None]
 
 
-def _supervised_indices(input_ids, lengths, plan: RegionPlan, gt_positions, eos_token_id):
+def _supervised_indices(targets, lengths, plan: RegionPlan, gt_positions, eos_token_id):
     k_max = int(plan.ks.max()) if plan.ks.numel() else 0
     j = torch.arange(1, k_max + 1)
     supervised = j[None, None, :] <= plan.ks[:, :, None]
@@ -204,7 +209,7 @@ def _supervised_indices(input_ids, lengths, plan: RegionPlan, gt_positions, eos_
     pos = gt_positions[b_idx, start] + jj - 1
     target_index = start + jj
     past_eos = target_index > lengths[b_idx] - 1
-    target = input_ids[b_idx, target_index.clamp(max=input_ids.shape[1] - 1)]
+    target = targets[b_idx, target_index.clamp(max=targets.shape[1] - 1)]
     target = torch.where(past_eos, torch.full_like(target, eos_token_id), target)
     fill = torch.where(jj < k, pos + 1, torch.full_like(pos, -1))
     return b_idx, pos, r_idx, jj, target, past_eos, fill
@@ -231,6 +236,7 @@ def build_mtp_layout(
     k_sampling: str = "random",
     static_k: int | None = None,
     block_attention: str = "causal",
+    targets: torch.Tensor | None = None,
 ) -> MTPLayout:
     """Sample a region plan for this batch and assemble it (CPU tensors in, CPU tensors out)."""
     has_eos = input_ids.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0] == eos_token_id
@@ -253,6 +259,7 @@ def build_mtp_layout(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         block_attention=block_attention,
+        targets=targets,
     )
 
 

@@ -6,6 +6,10 @@ layout with mask j of every region replaced by y'_j (causal attention), which gi
 at each filled slot P_T(. | x_{1:i_r}, y'_{1:j-1}); targets are its argmax (hard) or the whole
 distribution (soft, KL); the loss is averaged over supervised positions.
 
+Offline supervision needs no teacher in the step: `teacher_next_tokens` relabels every training row
+once with the teacher's next-token choices after the ground-truth prefix, and the layout carries them
+as its targets (`assemble_layout(targets=...)`).
+
 `<mtp>` is never a valid prediction: its logit is removed from student and teacher distributions.
 Targets past the ground-truth EOS are EOS in every mode (the sequence is over there).
 """
@@ -21,9 +25,9 @@ from torch import nn
 from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask
 
 TEACHER_MODES = ("hard", "soft")
-# online: the teacher on the student's rollout (the paper). offline: the teacher on the ground-truth
-# prefix x_{1:i_r+j-1} (what a distillation dataset of its next-token choices would hold; no rollout).
-# ground-truth: x_{i_r+j} itself (no teacher).
+# online: the teacher on the student's rollout (the paper). offline: the teacher's argmax after the
+# ground-truth prefix x_{1:i_r+j-1}: a distillation dataset of its next-token choices, made once
+# (`teacher_next_tokens`), no rollout. ground-truth: x_{i_r+j} itself (no teacher).
 SUPERVISION = ("online", "offline", "ground-truth")
 # What the prefix loss on ground-truth positions aims at: the next ground-truth token (cross-entropy,
 # plain NTP fine-tuning, the paper's ablation) or the teacher's next-token distribution there
@@ -160,9 +164,9 @@ def mtp_loss(
     _check_modes(teacher_mode, supervision, prefix_target)
     n_sup, use_prefix = layout.sup_pos.numel(), prefix_loss_weight > 0
     teacher_prefix = use_prefix and prefix_target == "teacher"
-    uses_teacher = supervision != "ground-truth"
-    if (uses_teacher or teacher_prefix) and teacher is None:
-        raise ValueError("online and offline supervision and a teacher prefix target need a teacher")
+    online = supervision == "online"
+    if (online or teacher_prefix) and teacher is None:
+        raise ValueError("online supervision and a teacher prefix target need a teacher")
     rows, cols = layout.sup_batch, layout.sup_pos
     if use_prefix:
         rows, cols = torch.cat([rows, layout.ntp_batch]), torch.cat([cols, layout.ntp_pos])
@@ -171,27 +175,28 @@ def mtp_loss(
     student_lp, prefix_lp = log_probs[:n_sup], log_probs[n_sup:]
     with torch.no_grad():
         top_lp, rollout = student_lp.max(dim=-1)
-    past_eos = layout.sup_past_eos
-    eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
 
     t_sup = t_prefix = None
-    if uses_teacher or teacher_prefix:
+    if online or teacher_prefix:
         # One teacher pass on the student-forced layout. Ground-truth positions never see a mask or a
         # rollout token, so the teacher's logits there are its plain next-token predictions.
-        sup_cols = _ground_truth_cols(layout) if supervision == "offline" else layout.sup_pos
-        t_rows = torch.cat([layout.sup_batch, layout.ntp_batch]) if teacher_prefix else layout.sup_batch
-        t_cols = torch.cat([sup_cols, layout.ntp_pos]) if teacher_prefix else sup_cols
-        teacher_ids = fill_rollout(layout, rollout) if supervision == "online" else layout.input_ids
+        t_rows, t_cols = [], []
+        if online:
+            t_rows.append(layout.sup_batch), t_cols.append(layout.sup_pos)
+        if teacher_prefix:
+            t_rows.append(layout.ntp_batch), t_cols.append(layout.ntp_pos)
+        teacher_ids = fill_rollout(layout, rollout) if online else layout.input_ids
         with torch.no_grad():
             t_logits = _without_mtp(teacher(teacher_ids, layout.position_ids, layout.teacher_attention_mask,
-                                            t_rows, t_cols), mtp_token_id)  # fmt: skip
-        t_sup, t_prefix = t_logits[:n_sup], t_logits[n_sup:]
+                                            torch.cat(t_rows), torch.cat(t_cols)), mtp_token_id)  # fmt: skip
+        t_sup, t_prefix = (t_logits[:n_sup], t_logits[n_sup:]) if online else (None, t_logits)
 
-    if supervision == "ground-truth":
+    if online:
+        eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
+        targets = torch.where(layout.sup_past_eos, eos, t_sup.argmax(dim=-1))
+        per_position = distillation_loss(student_lp, t_sup, teacher_mode, targets=targets, forced=layout.sup_past_eos)
+    else:  # the ground truth, or the teacher's choices the layout was relabelled with (offline)
         targets, per_position = layout.sup_target, -student_lp.gather(1, layout.sup_target[:, None])[:, 0]
-    else:
-        targets = torch.where(past_eos, eos, t_sup.argmax(dim=-1))
-        per_position = distillation_loss(student_lp, t_sup, teacher_mode, targets=targets, forced=past_eos)
 
     loss_sum = per_position.sum()
     loss = loss_sum / (normalizer if normalizer is not None else max(n_sup, 1))
@@ -211,13 +216,23 @@ def mtp_loss(
     return loss, stats
 
 
-def _ground_truth_cols(layout: MTPLayout) -> torch.Tensor:
-    """Layout index of GT token x_{i_r+j-1} for every supervised position: the teacher's logits
-    there are P_T(. | x_{1:i_r+j-1}), the offline target of mask j. Position ids give the GT index
-    (mask j-1 sits at i_r+j-1). Past the GT end there is no token; those targets are forced to EOS."""
-    gt_index = layout.position_ids[layout.sup_batch, layout.sup_pos].clamp(max=layout.gt_positions.shape[1] - 1)
-    cols = layout.gt_positions[layout.sup_batch, gt_index]
-    return torch.where(cols >= 0, cols, layout.sup_pos)
+@torch.no_grad()
+def teacher_next_tokens(teacher, input_ids: torch.Tensor, lengths: torch.Tensor, *, mtp_token_id: int | None) -> torch.Tensor:
+    """Offline targets of right-padded ground-truth rows: out[b, t] is the teacher's argmax after
+    x_{0:t-1} for 1 <= t < length (x_t elsewhere). A layout assembled with `targets=out` trains mask j
+    of region r towards P_T(. | x_{1:i_r+j-1}); one plain causal teacher pass per row serves every step
+    and region plan. `teacher` is a callable like `frozen_teacher`'s; tensors are on its device."""
+    batch, n = input_ids.shape
+    index = torch.arange(n, device=input_ids.device)
+    real = index[None, :] < lengths[:, None]
+    # Causal over real tokens; a pad query attends to itself only (no empty softmax rows).
+    mask = (index[None, :, None] >= index[None, None, :]) & real[:, None, :]
+    mask = (mask | (~real[:, :, None] & (index[:, None] == index[None, :])))[:, None]
+    rows, cols = (index[None, :] < lengths[:, None] - 1).nonzero(as_tuple=True)
+    logits = _without_mtp(teacher(input_ids, index.expand(batch, n), mask, rows, cols), mtp_token_id)
+    out = input_ids.clone()
+    out[rows, cols + 1] = logits.argmax(dim=-1)
+    return out
 
 
 def distillation_loss(student_lp, t_logits, teacher_mode: str, *, targets=None, forced=None) -> torch.Tensor:
@@ -240,6 +255,8 @@ def _check_modes(teacher_mode: str, supervision: str, prefix_target: str) -> Non
                                  (prefix_target, PREFIX_TARGETS, "prefix_target")):  # fmt: skip
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if supervision == "offline" and teacher_mode != "hard":
+        raise ValueError("offline supervision learns the teacher's argmax (hard); soft targets need online")
 
 
 def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, prefix_agree, k_max) -> StepStats:

@@ -31,7 +31,7 @@ from selfmtp.errors import SelfMTPError
 from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
 from selfmtp.models import load_model, mtp_token_id
 from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
-from selfmtp.train_setup import build_student_and_teacher, export_final
+from selfmtp.train_setup import build_student_and_teacher, export_final, relabel_with_teacher
 from selfmtp.train_state import list_checkpoints, load_training_state, save_training_state
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -108,6 +108,8 @@ def validate(config: TrainConfig) -> None:
         (config.prefix_target in PREFIX_TARGETS, f"--prefix-target must be one of {PREFIX_TARGETS}"),
         (config.prefix_target == "ground-truth" or config.supervision != "ground-truth",
          "--prefix-target teacher needs a teacher: --supervision online or offline"),
+        (config.supervision != "offline" or config.teacher_mode == "hard",
+         "--supervision offline learns the teacher's argmax: it takes --teacher hard (soft needs online)"),
         (config.block_attention in BLOCK_ATTENTION, f"--block-attention must be one of {BLOCK_ATTENTION}"),
         (config.k_sampling in K_SAMPLING, f"--k-sampling must be one of {K_SAMPLING}"),
         (config.k_max >= 1, "--k-max must be >= 1"),
@@ -208,6 +210,7 @@ def _layout(run: _Run, rows: TokenRows, plan):
     return assemble_layout(
         rows.input_ids, rows.response_start, rows.lengths, plan, mtp_token_id=mtp_token_id(run.student),
         eos_token_id=run.tokenizer.eos_token_id, pad_token_id=pad, block_attention=run.config.block_attention,
+        targets=rows.targets,
     ).to(run.device)
 
 
@@ -355,6 +358,11 @@ def train(config: TrainConfig) -> dict:
         ids = [device.index] if device.type == "cuda" else None
         student_logits = torch.nn.parallel.DistributedDataParallel(student_logits, device_ids=ids)
     train_rows, eval_rows, data_info = _load_rows(config, tokenizer)
+    if config.supervision == "offline":  # the teacher's next-token choices, once, not in every step
+        relabel = dict(mtp_token_id=mtp_token_id(student), batch_size=4 * config.batch_size, device=device,
+                       rank=rank, world=world, progress=config.progress)
+        train_rows = relabel_with_teacher(train_rows, teacher, **relabel)
+        eval_rows = relabel_with_teacher(eval_rows, teacher, **relabel) if eval_rows is not None else None
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))

@@ -8,11 +8,17 @@ teacher is the SAME module with the adapter disabled, so the weights exist once 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
 from selfmtp.adapters import write_base_record
+from selfmtp.data import TokenRows
 from selfmtp.models import atomic_dir_write, mtp_token_id, save_checkpoint
-from selfmtp.objective import adapter_disabled_teacher, frozen_teacher
+from selfmtp.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
 
 
 def build_student_and_teacher(student, teacher_model, config):
@@ -57,3 +63,22 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
         return final_dir
     merged = student.merge_and_unload()
     return save_checkpoint(merged, tokenizer, final_dir)
+
+
+def relabel_with_teacher(rows: TokenRows, teacher, *, mtp_token_id: int, batch_size: int, device, rank: int = 0,
+                         world: int = 1, progress: bool = True) -> TokenRows:
+    """`rows` with `targets` = the teacher's next-token choices (offline supervision), made once before
+    training instead of one teacher pass per step. Processes split the rows and share the result."""
+    targets = torch.zeros_like(rows.input_ids)
+    starts = range(rank * batch_size, len(rows), world * batch_size)
+    for lo in tqdm(starts, desc="teacher targets", disable=not progress or rank != 0):
+        part = rows.take(slice(lo, lo + batch_size))
+        width = int(part.lengths.max())  # rows are right-padded: skip the all-pad tail
+        targets[lo:lo + batch_size, :width] = teacher_next_tokens(
+            teacher, part.input_ids[:, :width].to(device), part.lengths.to(device), mtp_token_id=mtp_token_id
+        ).cpu()
+    if world > 1:  # each row was filled by exactly one process, zeros elsewhere
+        targets = targets.to(device)
+        dist.all_reduce(targets)
+        targets = targets.cpu()
+    return replace(rows, targets=targets)
