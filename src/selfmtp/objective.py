@@ -180,15 +180,16 @@ def mtp_loss(
     if online or teacher_prefix:
         # One teacher pass on the student-forced layout. Ground-truth positions never see a mask or a
         # rollout token, so the teacher's logits there are its plain next-token predictions.
-        t_rows, t_cols = [], []
+        wanted = []  # (rows, cols): the supervised positions (online), then the prefix positions
         if online:
-            t_rows.append(layout.sup_batch), t_cols.append(layout.sup_pos)
+            wanted.append((layout.sup_batch, layout.sup_pos))
         if teacher_prefix:
-            t_rows.append(layout.ntp_batch), t_cols.append(layout.ntp_pos)
+            wanted.append((layout.ntp_batch, layout.ntp_pos))
+        t_rows, t_cols = (torch.cat(part) for part in zip(*wanted, strict=True))
         teacher_ids = fill_rollout(layout, rollout) if online else layout.input_ids
         with torch.no_grad():
             t_logits = _without_mtp(teacher(teacher_ids, layout.position_ids, layout.teacher_attention_mask,
-                                            torch.cat(t_rows), torch.cat(t_cols)), mtp_token_id)  # fmt: skip
+                                            t_rows, t_cols), mtp_token_id)  # fmt: skip
         t_sup, t_prefix = (t_logits[:n_sup], t_logits[n_sup:]) if online else (None, t_logits)
 
     if online:
