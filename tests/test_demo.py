@@ -31,9 +31,13 @@ def test_demo_pipeline_writes_everything_and_resumes(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(list(rows.values())))
 
 
-def test_demo_bad_input_is_one_line(capsys):
+def test_demo_bad_input_is_one_line(capsys, tmp_path):
     assert main(["demo", "--steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == "selfmtp: error: --steps must be >= 1"
+    # a training setting the trainer refuses is refused before any data is written
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--supervision", "ground-truth", "--prefix-target", "teacher"]) == 2
+    assert "--prefix-target teacher needs a teacher" in capsys.readouterr().err and not out.exists()
 
 
 def _row(strategy, kind, accuracy, acceleration, **extra):

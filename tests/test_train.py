@@ -99,6 +99,27 @@ def test_resume_continues_exactly(data, tmp_path):
     assert_weights_close(final_weights(parts), final_weights(whole), 0.0)
 
 
+def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, tmp_path, monkeypatch):
+    import selfmtp.train_setup
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(config(data, whole, steps=4, save_every=2, supervision="offline"))
+    train(config(data, parts, steps=2, save_every=2, supervision="offline"))
+    assert (parts / "teacher_targets.safetensors").is_file()
+
+    def no_teacher_pass(*args, **kwargs):
+        raise AssertionError("a resumed run relabelled the data again")
+
+    monkeypatch.setattr(selfmtp.train_setup, "relabel_with_teacher", no_teacher_pass)
+    train(config(data, parts, steps=4, save_every=2, supervision="offline", resume=True))
+    assert [r["loss"] for r in metrics(parts)] == [r["loss"] for r in metrics(whole)]
+    assert_weights_close(final_weights(parts), final_weights(whole), 0.0)
+    # other rows (a changed data file) are relabelled, not served stale targets
+    (tmp_path / "other.jsonl").write_text(gsm8k_style_lines(40))
+    with pytest.raises(AssertionError, match="relabelled the data again"):
+        train(config(str(tmp_path / "other.jsonl"), parts, steps=6, save_every=2, supervision="offline", resume=True))
+
+
 def test_grad_accumulation_equals_big_batch(data, tmp_path):
     train(config(data, tmp_path / "big", batch_size=4, steps=2))
     train(config(data, tmp_path / "accum", batch_size=2, grad_accum=2, steps=2))

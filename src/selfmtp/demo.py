@@ -64,6 +64,10 @@ class DemoConfig:
         for ok, message in checks:
             if not ok:
                 raise SelfMTPError(message)
+        from selfmtp.train import validate
+
+        out = Path(self.output)  # the training settings too, before the data is written
+        validate(train_config(self, out / "data" / "train.jsonl", out / "train"), check_files=False)
 
 
 def train_config(config: DemoConfig, data: Path, output: Path, **overrides):

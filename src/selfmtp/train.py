@@ -8,7 +8,8 @@ the gradient of one big batch, and the data/plan of a step depends only on (seed
 needs nothing but weights, optimizer, scheduler and RNG.
 
 Output directory: `final/` (stock-transformers checkpoint, tokenizer with `<mtp>`), `metrics.jsonl`
-(one JSON per step), `checkpoints/step-N/`, `summary.json`.
+(one JSON per step), `checkpoints/step-N/`, `summary.json`, and with offline supervision
+`teacher_targets.safetensors` (the relabelled rows, reused by --resume).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from selfmtp.errors import SelfMTPError
 from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
 from selfmtp.models import load_model, mtp_token_id
 from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
-from selfmtp.train_setup import build_student_and_teacher, export_final, relabel_with_teacher
+from selfmtp.train_setup import build_student_and_teacher, export_final, relabel_cached
 from selfmtp.train_state import list_checkpoints, load_training_state, save_training_state
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -101,7 +102,8 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-def validate(config: TrainConfig) -> None:
+def validate(config: TrainConfig, *, check_files: bool = True) -> None:
+    """Raise SelfMTPError for a bad setting; `check_files=False` for data that is still to be written."""
     checks = [
         (config.teacher_mode in TEACHER_MODES, f"--teacher must be one of {TEACHER_MODES}"),
         (config.supervision in SUPERVISION, f"--supervision must be one of {SUPERVISION}"),
@@ -126,8 +128,9 @@ def validate(config: TrainConfig) -> None:
          "--eval-decode-tokens >= 1"),
         (0 < config.eval_decode_tau <= 1, "--eval-decode-tau must be in (0, 1]"),
         # Checked here, before minutes of model loading, not only where the data is read.
-        (Path(config.data).is_file(), f"data file not found: {config.data}"),
-        (config.eval_data is None or Path(config.eval_data).is_file(), f"eval data file not found: {config.eval_data}"),
+        (not check_files or Path(config.data).is_file(), f"data file not found: {config.data}"),
+        (not check_files or config.eval_data is None or Path(config.eval_data).is_file(),
+         f"eval data file not found: {config.eval_data}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -359,10 +362,13 @@ def train(config: TrainConfig) -> dict:
         student_logits = torch.nn.parallel.DistributedDataParallel(student_logits, device_ids=ids)
     train_rows, eval_rows, data_info = _load_rows(config, tokenizer)
     if config.supervision == "offline":  # the teacher's next-token choices, once, not in every step
-        relabel = dict(mtp_token_id=mtp_token_id(student), batch_size=4 * config.batch_size, device=device,
-                       rank=rank, world=world, progress=config.progress)
-        train_rows = relabel_with_teacher(train_rows, teacher, **relabel)
-        eval_rows = relabel_with_teacher(eval_rows, teacher, **relabel) if eval_rows is not None else None
+        splits = relabel_cached(
+            {"train": train_rows} | ({"eval": eval_rows} if eval_rows is not None else {}), teacher,
+            out / "teacher_targets.safetensors", reuse=resume_from is not None, rank=rank, world=world,
+            mtp_token_id=mtp_token_id(student), batch_size=4 * config.batch_size, device=device,
+            progress=config.progress,
+        )
+        train_rows, eval_rows = splits["train"], splits.get("eval")
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))

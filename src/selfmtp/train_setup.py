@@ -8,15 +8,19 @@ teacher is the SAME module with the adapter disabled, so the weights exist once 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from selfmtp.adapters import write_base_record
 from selfmtp.data import TokenRows
+from selfmtp.files import write_bytes_atomic
 from selfmtp.models import atomic_dir_write, mtp_token_id, save_checkpoint
 from selfmtp.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
 
@@ -82,3 +86,29 @@ def relabel_with_teacher(rows: TokenRows, teacher, *, mtp_token_id: int, batch_s
         dist.all_reduce(targets)
         targets = targets.cpu()
     return replace(rows, targets=targets)
+
+
+def relabel_cached(splits: dict[str, TokenRows], teacher, cache: Path, *, reuse: bool, rank: int = 0,
+                   **relabel) -> dict[str, TokenRows]:
+    """`relabel_with_teacher` for each split, written to `cache` (safetensors) by rank 0. With `reuse`
+    (a resumed run) the cache is read instead when it was made from exactly these rows, so a restart
+    does not pay the teacher pass again; the teacher itself is the run's, so it is not re-checked."""
+    key = _rows_fingerprint(splits)
+    if reuse and cache.is_file():
+        with safe_open(str(cache), "pt") as handle:
+            if (handle.metadata() or {}).get("rows_sha256") == key:
+                return {name: replace(rows, targets=handle.get_tensor(name)) for name, rows in splits.items()}
+    out = {name: relabel_with_teacher(rows, teacher, rank=rank, **relabel) for name, rows in splits.items()}
+    if rank == 0:
+        tensors = {name: rows.targets.contiguous() for name, rows in out.items()}
+        write_bytes_atomic(cache, safetensors_bytes(tensors, metadata={"rows_sha256": key}))
+    return out
+
+
+def _rows_fingerprint(splits: dict[str, TokenRows]) -> str:
+    digest = hashlib.sha256()
+    for name, rows in sorted(splits.items()):
+        digest.update(name.encode())
+        for tensor in (rows.input_ids, rows.lengths):
+            digest.update(tensor.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
-from selfmtp.files import current_umask
+from selfmtp.files import write_bytes_atomic
 
 STDERR_FORMULA = "sqrt(p*(1-p)/(n-1))  (sample std / sqrt(n), as lm-evaluation-harness)"
 
@@ -27,26 +26,11 @@ def accuracy_with_stderr(correct: list[bool]) -> dict:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(Path(path), text.encode("utf-8"))
+    write_bytes_atomic(Path(path), text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results are for everyone to read
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
