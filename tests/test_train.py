@@ -263,7 +263,8 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
 
 
 def test_offline_relabelling_in_batches_equals_one_teacher_pass(tiny):
-    """Batches are cut to their longest row; every row must get what one pass over all rows gives."""
+    """Batches group rows by length and cut them to their longest; every row must get what one pass
+    over all rows gives."""
     from selfmtp.data import TokenRows
     from selfmtp.objective import frozen_teacher, teacher_next_tokens
     from selfmtp.train_setup import relabel_with_teacher
@@ -275,7 +276,8 @@ def test_offline_relabelling_in_batches_equals_one_teacher_pass(tiny):
     ids = torch.randint(10, 3000, (5, 20), generator=generator) * (torch.arange(20)[None] < lengths[:, None])
     rows = TokenRows(ids, lengths, torch.tensor([2, 3, 1, 4, 2]))
     teacher = frozen_teacher(model)
-    relabelled = relabel_with_teacher(rows, teacher, mtp_token_id=mtp, batch_size=2, device="cpu", progress=False)
+    # 40 positions a pass: rows of length 20+20, then 14+9, then 5 (batched by length, longest first)
+    relabelled = relabel_with_teacher(rows, teacher, mtp_token_id=mtp, max_tokens=40, device="cpu", progress=False)
     reference = teacher_next_tokens(teacher, ids, lengths, mtp_token_id=mtp)
     real = torch.arange(20)[None] < lengths[:, None]
     assert torch.equal(relabelled.targets[real], reference[real]) and torch.equal(relabelled.input_ids, ids)

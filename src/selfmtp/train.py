@@ -37,6 +37,7 @@ from selfmtp.train_state import list_checkpoints, load_training_state, save_trai
 
 EVAL_SEED_OFFSET = 1_000_003
 LR_SCHEDULES = ("constant", "cosine")
+RELABEL_TOKENS = 8192  # positions per teacher pass when relabelling for offline supervision
 
 
 @dataclass
@@ -365,7 +366,7 @@ def train(config: TrainConfig) -> dict:
         splits = relabel_cached(
             {"train": train_rows} | ({"eval": eval_rows} if eval_rows is not None else {}), teacher,
             out / "teacher_targets.safetensors", reuse=resume_from is not None, rank=rank, world=world,
-            mtp_token_id=mtp_token_id(student), batch_size=4 * config.batch_size, device=device,
+            mtp_token_id=mtp_token_id(student), max_tokens=RELABEL_TOKENS, device=device,
             progress=config.progress,
         )
         train_rows, eval_rows = splits["train"], splits.get("eval")

@@ -69,16 +69,20 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
     return save_checkpoint(merged, tokenizer, final_dir)
 
 
-def relabel_with_teacher(rows: TokenRows, teacher, *, mtp_token_id: int, batch_size: int, device, rank: int = 0,
+def relabel_with_teacher(rows: TokenRows, teacher, *, mtp_token_id: int, max_tokens: int, device, rank: int = 0,
                          world: int = 1, progress: bool = True) -> TokenRows:
     """`rows` with `targets` = the teacher's next-token choices (offline supervision), made once before
-    training instead of one teacher pass per step. Processes split the rows and share the result."""
+    training instead of one teacher pass per step. Processes split the batches and share the result.
+
+    Batches hold rows of similar length (longest first) and at most `max_tokens` positions, padding
+    included: every position's logits are computed, and with a 128k vocabulary that is what bounds
+    memory, not the row count."""
     targets = torch.zeros_like(rows.input_ids)
-    starts = range(rank * batch_size, len(rows), world * batch_size)
-    for lo in tqdm(starts, desc="teacher targets", disable=not progress or rank != 0):
-        part = rows.take(slice(lo, lo + batch_size))
+    batches = _length_sorted_batches(rows.lengths, max_tokens)
+    for index in tqdm(batches[rank::world], desc="teacher targets", disable=not progress or rank != 0):
+        part = rows.take(index)
         width = int(part.lengths.max())  # rows are right-padded: skip the all-pad tail
-        targets[lo:lo + batch_size, :width] = teacher_next_tokens(
+        targets[index, :width] = teacher_next_tokens(
             teacher, part.input_ids[:, :width].to(device), part.lengths.to(device), mtp_token_id=mtp_token_id
         ).cpu()
     if world > 1:  # each row was filled by exactly one process, zeros elsewhere
@@ -86,6 +90,16 @@ def relabel_with_teacher(rows: TokenRows, teacher, *, mtp_token_id: int, batch_s
         dist.all_reduce(targets)
         targets = targets.cpu()
     return replace(rows, targets=targets)
+
+
+def _length_sorted_batches(lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    order = torch.argsort(lengths, descending=True, stable=True)
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, max_tokens // max(int(lengths[order[start]]), 1))  # the first row is the longest
+        batches.append(order[start:start + size])
+        start += size
+    return batches
 
 
 def relabel_cached(splits: dict[str, TokenRows], teacher, cache: Path, *, reuse: bool, rank: int = 0,
