@@ -4,6 +4,9 @@ Full fine-tuning: every student parameter trains; the teacher is a separate froz
 LoRA (peft): the student is the base model with adapters on every linear layer plus trainable
 `<mtp>` embedding rows (peft `trainable_token_indices`); unless a different teacher is named, the
 teacher is the SAME module with the adapter disabled, so the weights exist once in memory.
+
+Offline supervision: the training rows are relabelled once with the teacher's next-token choices
+(`relabel_cached`), and the relabelled targets are kept in the run folder for --resume.
 """
 
 from __future__ import annotations
