@@ -99,6 +99,17 @@ def test_resume_continues_exactly(data, tmp_path):
     assert_weights_close(final_weights(parts), final_weights(whole), 0.0)
 
 
+def test_offline_training_frees_the_teacher_after_relabelling(data, tmp_path, monkeypatch):
+    import selfmtp.train as trainer
+
+    seen = []
+    real_loop = trainer._loop
+    monkeypatch.setattr(trainer, "_loop", lambda run, *a: seen.append(run.teacher) or real_loop(run, *a))
+    train(config(data, tmp_path / "a", steps=1, supervision="offline"))
+    train(config(data, tmp_path / "b", steps=1, supervision="offline", prefix_loss=1.0, prefix_target="teacher"))
+    assert seen[0] is None and seen[1] is not None  # the KL prefix target still needs it in every step
+
+
 def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, tmp_path, monkeypatch):
     import selfmtp.train_setup
 

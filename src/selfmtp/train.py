@@ -15,7 +15,6 @@ Output directory: `final/` (stock-transformers checkpoint, tokenizer with `<mtp>
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -27,12 +26,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from selfmtp.data import TokenRows, read_examples, tokenize_examples
+from selfmtp.data import TokenRows
 from selfmtp.errors import SelfMTPError
 from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
-from selfmtp.models import load_model, mtp_token_id
+from selfmtp.models import mtp_token_id
 from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
-from selfmtp.train_setup import build_student_and_teacher, export_final, relabel_cached
+from selfmtp.train_setup import export_final, load_models, load_rows, relabel_cached
 from selfmtp.train_state import list_checkpoints, load_training_state, save_training_state
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -168,23 +167,6 @@ def _init_distributed(device: str) -> tuple[int, int, torch.device, bool]:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
     return rank, world, torch.device(device), created
-
-
-def _load_rows(config: TrainConfig, tokenizer) -> tuple[TokenRows, TokenRows | None, dict]:
-    read = dict(skip_bad_lines=config.skip_bad_lines, strip_calculator=config.strip_calculator)
-    examples, skipped = read_examples(config.data, limit=config.max_examples, **read)
-    rows = tokenize_examples(examples, tokenizer, template=config.template, seq_len=config.seq_len)
-    info = {"examples": len(examples), "skipped_lines": skipped, "dropped_too_long": rows.dropped}
-    if config.eval_data:
-        eval_examples, _ = read_examples(config.eval_data, **read)
-        eval_rows = tokenize_examples(eval_examples[: config.eval_size], tokenizer, template=config.template,
-                                      seq_len=config.seq_len)
-        return rows, eval_rows, info
-    held_out = min(config.eval_size, len(rows) // 10) if config.eval_every else 0
-    if held_out == 0:
-        return rows, None, info
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
-    return rows.take(order[held_out:]), rows.take(order[:held_out]), info
 
 
 def _step_rows(run: _Run, step: int) -> torch.Tensor:
@@ -346,22 +328,14 @@ def train(config: TrainConfig) -> dict:
     if world > 1:
         dist.barrier()  # every process checks the output directory before rank 0 writes to it
     torch.manual_seed(config.seed)
-    student, tokenizer = load_model(config.model, seed=config.seed, device=device,
-                                    attn_implementation=config.attn_implementation)
-    teacher_model = None
-    if config.teacher is not None:
-        teacher_model, _ = load_model(config.teacher, seed=config.seed, device=device,
-                                      attn_implementation=config.attn_implementation)
-    elif not config.lora_rank and config.supervision != "ground-truth":
-        teacher_model = copy.deepcopy(student)
-    student, teacher = build_student_and_teacher(student, teacher_model, config)
+    student, tokenizer, teacher_model, teacher = load_models(config, device)
     student.train()
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     student_logits = SelectedLogits(student)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         student_logits = torch.nn.parallel.DistributedDataParallel(student_logits, device_ids=ids)
-    train_rows, eval_rows, data_info = _load_rows(config, tokenizer)
+    train_rows, eval_rows, data_info = load_rows(config, tokenizer)
     if config.supervision == "offline":  # the teacher's next-token choices, once, not in every step
         splits = relabel_cached(
             {"train": train_rows} | ({"eval": eval_rows} if eval_rows is not None else {}), teacher,
@@ -370,6 +344,8 @@ def train(config: TrainConfig) -> dict:
             progress=config.progress,
         )
         train_rows, eval_rows = splits["train"], splits.get("eval")
+        if config.prefix_target != "teacher" and not (config.teacher and config.eval_decode_prompts):
+            teacher = teacher_model = None  # all it gives is in the rows now: free its memory for training
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))

@@ -1,4 +1,5 @@
-"""Student/teacher wiring for training (full fine-tuning or LoRA) and the final export.
+"""Setting up a training run: models, data rows, student/teacher wiring (full fine-tuning or LoRA), the
+final export.
 
 Full fine-tuning: every student parameter trains; the teacher is a separate frozen model.
 LoRA (peft): the student is the base model with adapters on every linear layer plus trainable
@@ -11,6 +12,7 @@ Offline supervision: the training rows are relabelled once with the teacher's ne
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +24,42 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from selfmtp.adapters import write_base_record
-from selfmtp.data import TokenRows
+from selfmtp.data import TokenRows, read_examples, tokenize_examples
 from selfmtp.files import write_bytes_atomic
-from selfmtp.models import atomic_dir_write, mtp_token_id, save_checkpoint
+from selfmtp.models import atomic_dir_write, load_model, mtp_token_id, save_checkpoint
 from selfmtp.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
+
+
+def load_models(config, device) -> tuple:
+    """(student to train, tokenizer, separate teacher module or None, teacher callable or None)."""
+    student, tokenizer = load_model(config.model, seed=config.seed, device=device,
+                                    attn_implementation=config.attn_implementation)
+    teacher_model = None
+    if config.teacher is not None:
+        teacher_model, _ = load_model(config.teacher, seed=config.seed, device=device,
+                                      attn_implementation=config.attn_implementation)
+    elif not config.lora_rank and config.supervision != "ground-truth":
+        teacher_model = copy.deepcopy(student)
+    student, teacher = build_student_and_teacher(student, teacher_model, config)
+    return student, tokenizer, teacher_model, teacher
+
+
+def load_rows(config, tokenizer) -> tuple[TokenRows, TokenRows | None, dict]:
+    """(train rows, held-out rows or None, counts): --eval-data, else --eval-size rows held out by seed."""
+    read = dict(skip_bad_lines=config.skip_bad_lines, strip_calculator=config.strip_calculator)
+    examples, skipped = read_examples(config.data, limit=config.max_examples, **read)
+    rows = tokenize_examples(examples, tokenizer, template=config.template, seq_len=config.seq_len)
+    info = {"examples": len(examples), "skipped_lines": skipped, "dropped_too_long": rows.dropped}
+    if config.eval_data:
+        eval_examples, _ = read_examples(config.eval_data, **read)
+        eval_rows = tokenize_examples(eval_examples[: config.eval_size], tokenizer, template=config.template,
+                                      seq_len=config.seq_len)
+        return rows, eval_rows, info
+    held_out = min(config.eval_size, len(rows) // 10) if config.eval_every else 0
+    if held_out == 0:
+        return rows, None, info
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
+    return rows.take(order[held_out:]), rows.take(order[:held_out]), info
 
 
 def build_student_and_teacher(student, teacher_model, config):
