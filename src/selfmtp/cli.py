@@ -16,6 +16,14 @@ from selfmtp.errors import SelfMTPError
 EXIT_USER_ERROR = 2
 
 
+# Shared by `demo` and `train`, which take the same objective options.
+SUPERVISION_HELP = ("mask targets: the teacher on the student's rollout (online), the teacher's argmax after the "
+                    "ground-truth prefix (offline: one teacher pass over the data before training), or the "
+                    "ground-truth tokens")
+PREFIX_TARGET_HELP = ("what the --prefix-loss anchor aims at: the next ground-truth token (cross-entropy), or the "
+                      "teacher's next-token distribution (KL)")
+
+
 def _add_common_model_args(parser: argparse.ArgumentParser) -> None:
     from selfmtp.models import DEFAULT_MODEL
 
@@ -52,11 +60,9 @@ def _add_demo(subparsers) -> None:
     add("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     add("--lr", type=float, default=d.lr, help=f"learning rate (default: {d.lr:g})")
     add("--prefix-loss", type=float, default=d.prefix_loss, help=f"next-token loss weight (default: {d.prefix_loss:g})")
-    add("--supervision", choices=SUPERVISION, default=d.supervision,
-        help="mask targets: the teacher on the student's rollout (online), the teacher on the ground-truth "
-        f"prefix (offline), or the ground-truth tokens (default: {d.supervision})")
+    add("--supervision", choices=SUPERVISION, default=d.supervision, help=f"{SUPERVISION_HELP} (default: {d.supervision})")
     add("--prefix-target", choices=PREFIX_TARGETS, default=d.prefix_target,
-        help=f"the next-token anchor: cross-entropy to the data, or KL to the teacher (default: {d.prefix_target})")
+        help=f"{PREFIX_TARGET_HELP} (default: {d.prefix_target})")
     add("--k-max", type=int, default=d.k_max, help=f"largest k in training and ConfAdapt (default: {d.k_max})")
     add("--train-problems", type=int, default=d.train_problems, help=f"(default: {d.train_problems})")
     add("--eval-problems", type=int, default=d.eval_problems, help=f"tiny-gsm test problems (default: {d.eval_problems})")
@@ -265,17 +271,14 @@ def _add_train(subparsers) -> None:
     add("--teacher-model", dest="teacher_model",
         help="teacher model spec (default: a frozen copy of --model; with LoRA the adapter-disabled student)")
     add("--teacher", choices=TEACHER_MODES, help="hard (default): teacher argmax targets; soft: KL to its distribution")
-    add("--supervision", choices=SUPERVISION,
-        help="mask targets: teacher on the student's rollout (online, default), the teacher's argmax after the "
-        "ground-truth prefix (offline: one teacher pass over the data before training), or the ground-truth tokens")
+    add("--supervision", choices=SUPERVISION, help=f"{SUPERVISION_HELP} (default: online)")
     add("--block-attention", choices=["causal", "bidirectional"], help="default: causal")
     add("--k-sampling", choices=["random", "static"], help="default: random")
     add("--static-k", type=int, help="k for --k-sampling static")
     add("--k-max", type=int, help="default: 16")
     add("--regions", type=int, help="MTP regions per sequence (default: seq_len // (2 k_max))")
     add("--prefix-loss", type=float, metavar="WEIGHT", help="extra next-token loss weight (default 0)")
-    add("--prefix-target", choices=PREFIX_TARGETS,
-        help="target of the prefix loss: the next ground-truth token (default) or the teacher's argmax")
+    add("--prefix-target", choices=PREFIX_TARGETS, help=f"{PREFIX_TARGET_HELP} (default: ground-truth)")
     add("--template", choices=["chat", "plain"], help="default: chat")
     add("--seq-len", type=int, help="default: 160")
     add("--lr", type=float, help="default: 1e-5")
