@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,22 +114,68 @@ def test_offline_training_frees_the_teacher_after_relabelling(data, tmp_path, mo
 def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, tmp_path, monkeypatch):
     import selfmtp.train_setup
 
+    mine = tmp_path / "data.jsonl"  # rewritten below, so not the shared fixture file
+    mine.write_text(Path(data).read_text())
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train(config(data, whole, steps=4, save_every=2, supervision="offline"))
-    train(config(data, parts, steps=2, save_every=2, supervision="offline"))
+    train(config(str(mine), whole, steps=4, save_every=2, supervision="offline"))
+    train(config(str(mine), parts, steps=2, save_every=2, supervision="offline"))
     assert (parts / "teacher_targets.safetensors").is_file()
 
     def no_teacher_pass(*args, **kwargs):
         raise AssertionError("a resumed run relabelled the data again")
 
+    teachers = []
+    real_build = selfmtp.train_setup.build_student_and_teacher
+    monkeypatch.setattr(selfmtp.train_setup, "build_student_and_teacher",
+                        lambda student, teacher_model, cfg: teachers.append(teacher_model) or real_build(student, teacher_model, cfg))
     monkeypatch.setattr(selfmtp.train_setup, "relabel_with_teacher", no_teacher_pass)
-    train(config(data, parts, steps=4, save_every=2, supervision="offline", resume=True))
+    train(config(str(mine), parts, steps=4, save_every=2, supervision="offline", resume=True))
+    assert teachers == [None]  # the cached targets are all it needed from the teacher: not even loaded
     assert [r["loss"] for r in metrics(parts)] == [r["loss"] for r in metrics(whole)]
     assert_weights_close(final_weights(parts), final_weights(whole), 0.0)
-    # other rows (a changed data file) are relabelled, not served stale targets
-    (tmp_path / "other.jsonl").write_text(gsm8k_style_lines(40))
+    # other rows (the data file rewritten in place) are relabelled, not served stale targets
+    mine.write_text(gsm8k_style_lines(40))
     with pytest.raises(AssertionError, match="relabelled the data again"):
-        train(config(str(tmp_path / "other.jsonl"), parts, steps=6, save_every=2, supervision="offline", resume=True))
+        train(config(str(mine), parts, steps=6, save_every=2, supervision="offline", resume=True))
+
+
+def test_cached_teacher_targets_are_keyed_by_rows_and_teacher(data, tmp_path):
+    from selfmtp.models import load_model
+    from selfmtp.train_setup import _targets_key, load_rows, read_cached_targets
+
+    _, tokenizer = load_model("tiny")
+    rows, _, _ = load_rows(config(data, tmp_path), tokenizer)
+    splits = {"train": rows}
+    key = _targets_key(splits, "teacher-a")
+    targets = torch.arange(rows.input_ids.numel()).view_as(rows.input_ids)
+    from safetensors.torch import save_file
+
+    save_file({"train": targets}, str(tmp_path / "cache.safetensors"), metadata={"key": key})
+    assert torch.equal(read_cached_targets(tmp_path / "cache.safetensors", splits, key)["train"].targets, targets)
+    assert read_cached_targets(tmp_path / "cache.safetensors", splits, _targets_key(splits, "teacher-b")) is None
+    assert read_cached_targets(tmp_path / "missing.safetensors", splits, key) is None
+
+
+def test_resume_refuses_other_settings_or_changed_model_files(data, tmp_path):
+    from selfmtp.errors import SelfMTPError
+    from selfmtp.models import load_model, save_checkpoint
+
+    out = tmp_path / "run"
+    train(config(data, out, steps=2, save_every=2, lr_schedule="cosine"))
+    assert json.loads((out / "run_config.json").read_text())["lr"] == 3e-3
+    with pytest.raises(SelfMTPError, match=r"lr: 0.003 -> 0.001"):
+        train(config(data, out, steps=2, save_every=2, lr_schedule="cosine", lr=1e-3, resume=True))
+    with pytest.raises(SelfMTPError, match="steps: 2 -> 4"):  # the cosine curve was drawn to step 2
+        train(config(data, out, steps=4, save_every=2, lr_schedule="cosine", resume=True))
+    train(config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, keep_checkpoints=3))
+
+    teacher = tmp_path / "teacher"
+    save_checkpoint(*load_model("tiny"), teacher)
+    named = tmp_path / "named"
+    train(config(data, named, steps=2, save_every=2, teacher=str(teacher)))
+    os.utime(teacher / "model.safetensors", ns=(0, 0))  # stands for a checkpoint rewritten in place
+    with pytest.raises(SelfMTPError, match="teacher_files"):
+        train(config(data, named, steps=4, save_every=2, teacher=str(teacher), resume=True))
 
 
 def test_grad_accumulation_equals_big_batch(data, tmp_path):
@@ -146,14 +193,22 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
     train(cfg)
 
 
-@pytest.mark.parametrize("supervision", ["online", "offline"])  # offline: the processes share the relabelling
-def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path, supervision):
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2, supervision=supervision)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, ddp), nprocs=2, join=True)
-    train(config(data, tmp_path / "single", batch_size=4, steps=2, supervision=supervision))
+        return s.getsockname()[1]
+
+
+# offline: the processes share the relabelling, and a resume takes the cached targets on every process
+@pytest.mark.parametrize("supervision", ["online", "offline"])
+def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path, supervision):
+    ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2, supervision=supervision)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
+    if supervision == "offline":
+        resumed = replace(ddp, steps=3, resume=True)
+        torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), resumed), nprocs=2, join=True)
+    steps = 3 if supervision == "offline" else 2
+    train(config(data, tmp_path / "single", batch_size=4, steps=steps, supervision=supervision))
     for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["supervised"] == b["supervised"]
     assert_weights_close(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), 1e-5)

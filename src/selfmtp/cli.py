@@ -299,7 +299,8 @@ def _add_train(subparsers) -> None:
     add("--eval-decode-tau", type=float, help="ConfAdapt threshold of the decode eval (default: 0.9)")
     add("--save-every", type=int, help="checkpoint every N steps, 0: off (default: 100)")
     add("--keep-checkpoints", type=int, help="newest checkpoints kept (default: 2)")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints; the settings "
+        "that shape training must be the ones the run started with (OUTPUT/run_config.json)")
     add("--lora-rank", type=int, help="LoRA rank, 0: full fine-tuning (default: 0)")
     add("--lora-alpha", type=float, help="default: 2 x rank")
     add("--lora-export", choices=["merged", "adapter"], help="default: merged")

@@ -30,7 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from selfmtp.adapters import is_adapter_dir, load_adapter_dir
+from selfmtp.adapters import base_spec, is_adapter_dir, load_adapter_dir
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import current_umask
 
@@ -196,6 +196,24 @@ def _file_fingerprint(path: Path) -> str:
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def model_fingerprint(spec: str, *, seed: int) -> str:
+    """A cheap identity of the weights `load_model(spec, seed=seed)` gives, without loading them: the
+    spec and seed, plus name, size and mtime of every file of a local checkpoint or GGUF (an adapter
+    also folds in its base). Catches a checkpoint rewritten in place; a hub id is taken at its word."""
+    resolved = parse_model_spec(spec)
+    parts = [f"{resolved.kind}:{resolved.source}:{sorted(resolved.options.items())}:seed={seed}"]
+    if resolved.kind == "alias":
+        path = smollm2_gguf_path() if resolved.source == "smollm2-135m" else ALIASES[resolved.source]()
+    else:
+        path = Path(resolved.source) if resolved.kind in ("dir", "gguf") else None
+    if path is not None:
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        parts += [_file_fingerprint(f) for f in files]
+        if path.is_dir() and is_adapter_dir(path):
+            parts.append(model_fingerprint(base_spec(path), seed=seed))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _converted_gguf_dir(path: Path) -> Path:

@@ -5,10 +5,11 @@ seeded epoch-wise shuffle, draw ONE region plan for it from a generator seeded b
 and give each (micro-batch, process) its slice. Losses are divided by the supervised count of the
 whole global batch, so grad accumulation and data parallel (DDP averages over processes) give
 the gradient of one big batch, and the data/plan of a step depends only on (seed, step): resume
-needs nothing but weights, optimizer, scheduler and RNG.
+needs nothing but weights, optimizer, scheduler and RNG, and the same settings.
 
 Output directory: `final/` (stock-transformers checkpoint, tokenizer with `<mtp>`), `metrics.jsonl`
-(one JSON per step), `checkpoints/step-N/`, `summary.json`, and with offline supervision
+(one JSON per step), `checkpoints/step-N/`, `run_config.json` (the settings and model-file
+fingerprints, which --resume checks), `summary.json`, and with offline supervision
 `teacher_targets.safetensors` (the relabelled rows, reused by --resume).
 """
 
@@ -29,10 +30,10 @@ from tqdm import tqdm
 from selfmtp.data import TokenRows
 from selfmtp.errors import SelfMTPError
 from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
-from selfmtp.models import mtp_token_id
+from selfmtp.models import model_fingerprint, mtp_token_id
 from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
-from selfmtp.train_setup import export_final, load_models, load_rows, relabel_cached
-from selfmtp.train_state import list_checkpoints, load_training_state, save_training_state
+from selfmtp.train_setup import export_final, set_up
+from selfmtp.train_state import check_run_settings, list_checkpoints, load_training_state, save_training_state
 
 EVAL_SEED_OFFSET = 1_000_003
 LR_SCHEDULES = ("constant", "cosine")
@@ -328,24 +329,19 @@ def train(config: TrainConfig) -> dict:
     if world > 1:
         dist.barrier()  # every process checks the output directory before rank 0 writes to it
     torch.manual_seed(config.seed)
-    student, tokenizer, teacher_model, teacher = load_models(config, device)
+    teacher_key = model_fingerprint(config.teacher or config.model, seed=config.seed)
+    files = {"model_files": model_fingerprint(config.model, seed=config.seed), "teacher_files": teacher_key}
+    check_run_settings(out, asdict(config) | files, resume=resume_from is not None, rank=rank)
+    setup = set_up(config, device, out / "teacher_targets.safetensors", resume=resume_from is not None,
+                   teacher_key=teacher_key, rank=rank, world=world, relabel_tokens=RELABEL_TOKENS)
+    student, tokenizer, teacher_model, teacher = setup.student, setup.tokenizer, setup.teacher_model, setup.teacher
+    train_rows, eval_rows, data_info = setup.train_rows, setup.eval_rows, setup.data_info
     student.train()
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     student_logits = SelectedLogits(student)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         student_logits = torch.nn.parallel.DistributedDataParallel(student_logits, device_ids=ids)
-    train_rows, eval_rows, data_info = load_rows(config, tokenizer)
-    if config.supervision == "offline":  # the teacher's next-token choices, once, not in every step
-        splits = relabel_cached(
-            {"train": train_rows} | ({"eval": eval_rows} if eval_rows is not None else {}), teacher,
-            out / "teacher_targets.safetensors", reuse=resume_from is not None, rank=rank, world=world,
-            mtp_token_id=mtp_token_id(student), max_tokens=RELABEL_TOKENS, device=device,
-            progress=config.progress,
-        )
-        train_rows, eval_rows = splits["train"], splits.get("eval")
-        if config.prefix_target != "teacher" and not (config.teacher and config.eval_decode_prompts):
-            teacher = teacher_model = None  # all it gives is in the rows now: free its memory for training
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))

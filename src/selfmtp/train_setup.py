@@ -7,14 +7,14 @@ LoRA (peft): the student is the base model with adapters on every linear layer p
 teacher is the SAME module with the adapter disabled, so the weights exist once in memory.
 
 Offline supervision: the training rows are relabelled once with the teacher's next-token choices
-(`relabel_cached`), and the relabelled targets are kept in the run folder for --resume.
+(`set_up`), and the relabelled targets are kept in the run folder, where --resume finds them.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,18 +30,57 @@ from selfmtp.models import atomic_dir_write, load_model, mtp_token_id, save_chec
 from selfmtp.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
 
 
-def load_models(config, device) -> tuple:
-    """(student to train, tokenizer, separate teacher module or None, teacher callable or None)."""
+@dataclass
+class Setup:
+    """What a training run works with. `teacher_model` is a separate teacher module (None with LoRA's
+    adapter-disabled teacher, ground truth, or once an offline run no longer needs it); `teacher` is
+    the callable the objective uses, None when no step needs one."""
+
+    student: torch.nn.Module
+    tokenizer: object
+    teacher_model: torch.nn.Module | None
+    teacher: object
+    train_rows: TokenRows
+    eval_rows: TokenRows | None
+    data_info: dict
+
+
+def set_up(config, device, cache: Path, *, resume: bool, teacher_key: str, rank: int = 0, world: int = 1,
+           relabel_tokens: int) -> Setup:
+    """Load the student and the rows, and the teacher only where something needs it. Offline
+    supervision gives the rows the teacher's targets, cached in `cache`; a resumed run whose cache
+    matches its rows and `teacher_key` does not load a teacher for them at all."""
     student, tokenizer = load_model(config.model, seed=config.seed, device=device,
                                     attn_implementation=config.attn_implementation)
+    train_rows, eval_rows, info = load_rows(config, tokenizer)
+    splits = {"train": train_rows} | ({"eval": eval_rows} if eval_rows is not None else {})
+    offline = config.supervision == "offline"
+    key = _targets_key(splits, teacher_key) if offline else ""
+    cached = read_cached_targets(cache, splits, key) if offline and resume else None
+    if offline and world > 1 and not _everyone(cached is not None, device):
+        cached = None  # relabelling is collective: all processes take the cache or none does
+    in_steps = config.supervision == "online" or config.prefix_target == "teacher"
+    for_eval = bool(config.teacher and config.eval_every and config.eval_decode_prompts)
+    needed = in_steps or for_eval or (offline and cached is None)
     teacher_model = None
-    if config.teacher is not None:
+    if config.teacher is not None and needed:
         teacher_model, _ = load_model(config.teacher, seed=config.seed, device=device,
                                       attn_implementation=config.attn_implementation)
-    elif not config.lora_rank and config.supervision != "ground-truth":
-        teacher_model = copy.deepcopy(student)
+    elif config.teacher is None and not config.lora_rank and needed and config.supervision != "ground-truth":
+        teacher_model = copy.deepcopy(student)  # the starting checkpoint, frozen
     student, teacher = build_student_and_teacher(student, teacher_model, config)
-    return student, tokenizer, teacher_model, teacher
+    if offline:
+        if cached is None:
+            cached = {name: relabel_with_teacher(rows, teacher, rank=rank, world=world, max_tokens=relabel_tokens,
+                                                 mtp_token_id=mtp_token_id(student), device=device,
+                                                 progress=config.progress) for name, rows in splits.items()}
+            if rank == 0:
+                tensors = {name: rows.targets.contiguous() for name, rows in cached.items()}
+                write_bytes_atomic(cache, safetensors_bytes(tensors, metadata={"key": key}))
+        splits = cached
+        if not (in_steps or for_eval):  # all it gives is in the rows now: free its memory for training
+            teacher = teacher_model = None
+    return Setup(student, tokenizer, teacher_model, teacher, splits["train"], splits.get("eval"), info)
 
 
 def load_rows(config, tokenizer) -> tuple[TokenRows, TokenRows | None, dict]:
@@ -139,25 +178,26 @@ def _length_sorted_batches(lengths: torch.Tensor, max_tokens: int) -> list[torch
     return batches
 
 
-def relabel_cached(splits: dict[str, TokenRows], teacher, cache: Path, *, reuse: bool, rank: int = 0,
-                   **relabel) -> dict[str, TokenRows]:
-    """`relabel_with_teacher` for each split, written to `cache` (safetensors) by rank 0. With `reuse`
-    (a resumed run) the cache is read instead when it was made from exactly these rows, so a restart
-    does not pay the teacher pass again; the teacher itself is the run's, so it is not re-checked."""
-    key = _rows_fingerprint(splits)
-    if reuse and cache.is_file():
-        with safe_open(str(cache), "pt") as handle:
-            if (handle.metadata() or {}).get("rows_sha256") == key:
-                return {name: replace(rows, targets=handle.get_tensor(name)) for name, rows in splits.items()}
-    out = {name: relabel_with_teacher(rows, teacher, rank=rank, **relabel) for name, rows in splits.items()}
-    if rank == 0:
-        tensors = {name: rows.targets.contiguous() for name, rows in out.items()}
-        write_bytes_atomic(cache, safetensors_bytes(tensors, metadata={"rows_sha256": key}))
-    return out
+def _everyone(flag: bool, device) -> bool:
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
-def _rows_fingerprint(splits: dict[str, TokenRows]) -> str:
-    digest = hashlib.sha256()
+def read_cached_targets(cache: Path, splits: dict[str, TokenRows], key: str) -> dict[str, TokenRows] | None:
+    """The rows with their cached teacher targets, or None when `cache` is missing or was made from
+    other rows or another teacher (`key`)."""
+    if not cache.is_file():
+        return None
+    with safe_open(str(cache), "pt") as handle:
+        if (handle.metadata() or {}).get("key") != key:
+            return None
+        return {name: replace(rows, targets=handle.get_tensor(name)) for name, rows in splits.items()}
+
+
+def _targets_key(splits: dict[str, TokenRows], teacher_key: str) -> str:
+    """sha256 of the rows' token ids and lengths and of the teacher's identity."""
+    digest = hashlib.sha256(teacher_key.encode())
     for name, rows in sorted(splits.items()):
         digest.update(name.encode())
         for tensor in (rows.input_ids, rows.lengths):

@@ -5,10 +5,15 @@ A checkpoint is a directory `checkpoints/step-NNNNNNN/` that appears complete or
     state.pt                step, optimizer and scheduler state dicts, RNG states (torch.save;
                             read back with torch.load(weights_only=True))
 Frozen weights are not saved: they are the starting checkpoint, which resume loads again.
+
+Beside the checkpoints, `run_config.json` records the settings a run started with and a fingerprint
+of its model files. `--resume` refuses settings that change what the run learns (data, model, loss,
+lr curve, seed...): resuming under them would silently train a different run.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selfmtp.errors import SelfMTPError
+from selfmtp.files import write_bytes_atomic
 from selfmtp.models import atomic_dir_write
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -78,3 +84,33 @@ def load_training_state(path: str | Path, model, optimizer, scheduler) -> int:
     if "rng_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return int(state["step"])
+
+
+RUN_SETTINGS = "run_config.json"
+# Where and how a run executes, or what it reports, not what it learns: these may change on resume.
+FREE_ON_RESUME = frozenset({
+    "output", "resume", "progress", "device", "attn_implementation", "save_every", "keep_checkpoints",
+    "eval_decode_prompts", "eval_decode_tokens", "eval_decode_tau",
+})
+
+
+def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0) -> None:
+    """A fresh run records `settings` in `out/run_config.json`; a resumed one must match them, except
+    FREE_ON_RESUME and `steps` under a constant lr (a cosine curve is drawn to the old `steps`).
+    A run from before this record existed gets one now, unchecked."""
+    path = Path(out) / RUN_SETTINGS
+    if resume and path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SelfMTPError(f"cannot read {path}: {exc}") from exc
+        free = FREE_ON_RESUME | ({"steps"} if recorded.get("lr_schedule") == settings.get("lr_schedule") == "constant" else set())
+        changed = [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
+                   for key in sorted(set(recorded) | set(settings))
+                   if key not in free and recorded.get(key) != settings.get(key)]
+        if changed:
+            raise SelfMTPError(f"--resume with other settings than {out} was started with ({'; '.join(changed)}): "
+                               "resume with the original ones, or train into a new --output")
+        return
+    if rank == 0:
+        write_bytes_atomic(path, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
