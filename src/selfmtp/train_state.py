@@ -109,8 +109,8 @@ def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0
                    for key in sorted(set(recorded) | set(settings))
                    if key not in free and recorded.get(key) != settings.get(key)]
         if changed:
-            raise SelfMTPError(f"--resume with other settings than {out} was started with ({'; '.join(changed)}): "
-                               "resume with the original ones, or train into a new --output")
+            raise SelfMTPError(f"{out} holds a run that started with other settings ({'; '.join(changed)}): "
+                               "continue it with the original ones, or train into a new --output")
         return
     if rank == 0:
         write_bytes_atomic(path, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
