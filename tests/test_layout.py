@@ -11,6 +11,7 @@ from selfmtp.layout import (
     default_regions,
     fill_rollout,
     model_attention_mask,
+    padded_causal_attention,
     sample_regions,
 )
 
@@ -204,3 +205,14 @@ def test_assemble_slices_equal_whole_batch():
     width = half.input_ids.shape[1]
     assert torch.equal(whole.input_ids[2:, :width], half.input_ids)
     assert int(whole.sup_batch.ge(2).sum()) == half.sup_pos.numel()
+
+
+def test_padded_causal_attention_is_causal_over_real_tokens_and_self_for_pads():
+    lengths, width = torch.tensor([5, 2, 0]), 5
+    mask = padded_causal_attention(lengths, width)
+    assert mask.shape == (3, 1, width, width)
+    for b, length in enumerate(lengths.tolist()):
+        for q in range(width):
+            for k in range(width):
+                expected = (k <= q < length) if q < length else (k == q)
+                assert bool(mask[b, 0, q, k]) == expected, (b, q, k)

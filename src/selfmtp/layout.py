@@ -185,6 +185,13 @@ def assemble_layout(
     return MTPLayout(ids, pos, student, causal, gt_positions, layout_lengths, *sup, *ntp)
 
 
+def padded_causal_attention(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, 1, W, W) attention of plain right-padded rows: the layout's rule with no mask blocks."""
+    index = torch.arange(width, device=lengths.device).expand(len(lengths), width)
+    real_index = index.masked_fill(index >= lengths[:, None], -1)
+    return _attention(real_index, real_index, torch.full_like(index, -1), bidirectional=False)
+
+
 def _attention(gt_index, anchor, block, *, bidirectional: bool) -> torch.Tensor:
     is_mask = block >= 0
     is_pad = anchor < 0
@@ -192,9 +199,9 @@ def _attention(gt_index, anchor, block, *, bidirectional: bool) -> torch.Tensor:
     sees_gt = (gt_index[:, None, :] >= 0) & (gt_index[:, None, :] <= anchor[:, :, None])
     same_block = is_mask[:, :, None] & is_mask[:, None, :] & (block[:, :, None] == block[:, None, :])
     if not bidirectional:
-        same_block = same_block & torch.ones(width, width, dtype=torch.bool).tril()
+        same_block = same_block & torch.ones(width, width, dtype=torch.bool, device=block.device).tril()
     # A pad query attends to itself only (no empty softmax rows); nobody attends to a pad key.
-    pad_self = is_pad[:, :, None] & torch.eye(width, dtype=torch.bool)
+    pad_self = is_pad[:, :, None] & torch.eye(width, dtype=torch.bool, device=block.device)
     return (sees_gt | same_block | pad_self)[:, None]
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask
+from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask, padded_causal_attention
 
 TEACHER_MODES = ("hard", "soft")
 # online: the teacher on the student's rollout (the paper). offline: the teacher's argmax after the
@@ -225,10 +225,7 @@ def teacher_next_tokens(teacher, input_ids: torch.Tensor, lengths: torch.Tensor,
     and region plan. `teacher` is a callable like `frozen_teacher`'s; tensors are on its device."""
     batch, n = input_ids.shape
     index = torch.arange(n, device=input_ids.device)
-    real = index[None, :] < lengths[:, None]
-    # Causal over real tokens; a pad query attends to itself only (no empty softmax rows).
-    mask = (index[None, :, None] >= index[None, None, :]) & real[:, None, :]
-    mask = (mask | (~real[:, :, None] & (index[:, None] == index[None, :])))[:, None]
+    mask = padded_causal_attention(lengths, n)
     rows, cols = (index[None, :] < lengths[:, None] - 1).nonzero(as_tuple=True)
     logits = _without_mtp(teacher(input_ids, index.expand(batch, n), mask, rows, cols), mtp_token_id)
     out = input_ids.clone()
