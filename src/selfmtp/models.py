@@ -21,8 +21,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from selfmtp.adapters import base_spec, is_adapter_dir, load_adapter_dir
 from selfmtp.errors import SelfMTPError
-from selfmtp.files import current_umask
+from selfmtp.files import atomic_dir_write
 
 MTP_TOKEN = "<mtp>"
 MTP_CONFIG_KEY = "mtp_mask_token_id"
@@ -384,32 +382,6 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
 
     atomic_dir_write(out_dir, write)
     return out_dir
-
-
-def atomic_dir_write(target: Path, write) -> None:
-    """Call `write(tmp_dir)` on a sibling temp dir, then rename it onto `target` (all or nothing)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a checkpoint should get the usual mode
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                if not target.exists():
-                    raise
-                # Another process (e.g. a second DDP rank filling the cache) finished first.
-                shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def describe_model(model, tokenizer) -> dict:

@@ -21,8 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selfmtp.errors import SelfMTPError
-from selfmtp.files import write_bytes_atomic
-from selfmtp.models import atomic_dir_write
+from selfmtp.files import atomic_dir_write, write_bytes_atomic
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
