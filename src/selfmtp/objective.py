@@ -176,22 +176,7 @@ def mtp_loss(
     with torch.no_grad():
         top_lp, rollout = student_lp.max(dim=-1)
 
-    t_sup = t_prefix = None
-    if online or teacher_prefix:
-        # One teacher pass on the student-forced layout. Ground-truth positions never see a mask or a
-        # rollout token, so the teacher's logits there are its plain next-token predictions.
-        wanted = []  # (rows, cols): the supervised positions (online), then the prefix positions
-        if online:
-            wanted.append((layout.sup_batch, layout.sup_pos))
-        if teacher_prefix:
-            wanted.append((layout.ntp_batch, layout.ntp_pos))
-        t_rows, t_cols = (torch.cat(part) for part in zip(*wanted, strict=True))
-        teacher_ids = fill_rollout(layout, rollout) if online else layout.input_ids
-        with torch.no_grad():
-            t_logits = _without_mtp(teacher(teacher_ids, layout.position_ids, layout.teacher_attention_mask,
-                                            t_rows, t_cols), mtp_token_id)  # fmt: skip
-        t_sup, t_prefix = (t_logits[:n_sup], t_logits[n_sup:]) if online else (None, t_logits)
-
+    t_sup, t_prefix = _teacher_logits(teacher, layout, rollout if online else None, teacher_prefix, mtp_token_id)
     if online:
         eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
         targets = torch.where(layout.sup_past_eos, eos, t_sup.argmax(dim=-1))
@@ -203,18 +188,45 @@ def mtp_loss(
     loss = loss_sum / (normalizer if normalizer is not None else max(n_sup, 1))
     prefix_sum, prefix_agree = torch.zeros((), dtype=loss.dtype), 0
     if use_prefix:
-        if teacher_prefix:  # KL(P_T || P_S) whatever teacher_mode: 0 at step 0, no push to sharpen
-            prefix_sum = distillation_loss(prefix_lp, t_prefix, "soft").sum()
-            prefix_targets = t_prefix.argmax(dim=-1)
-        else:
-            prefix_targets = layout.ntp_target
-            prefix_sum = -prefix_lp.gather(1, prefix_targets[:, None])[:, 0].sum()
-        prefix_agree = int((prefix_lp.detach().argmax(dim=-1) == prefix_targets).sum())
+        prefix_sum, prefix_agree = _prefix_term(prefix_lp, t_prefix, layout.ntp_target)
         denom = prefix_normalizer if prefix_normalizer is not None else max(layout.ntp_pos.numel(), 1)
         loss = loss + prefix_loss_weight * prefix_sum / denom
 
     stats = _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum if use_prefix else None, prefix_agree, k_max)
     return loss, stats
+
+
+def _teacher_logits(teacher, layout: MTPLayout, rollout, teacher_prefix: bool, mtp_token_id):
+    """(teacher logits at the supervised positions or None, at the prefix positions or None) from ONE
+    teacher pass. With a `rollout` (online) the pass is on the student-forced layout; ground-truth
+    positions never see a mask or a rollout token, so the teacher's logits there are its plain
+    next-token predictions either way."""
+    if rollout is None and not teacher_prefix:
+        return None, None
+    wanted = []  # (rows, cols): the supervised positions (online), then the prefix positions
+    if rollout is not None:
+        wanted.append((layout.sup_batch, layout.sup_pos))
+    if teacher_prefix:
+        wanted.append((layout.ntp_batch, layout.ntp_pos))
+    rows, cols = (torch.cat(part) for part in zip(*wanted, strict=True))
+    ids = fill_rollout(layout, rollout) if rollout is not None else layout.input_ids
+    with torch.no_grad():
+        logits = _without_mtp(teacher(ids, layout.position_ids, layout.teacher_attention_mask, rows, cols), mtp_token_id)
+    if rollout is None:
+        return None, logits
+    n_sup = layout.sup_pos.numel()
+    return logits[:n_sup], (logits[n_sup:] if teacher_prefix else None)
+
+
+def _prefix_term(prefix_lp, t_prefix, ground_truth) -> tuple[torch.Tensor, int]:
+    """(summed next-token loss at ground-truth positions, count where the student's argmax is its
+    target): KL(P_T || P_S) to the teacher whatever teacher_mode (0 at step 0, no push to sharpen),
+    else cross-entropy to the ground truth."""
+    if t_prefix is not None:
+        total, targets = distillation_loss(prefix_lp, t_prefix, "soft").sum(), t_prefix.argmax(dim=-1)
+    else:
+        total, targets = -prefix_lp.gather(1, ground_truth[:, None])[:, 0].sum(), ground_truth
+    return total, int((prefix_lp.detach().argmax(dim=-1) == targets).sum())
 
 
 @torch.no_grad()
