@@ -294,8 +294,17 @@ def test_cli_user_errors(data, tmp_path, capsys, argv, message):
 def test_cli_trains_and_refuses_to_overwrite(data, tmp_path, capsys):
     argv = ["train", "--model", "tiny", "--data", data, "--output", str(tmp_path / "o"), "--no-progress",
             "--steps", "2", "--template", "plain", "--seq-len", "64", "--k-max", "4", "--batch-size", "2", "--json"]
-    assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["last"]["step"] == 2
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    try:
+        assert main(argv) == 0
+        assert not hf_logging.is_progress_bar_enabled()  # --no-progress reaches transformers' own bars
+    finally:
+        hf_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    output = capsys.readouterr()
+    assert json.loads(output.out)["last"]["step"] == 2 and "Loading weights" not in output.err
     assert main(argv) == 2
     assert "already holds a training run" in capsys.readouterr().err
 

@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    if getattr(args, "no_progress", False):
+        _silence_library_progress()
     try:
         return args.run(args) or 0
     except SelfMTPError as exc:
@@ -444,3 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("selfmtp: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_library_progress() -> None:
+    """--no-progress also means transformers' own loading and saving bars (logs stay as they are)."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
