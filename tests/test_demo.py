@@ -1,6 +1,7 @@
 """`selfmtp demo`: the pipeline runs end to end at toy scale, resumes, and grades its targets honestly."""
 
 import json
+import re
 
 import pytest
 
@@ -24,6 +25,10 @@ def test_demo_pipeline_writes_everything_and_resumes(tmp_path, capsys):
     assert "ConfAdapt tau=0.9 acceleration >= 2.5" in first and "<span class=\"chunk\"" in (out / "chunks.html").read_text()
     summary = json.loads((out / "demo.json").read_text())
     assert summary["config"]["steps"] == 2 and len(summary["targets"]) == 4
+    within_k1 = summary["targets"][1]  # graded on the difference, reported with its paired error
+    assert within_k1["value"] == pytest.approx(rows["confadapt:0.9:8"]["vs_static_1"])
+    assert within_k1["stderr"] == rows["confadapt:0.9:8"]["vs_static_1_stderr"]
+    assert re.search(r"within 3 points of static k=1 \([+-]\d+\.\d \+- \d+\.\d points\)", first)
 
     assert main(["demo", "--output", str(out), *TOY]) == 0  # rerun: nothing is trained or decoded again
     second = capsys.readouterr().out

@@ -104,6 +104,21 @@ def test_stderr_formula():
     assert accuracy_with_stderr([True])["stderr"] == 0.0
 
 
+def test_paired_difference_is_the_mean_and_stderr_of_per_item_differences():
+    from selfmtp.evaluation.reference import paired_difference
+
+    def outputs(correct):
+        return [{"index": i, "scores": {"accuracy": {"correct": c}}} for i, c in enumerate(correct)]
+
+    a, b = [True, True, False, True, False], [True, False, False, False, True]
+    diffs = [0, 1, 0, 1, -1]  # a - b by item; the same items, so their shared difficulty cancels
+    mean = sum(diffs) / 5
+    expected = (sum((d - mean) ** 2 for d in diffs) / 4 / 5) ** 0.5
+    assert paired_difference(outputs(a), outputs(b), "accuracy") == pytest.approx(
+        {"difference": mean, "stderr": expected, "n": 5})
+    assert paired_difference(outputs(a)[:3], outputs(b), "accuracy")["n"] == 3  # only shared items
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts
 
@@ -280,7 +295,7 @@ def test_cli_eval_runs_and_prints(tmp_path, capsys):
             "--max-new-tokens", "6", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"\| static k=3 \| \d+\.\d \+- \d+\.\d \| [123]\.\d\dx", printed)
+    assert re.search(r"\| static k=3 \| \d+\.\d \+- \d+\.\d \| [+-]\d+\.\d \+- \d+\.\d \| [123]\.\d\dx", printed)
     assert main([*argv, "--json"]) == 0  # resumed: both strategies already finished
     results = json.loads(capsys.readouterr().out)
     assert [r["strategy"] for r in results["rows"]] == ["static:1", "static:3"]
@@ -311,6 +326,11 @@ def test_sweep_reports_agreement_and_coherence_against_the_teacher(tiny_mtp, tmp
     stored = json.loads((tmp_path / "runs" / "static_2.json").read_text())["row"]
     assert stored["teacher_nll_per_token"] == rows["static:2"]["teacher_nll_per_token"]  # kept for reruns
     assert "agreement with teacher" in (tmp_path / "results.md").read_text()
+    # paired differences: static:1 decodes the teacher's own text, so it differs from it by exactly 0
+    assert rows["static:1"]["vs_teacher"] == rows["static:1"]["vs_teacher_stderr"] == 0.0
+    assert rows["static:2"]["vs_teacher"] == pytest.approx(rows["static:2"]["accuracy"] - rows["teacher"]["accuracy"])
+    assert "vs_static_1" not in rows["static:1"] and "vs_static_1" in rows["static:2"]
+    assert "| vs static k=1 (points) | vs teacher (points) |" in (tmp_path / "results.md").read_text()
     with pytest.raises(SelfMTPError, match="--coherence needs --teacher"):
         run_sweep(_config(coherence=True), tmp_path / "other", progress=False)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from selfmtp.files import write_bytes_atomic
 
 STDERR_FORMULA = "sqrt(p*(1-p)/(n-1))  (sample std / sqrt(n), as lm-evaluation-harness)"
+# Paired differences (evaluation/reference.py), when the reference row is in the sweep.
+PAIRED_COLUMNS = (("vs_static_1", "vs static k=1 (points)"), ("vs_teacher", "vs teacher (points)"))
 
 
 def accuracy_with_stderr(correct: list[bool]) -> dict:
@@ -55,13 +57,16 @@ def format_table(results: dict) -> str:
     primary = results.get("metrics", ["accuracy"])[0]
     agreement = any("answer_agreement" in row for row in rows)
     nll = any("teacher_nll_per_token" in row for row in rows)
+    paired = [(key, title) for key, title in PAIRED_COLUMNS if any(key in row for row in rows)]
     header = ["strategy", f"{primary} (%)", *[f"{m} (%)" for m in extra]]
+    header += [title for _, title in paired]
     header += ["agreement with teacher (%)"] * agreement + ["teacher NLL/token"] * nll
     header += ["acceleration", "tokens/s", "n"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [display_name(row), _percent(row["accuracy"], row["stderr"])]
         cells += [_percent(row["metrics"][m]["accuracy"], row["metrics"][m]["stderr"]) for m in extra]
+        cells += [_points(row[key], row[f"{key}_stderr"]) if key in row else "-" for key, _ in paired]
         if agreement:
             cells.append(_percent(row["answer_agreement"], row["answer_agreement_stderr"]) if "answer_agreement" in row else "-")
         if nll:
@@ -79,6 +84,10 @@ def _percent(p: float, stderr: float) -> str:
     return f"{100 * p:.1f} +- {100 * stderr:.1f}"
 
 
+def _points(difference: float, stderr: float) -> str:
+    return f"{100 * difference:+.1f} +- {100 * stderr:.1f}"
+
+
 def markdown_report(results: dict) -> str:
     title = f"# {results['task']} - {results['model']}"
     notes = [
@@ -88,6 +97,9 @@ def markdown_report(results: dict) -> str:
     if results.get("teacher"):
         notes.append(f"teacher: plain greedy NTP of {results['teacher']} (the step-0 baseline).")
         notes.append("agreement with teacher: share of items whose extracted answer equals the teacher row's.")
+    if any(key in row for row in results["rows"] for key, _ in PAIRED_COLUMNS):
+        notes.append("vs static k=1 / vs teacher: accuracy difference in points on the same items, +- the "
+                     "standard error of the per-item differences (paired).")
     if any("teacher_nll_per_token" in row for row in results["rows"]):
         notes.append("teacher NLL/token: the teacher's mean negative log-likelihood of the generated tokens (coherence).")
     return "\n\n".join([title, format_table(results), "\n".join(f"- {n}" for n in notes)]) + "\n"

@@ -225,8 +225,14 @@ def _load_finished(path: Path, fingerprint: dict) -> dict | None:
     return record
 
 
+# Rows every other row is compared with, item by item: (results key, strategy label).
+PAIRED_REFERENCES = (("vs_static_1", "static:1"), ("vs_teacher", TEACHER))
+
+
 def _results(config: SweepConfig, task, runs: list[PlannedRun], finished: dict) -> dict:
-    teacher = finished.get(TEACHER)
+    from selfmtp.evaluation.reference import answer_agreement, paired_difference
+
+    teacher, metric = finished.get(TEACHER), task.metrics[0]
     rows = []
     for run in runs:
         record = finished.get(run.label)
@@ -234,10 +240,12 @@ def _results(config: SweepConfig, task, runs: list[PlannedRun], finished: dict) 
             continue
         row = dict(record["row"])
         if teacher is not None:
-            from selfmtp.evaluation.reference import answer_agreement
-
-            agreement = answer_agreement(record["outputs"], teacher["outputs"], task.metrics[0])
+            agreement = answer_agreement(record["outputs"], teacher["outputs"], metric)
             row["answer_agreement"], row["answer_agreement_stderr"] = agreement["accuracy"], agreement["stderr"]
+        for key, label in PAIRED_REFERENCES:
+            if finished.get(label) is not None and label != run.label:
+                diff = paired_difference(record["outputs"], finished[label]["outputs"], metric)
+                row[key], row[f"{key}_stderr"] = diff["difference"], diff["stderr"]
         rows.append(row)
     return {
         "model": config.model,
