@@ -168,6 +168,8 @@ def test_resume_refuses_other_settings_or_changed_model_files(data, tmp_path):
     with pytest.raises(SelfMTPError, match="steps: 2 -> 4"):  # the cosine curve was drawn to step 2
         train(config(data, out, steps=4, save_every=2, lr_schedule="cosine", resume=True))
     train(config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, keep_checkpoints=3))
+    with pytest.raises(SelfMTPError, match="holds_out_eval_rows: False -> True"):  # it would change the train rows
+        train(config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, eval_every=1))
 
     teacher = tmp_path / "teacher"
     save_checkpoint(*load_model("tiny"), teacher)

@@ -330,8 +330,9 @@ def train(config: TrainConfig) -> dict:
         dist.barrier()  # every process checks the output directory before rank 0 writes to it
     torch.manual_seed(config.seed)
     teacher_key = model_fingerprint(config.teacher or config.model, seed=config.seed)
-    files = {"model_files": model_fingerprint(config.model, seed=config.seed), "teacher_files": teacher_key}
-    check_run_settings(out, asdict(config) | files, resume=resume_from is not None, rank=rank)
+    derived = {"model_files": model_fingerprint(config.model, seed=config.seed), "teacher_files": teacher_key,
+               "holds_out_eval_rows": bool(config.eval_every) and not config.eval_data}  # see load_rows
+    check_run_settings(out, asdict(config) | derived, resume=resume_from is not None, rank=rank)
     setup = set_up(config, device, out / "teacher_targets.safetensors", resume=resume_from is not None,
                    teacher_key=teacher_key, rank=rank, world=world, relabel_tokens=RELABEL_TOKENS)
     student, tokenizer, teacher_model, teacher = setup.student, setup.tokenizer, setup.teacher_model, setup.teacher

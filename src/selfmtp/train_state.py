@@ -89,8 +89,8 @@ RUN_SETTINGS = "run_config.json"
 # Where and how a run executes, or what it reports, not what it learns: these may change on resume.
 FREE_ON_RESUME = frozenset({
     "output", "resume", "progress", "device", "attn_implementation", "save_every", "keep_checkpoints",
-    "eval_decode_prompts", "eval_decode_tokens", "eval_decode_tau",
-})
+    "eval_every", "eval_decode_prompts", "eval_decode_tokens", "eval_decode_tau",
+})  # eval_every only matters through whether rows are held out, which the trainer records on its own
 
 
 def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0) -> None:
