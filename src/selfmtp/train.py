@@ -32,7 +32,7 @@ from selfmtp.errors import SelfMTPError
 from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
 from selfmtp.models import model_fingerprint, mtp_token_id
 from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
-from selfmtp.train_setup import export_final, set_up
+from selfmtp.train_setup import export_final, holds_out_eval_rows, set_up
 from selfmtp.train_state import check_run_settings, list_checkpoints, load_training_state, save_training_state
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -329,9 +329,9 @@ def train(config: TrainConfig) -> dict:
     if world > 1:
         dist.barrier()  # every process checks the output directory before rank 0 writes to it
     torch.manual_seed(config.seed)
-    teacher_key = model_fingerprint(config.teacher or config.model, seed=config.seed)
-    derived = {"model_files": model_fingerprint(config.model, seed=config.seed), "teacher_files": teacher_key,
-               "holds_out_eval_rows": bool(config.eval_every) and not config.eval_data}  # see load_rows
+    model_key = model_fingerprint(config.model, seed=config.seed)
+    teacher_key = model_fingerprint(config.teacher, seed=config.seed) if config.teacher else model_key
+    derived = {"model_files": model_key, "teacher_files": teacher_key, "holds_out_eval_rows": holds_out_eval_rows(config)}
     check_run_settings(out, asdict(config) | derived, resume=resume_from is not None, rank=rank)
     setup = set_up(config, device, out / "teacher_targets.safetensors", resume=resume_from is not None,
                    teacher_key=teacher_key, rank=rank, world=world, relabel_tokens=RELABEL_TOKENS)

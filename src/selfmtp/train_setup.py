@@ -94,11 +94,16 @@ def load_rows(config, tokenizer) -> tuple[TokenRows, TokenRows | None, dict]:
         eval_rows = tokenize_examples(eval_examples[: config.eval_size], tokenizer, template=config.template,
                                       seq_len=config.seq_len)
         return rows, eval_rows, info
-    held_out = min(config.eval_size, len(rows) // 10) if config.eval_every else 0
+    held_out = min(config.eval_size, len(rows) // 10) if holds_out_eval_rows(config) else 0
     if held_out == 0:
         return rows, None, info
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
     return rows.take(order[held_out:]), rows.take(order[:held_out]), info
+
+
+def holds_out_eval_rows(config) -> bool:
+    """Whether `load_rows` takes evaluation rows out of the training data (it changes what trains)."""
+    return bool(config.eval_every) and not config.eval_data
 
 
 def build_student_and_teacher(student, teacher_model, config):
