@@ -261,6 +261,7 @@ def _add_train(subparsers) -> None:
         "teacher scoring of the rollout, cross-entropy to the teacher's choices. Works with torchrun (DDP). "
         "--config FILE gives TrainConfig fields as a JSON object; flags on the command line override it.",
     )
+    from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING
     from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES
 
     _add_common_model_args(parser)
@@ -272,8 +273,8 @@ def _add_train(subparsers) -> None:
         help="teacher model spec (default: a frozen copy of --model; with LoRA the adapter-disabled student)")
     add("--teacher", choices=TEACHER_MODES, help="hard (default): teacher argmax targets; soft: KL to its distribution")
     add("--supervision", choices=SUPERVISION, help=f"{SUPERVISION_HELP} (default: online)")
-    add("--block-attention", choices=["causal", "bidirectional"], help="default: causal")
-    add("--k-sampling", choices=["random", "static"], help="default: random")
+    add("--block-attention", choices=BLOCK_ATTENTION, help="default: causal")
+    add("--k-sampling", choices=K_SAMPLING, help="default: random")
     add("--static-k", type=int, help="k for --k-sampling static")
     add("--k-max", type=int, help="default: 16")
     add("--regions", type=int, help="MTP regions per sequence (default: seq_len // (2 k_max))")

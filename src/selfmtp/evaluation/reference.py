@@ -19,21 +19,24 @@ import torch
 from selfmtp.evaluation.report import accuracy_with_stderr
 
 
+def _item_pairs(outputs: list[dict], reference_outputs: list[dict], metric: str, field: str) -> list[tuple]:
+    """(this row's value, the reference row's) of scores[metric][field], for every item both hold."""
+    by_index = {o["index"]: o["scores"][metric][field] for o in reference_outputs}
+    return [(o["scores"][metric][field], by_index[o["index"]]) for o in outputs if o["index"] in by_index]
+
+
 def answer_agreement(outputs: list[dict], teacher_outputs: list[dict], metric: str) -> dict:
     """Both lists as stored in runs/<strategy>.json ("scores"[metric]["extracted"]), item by item."""
-    by_index = {o["index"]: o["scores"][metric]["extracted"] for o in teacher_outputs}
-    same = [o["scores"][metric]["extracted"] == by_index[o["index"]] for o in outputs if o["index"] in by_index]
-    return accuracy_with_stderr(same)
+    return accuracy_with_stderr([mine == theirs for mine, theirs in _item_pairs(outputs, teacher_outputs, metric, "extracted")])
 
 
 def paired_difference(outputs: list[dict], reference_outputs: list[dict], metric: str) -> dict:
     """Mean over shared items of correct - reference_correct (each 0 or 1), with its standard error
     (sample std of the differences / sqrt(n)); fractions, like accuracy."""
-    by_index = {o["index"]: o["scores"][metric]["correct"] for o in reference_outputs}
-    diffs = [int(o["scores"][metric]["correct"]) - int(by_index[o["index"]]) for o in outputs if o["index"] in by_index]
+    diffs = [int(mine) - int(theirs) for mine, theirs in _item_pairs(outputs, reference_outputs, metric, "correct")]
     n = len(diffs)
-    mean = sum(diffs) / n if n else 0.0
-    stderr = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
+    mean = statistics.fmean(diffs) if n else 0.0
+    stderr = statistics.stdev(diffs) / n**0.5 if n > 1 else 0.0
     return {"difference": mean, "stderr": stderr, "n": n}
 
 
