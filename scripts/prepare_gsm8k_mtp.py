@@ -8,6 +8,7 @@ train; both are copied verbatim (selfmtp.data strips the <<a*b=c>> calculator an
 reads them). With `--self-answers N`, the original model answers the first N train questions
 greedily (chat template, our NTP decode loop) and `self-train.jsonl` gets {"question", "answer"}
 records holding those answers: training prefixes like the ones the model meets at inference.
+The answers are appended batch by batch; rerunning the same command continues where it stopped.
 An answer cut by --max-new-tokens gets an EOS appended when selfmtp.data reads it; with the default
 160 and the recipe's 192-token rows that EOS never fits in a row (every chat prompt is > 32 tokens).
 """
@@ -30,19 +31,41 @@ def split(lines: list[str], dev: int) -> tuple[list[str], list[str]]:
     return lines[:-dev], lines[-dev:]
 
 
-def self_answers(questions: list[str], model: str, max_new_tokens: int, batch_size: int) -> list[dict]:
-    """The model's own greedy chat answers, one {"question", "answer"} record each."""
+def self_answers(questions: list[str], model: str, max_new_tokens: int, batch_size: int, path: Path) -> int:
+    """Append the model's own greedy chat answers to `path`, one {"question", "answer"} record each.
+
+    Resumable: questions already answered in `path` (a run that was stopped) are skipped, and each
+    batch is appended and flushed as soon as it is decoded, so a kill loses one batch at most.
+    Returns how many records `path` holds for `questions`.
+    """
     from tqdm import tqdm
 
     from selfmtp.api import MTPModel
 
+    done = _answered(path, len(questions))
+    todo = questions[done:]
+    if not todo:
+        return done
     mtp = MTPModel.from_pretrained(model)
-    records = []
-    for lo in tqdm(range(0, len(questions), batch_size), desc="self-answers"):
-        group = questions[lo : lo + batch_size]
-        results = mtp.generate(group, strategy="ntp", max_new_tokens=max_new_tokens, chat=True, batch_size=batch_size)
-        records += [{"question": q, "answer": r.text, "stop_reason": r.stop_reason} for q, r in zip(group, results, strict=True)]
-    return records
+    with path.open("a", encoding="utf-8") as out:
+        for lo in tqdm(range(0, len(todo), batch_size), desc="self-answers", mininterval=10):
+            group = todo[lo : lo + batch_size]
+            results = mtp.generate(group, strategy="ntp", max_new_tokens=max_new_tokens, chat=True, batch_size=batch_size)
+            for q, r in zip(group, results, strict=True):
+                out.write(json.dumps({"question": q, "answer": r.text, "stop_reason": r.stop_reason}) + "\n")
+            out.flush()
+    return done + len(todo)
+
+
+def _answered(path: Path, limit: int) -> int:
+    """Complete records already in `path` (a torn last line from a kill is cut off)."""
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    if complete != text:
+        path.write_text(complete, encoding="utf-8")
+    return min(limit, len(complete.splitlines()))
 
 
 def main() -> None:
@@ -64,12 +87,11 @@ def main() -> None:
     print(f"wrote {len(train)} train and {len(dev)} dev problems to {out}")
     if args.self_answers:
         questions = [json.loads(line)["question"] for line in train[: args.self_answers]]
+        path = out / "self-train.jsonl"
         started = time.perf_counter()
-        records = self_answers(questions, args.model, args.max_new_tokens, args.batch_size)
+        count = self_answers(questions, args.model, args.max_new_tokens, args.batch_size, path)
         seconds = time.perf_counter() - started
-        (out / "self-train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        print(f"wrote {len(records)} self-answers to {out / 'self-train.jsonl'} in {seconds:.0f} s")
-
+        print(f"{path} holds {count} self-answers ({seconds:.0f} s in this run)")
 
 if __name__ == "__main__":
     main()
