@@ -35,7 +35,7 @@ def _seed_everything():
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the default `tiny` spec with `<mtp>`, float32, eval mode."""
-    from selfmtp.models import load_model
+    from selfmtp.models.loading import load_model
 
     return load_model("tiny", seed=0)
 
@@ -45,7 +45,7 @@ def peaked():
     """`MTPModel` of the tiny model with its final norm scaled up: sharp, varied confidences, so
     ConfAdapt accepts different numbers of tokens per pass (the untrained tiny model is near uniform)."""
     from selfmtp.api import MTPModel
-    from selfmtp.models import load_model
+    from selfmtp.models.loading import load_model
 
     model, tokenizer = load_model("tiny", seed=0)
     with torch.no_grad():

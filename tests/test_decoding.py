@@ -12,7 +12,7 @@ from selfmtp.api import MTPModel
 from selfmtp.cli import main
 from selfmtp.decoding import generate_batch, summarize
 from selfmtp.errors import SelfMTPError
-from selfmtp.models import load_model
+from selfmtp.models.loading import load_model
 from selfmtp.strategies import ConfAdapt, Static, parse_strategy
 
 PROMPTS = [

@@ -154,7 +154,7 @@ def _tiny_layout(tokenizer, n=40, k_max=6, seed=0, block_attention="causal"):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_layout_logits_equal_plain_causal_forward(attn, tiny):
-    from selfmtp.models import load_model
+    from selfmtp.models.loading import load_model
 
     model, tokenizer = load_model("tiny", seed=0, attn_implementation=attn)
     ids, lengths, layout = _tiny_layout(tokenizer)

@@ -40,7 +40,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def mtp():
-    from selfmtp.models import load_model
+    from selfmtp.models.loading import load_model
 
     return MTPModel(*load_model("tiny", seed=0))
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from selfmtp.cli import main
 from selfmtp.errors import SelfMTPError
-from selfmtp.models import (
+from selfmtp.models.loading import (
     MTP_TOKEN,
     add_mtp_token,
     load_model,

@@ -163,7 +163,7 @@ def test_teacher_gets_no_gradient_and_never_changes(tiny, teacher_mode):
 
 
 def test_eager_and_sdpa_give_the_same_loss(tiny):
-    from selfmtp.models import load_model
+    from selfmtp.models.loading import load_model
 
     model, tokenizer = tiny
     eager, _ = load_model("tiny", seed=0, attn_implementation="eager")

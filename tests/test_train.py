@@ -140,7 +140,7 @@ def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, t
 
 
 def test_cached_teacher_targets_are_keyed_by_rows_and_teacher(data, tmp_path):
-    from selfmtp.models import load_model
+    from selfmtp.models.loading import load_model
     from selfmtp.train_setup import _targets_key, load_rows, read_cached_targets
 
     _, tokenizer = load_model("tiny")
@@ -158,7 +158,7 @@ def test_cached_teacher_targets_are_keyed_by_rows_and_teacher(data, tmp_path):
 
 def test_resume_refuses_other_settings_or_changed_model_files(data, tmp_path):
     from selfmtp.errors import SelfMTPError
-    from selfmtp.models import load_model, save_checkpoint
+    from selfmtp.models.loading import load_model, save_checkpoint
 
     out = tmp_path / "run"
     train(config(data, out, steps=2, save_every=2, lr_schedule="cosine"))
@@ -219,7 +219,7 @@ def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path, su
 def test_lora_shares_weights_with_teacher_and_trains_mtp_row(data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from selfmtp.models import load_model
+    from selfmtp.models.loading import load_model
 
     out = tmp_path / "lora"
     summary = train(config(data, out, lora_rank=4, steps=3, lr=1e-2))
@@ -245,7 +245,7 @@ def test_lora_shares_weights_with_teacher_and_trains_mtp_row(data, tmp_path):
 
 def test_adapter_dir_with_a_missing_base_is_a_clean_error(tmp_path):
     from selfmtp.errors import SelfMTPError
-    from selfmtp.models import load_model
+    from selfmtp.models.loading import load_model
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "selfmtp.json").write_text(json.dumps({"base_model": str(tmp_path / "gone")}))

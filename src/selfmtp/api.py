@@ -26,8 +26,8 @@ class MTPModel:
 
     @classmethod
     def from_pretrained(cls, spec: str, **load_model_kwargs) -> MTPModel:
-        """`spec` as for `--model` (see `selfmtp.models.load_model`, whose keywords pass through)."""
-        from selfmtp.models import load_model
+        """`spec` as for `--model` (see `selfmtp.models.loading.load_model`, whose keywords pass through)."""
+        from selfmtp.models.loading import load_model
 
         return cls(*load_model(spec, **load_model_kwargs))
 

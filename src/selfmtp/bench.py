@@ -190,7 +190,7 @@ def _hf_generate_engine(mtp):
 
 def gguf_for(config: BenchConfig) -> Path | None:
     """The GGUF llama.cpp should run: --gguf, the model spec itself, or the file an alias was converted from."""
-    from selfmtp.models import parse_model_spec, smollm2_gguf_path
+    from selfmtp.models.loading import parse_model_spec, smollm2_gguf_path
 
     if config.gguf:
         return Path(config.gguf)

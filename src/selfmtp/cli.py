@@ -25,7 +25,7 @@ PREFIX_TARGET_HELP = ("what the --prefix-loss anchor aims at: the next ground-tr
 
 
 def _add_common_model_args(parser: argparse.ArgumentParser) -> None:
-    from selfmtp.models import DEFAULT_MODEL
+    from selfmtp.models.loading import DEFAULT_MODEL
 
     parser.add_argument(
         "--model",
@@ -326,7 +326,7 @@ _TRAIN_CLI_ONLY = ("run", "command", "config", "json", "dtype")
 
 def _train_config(args):
     """TrainConfig: its defaults (but --model's is the CLI's), then --config FILE, then the flags given."""
-    from selfmtp.models import DEFAULT_MODEL
+    from selfmtp.models.loading import DEFAULT_MODEL
     from selfmtp.train import TrainConfig, load_config_file
 
     values = {"model": DEFAULT_MODEL, **(load_config_file(args.config) if "config" in args else {})}

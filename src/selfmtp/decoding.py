@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from selfmtp.errors import SelfMTPError
 from selfmtp.kv_cache import has_plain_cache, preallocated_cache
-from selfmtp.models import mtp_token_id
+from selfmtp.models.loading import mtp_token_id
 from selfmtp.strategies import Strategy, next_proposals
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from selfmtp.data import TokenRows
 from selfmtp.errors import SelfMTPError
 from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
-from selfmtp.models import model_fingerprint, mtp_token_id
+from selfmtp.models.loading import model_fingerprint, mtp_token_id
 from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
 from selfmtp.train_setup import export_final, holds_out_eval_rows, set_up
 from selfmtp.train_state import check_run_settings, list_checkpoints, load_training_state, save_training_state

@@ -206,7 +206,7 @@ def _length_bucketed_batches(encoded: list, batch_size: int, rng: random.Random,
 
 def save_teacher(model, tokenizer, out_dir: Path, metrics: dict) -> Path:
     """HF checkpoint (safetensors, tokenizer, greedy generation config) plus `recipe.json`."""
-    from selfmtp.models import save_checkpoint
+    from selfmtp.models.loading import save_checkpoint
 
     model.generation_config = GenerationConfig(
         do_sample=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -28,9 +28,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from selfmtp.adapters import base_spec, is_adapter_dir, load_adapter_dir
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import atomic_dir_write
+from selfmtp.models.adapters import base_spec, is_adapter_dir, load_adapter_dir
 
 MTP_TOKEN = "<mtp>"
 MTP_CONFIG_KEY = "mtp_mask_token_id"
@@ -260,7 +260,7 @@ def _smollm2_dir() -> Path:
 
 def tiny_gsm_teacher_dir() -> Path:
     """The tiny Llama pretrained on tiny-gsm that ships inside the package (see its recipe.json)."""
-    path = Path(__file__).parent / "assets" / "tiny-gsm-teacher"
+    path = Path(__file__).parents[1] / "assets" / "tiny-gsm-teacher"
     if not (path / "config.json").exists():
         raise SelfMTPError(f"the packaged tiny-gsm teacher is missing at {path}: reinstall selfmtp")
     return path
