@@ -10,10 +10,10 @@ import torch
 
 from selfmtp.api import MTPModel
 from selfmtp.cli import main
-from selfmtp.decoding import generate_batch, summarize
+from selfmtp.decoding.loop import generate_batch, summarize
+from selfmtp.decoding.strategies import ConfAdapt, Static, parse_strategy
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import load_model
-from selfmtp.strategies import ConfAdapt, Static, parse_strategy
 
 PROMPTS = [
     "The capital of France is",
@@ -316,7 +316,7 @@ def test_cli_generate_json_chunks_and_html(tmp_path, capsys):
 def test_preallocated_cache_layer_matches_dynamic_layer():
     from transformers.cache_utils import DynamicLayer
 
-    from selfmtp.kv_cache import GROW_BY, PreallocatedLayer
+    from selfmtp.decoding.kv_cache import GROW_BY, PreallocatedLayer
 
     ours, reference = PreallocatedLayer(), DynamicLayer()
     steps = [(3, 0), (GROW_BY, -2), (5, -5), (1, 0), (GROW_BY + 7, -3)]  # (entries added, then cropped)
@@ -335,8 +335,8 @@ def test_preallocated_cache_layer_matches_dynamic_layer():
 
 
 def test_chunk_views_show_one_block_per_pass():
-    from selfmtp.chunk_view import render_html, render_terminal
-    from selfmtp.decoding import Chunk, GenerationResult
+    from selfmtp.decoding.chunk_view import render_html, render_terminal
+    from selfmtp.decoding.loop import Chunk, GenerationResult
 
     chunks = [Chunk([1, 2, 3], "The cat", [0.9, 0.8, 0.95]), Chunk([4], " <sat>\n", [0.4])]
     result = GenerationResult(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selfmtp.decoding.strategies import AdaptiveConfAdapt, ConfAdapt, Static, next_proposals, parse_strategy
 from selfmtp.errors import SelfMTPError
-from selfmtp.strategies import AdaptiveConfAdapt, ConfAdapt, Static, next_proposals, parse_strategy
 
 PROMPTS = [
     "The capital of France is",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selfmtp.decoding.strategies import NTP, ConfAdapt, Static, Strategy, parse_strategy
 from selfmtp.errors import SelfMTPError
-from selfmtp.strategies import NTP, ConfAdapt, Static, Strategy, parse_strategy
 
 
 def test_ntp_and_static_accept_fixed_counts():

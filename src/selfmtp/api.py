@@ -1,7 +1,7 @@
 """`MTPModel`: load a model once, generate from text, chat messages or a list of either.
 
 from selfmtp.api import MTPModel
-from selfmtp.strategies import parse_strategy
+from selfmtp.decoding.strategies import parse_strategy
 
 mtp = MTPModel.from_pretrained("smollm2-135m")
 result = mtp.generate("What is 7 * 6?", strategy="confadapt:0.9", max_new_tokens=64)
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfmtp.decoding import GenerationResult, generate_batch
+from selfmtp.decoding.kv_cache import has_plain_cache
+from selfmtp.decoding.loop import GenerationResult, generate_batch
+from selfmtp.decoding.strategies import Strategy, parse_strategy
 from selfmtp.errors import SelfMTPError
 from selfmtp.jsonl import numbered_lines, parse_json_line
-from selfmtp.kv_cache import has_plain_cache
-from selfmtp.strategies import Strategy, parse_strategy
 
 
 class MTPModel:

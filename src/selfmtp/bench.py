@@ -97,7 +97,7 @@ def run_bench(config: BenchConfig, output_dir: str | Path) -> dict:
 
 
 def _check(config: BenchConfig):
-    from selfmtp.strategies import NTP, parse_strategy
+    from selfmtp.decoding.strategies import NTP, parse_strategy
 
     if config.runs < 1:
         raise SelfMTPError(f"--runs must be >= 1, got {config.runs}")
@@ -138,7 +138,7 @@ def _build_engines(config: BenchConfig, strategies, baselines):
 
 
 def _loop_engine(mtp, strategy):
-    from selfmtp.decoding import generate_batch
+    from selfmtp.decoding.loop import generate_batch
 
     pad_id = mtp.tokenizer.pad_token_id if mtp.tokenizer.pad_token_id is not None else 0
     stops = mtp.stop_token_ids

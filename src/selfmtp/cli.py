@@ -102,7 +102,7 @@ def _run_demo(args) -> int:
 
 
 def _add_generate(subparsers) -> None:
-    from selfmtp.strategies import STRATEGY_HELP
+    from selfmtp.decoding.strategies import STRATEGY_HELP
 
     parser = subparsers.add_parser(
         "generate",
@@ -141,8 +141,8 @@ def _add_generate(subparsers) -> None:
 
 def _run_generate(args) -> int:
     from selfmtp.api import MTPModel, read_prompts
-    from selfmtp.decoding import summarize
-    from selfmtp.strategies import parse_strategy
+    from selfmtp.decoding.loop import summarize
+    from selfmtp.decoding.strategies import parse_strategy
 
     strategy = parse_strategy(args.strategy)  # bad input fails before the model loads
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
@@ -159,7 +159,7 @@ def _run_generate(args) -> int:
     )  # fmt: skip
     _print_generations(prompts, results, args)
     if args.html:
-        from selfmtp.chunk_view import render_html
+        from selfmtp.decoding.chunk_view import render_html
 
         Path(args.html).write_text(
             render_html(results, prompts, title=f"{args.model} / {strategy.name}"), encoding="utf-8"
@@ -174,7 +174,7 @@ def _run_generate(args) -> int:
 
 
 def _print_generations(prompts, results, args) -> None:
-    from selfmtp.chunk_view import render_terminal
+    from selfmtp.decoding.chunk_view import render_terminal
 
     for prompt, result in zip(prompts, results, strict=True):
         if args.json:
@@ -362,7 +362,7 @@ def _run_train(args) -> int:
 
 def _add_bench(subparsers) -> None:
     from selfmtp.bench import BASELINES
-    from selfmtp.strategies import STRATEGY_HELP
+    from selfmtp.decoding.strategies import STRATEGY_HELP
 
     parser = subparsers.add_parser(
         "bench",

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from selfmtp.data import TokenRows
-from selfmtp.decoding import generate_batch
-from selfmtp.strategies import NTP, parse_strategy
+from selfmtp.decoding.loop import generate_batch
+from selfmtp.decoding.strategies import NTP, parse_strategy
 
 
 @dataclass

@@ -169,7 +169,7 @@ def _recipe(fields: dict) -> dict:
 def _write_chunk_view(config: DemoConfig, model: Path, path: Path) -> None:
     """One test answer decoded with ConfAdapt tau=0.9, one coloured block per forward pass."""
     from selfmtp.api import MTPModel
-    from selfmtp.chunk_view import render_html
+    from selfmtp.decoding.chunk_view import render_html
     from selfmtp.evaluation.report import write_text_atomic
     from selfmtp.evaluation.tasks import load_task
 

@@ -53,7 +53,7 @@ class SelfMTPLM(TemplateLM):
     ) -> None:
         super().__init__()
         from selfmtp.api import MTPModel
-        from selfmtp.strategies import parse_strategy
+        from selfmtp.decoding.strategies import parse_strategy
 
         if unused:
             logger.warning("selfmtp: ignoring model arguments %s", sorted(unused))
@@ -174,8 +174,8 @@ class SelfMTPLM(TemplateLM):
         return tuple(s for s in until if s), max_new_tokens
 
     def decoding_stats(self) -> dict:
-        """Acceleration over every generation so far: summary (as `selfmtp.decoding.summarize`) + records."""
-        from selfmtp.decoding import summarize
+        """Acceleration over every generation so far: summary (as `selfmtp.decoding.loop.summarize`) + records."""
+        from selfmtp.decoding.loop import summarize
 
         summary = summarize([_AsResult(r) for r in self._records])
         return {"strategy": self.strategy.name, "summary": summary, "generations": self._records}

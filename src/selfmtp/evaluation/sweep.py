@@ -19,9 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from selfmtp.decoding.strategies import parse_strategy
 from selfmtp.errors import SelfMTPError
 from selfmtp.evaluation.report import STDERR_FORMULA, accuracy_with_stderr, write_json_atomic, write_report
-from selfmtp.strategies import parse_strategy
 
 DEFAULT_STRATEGIES = (
     "static:1,static:2,static:3,static:4,static:5,"
@@ -69,7 +69,7 @@ class SweepConfig:
 class PlannedRun:
     label: str  # the row's "strategy": canonical strategy name, or "teacher"
     spec: str  # as the user wrote it
-    strategy: object  # a selfmtp.strategies.Strategy
+    strategy: object  # a selfmtp.decoding.strategies.Strategy
     model: str  # which model decodes it
 
     @property
@@ -151,7 +151,7 @@ def _add_coherence(config, task, runs, finished, models, output_dir: Path) -> No
 
 def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: bool = True) -> dict:
     """Decode all items with one strategy; returns {"row", "fingerprint", "outputs"}."""
-    from selfmtp.decoding import summarize
+    from selfmtp.decoding.loop import summarize
 
     prompts = [task.prompt(item, mtp.tokenizer) for item in task.items]
     results = []

@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache
 
+from selfmtp.decoding.kv_cache import has_plain_cache, preallocated_cache
+from selfmtp.decoding.strategies import Strategy, next_proposals
 from selfmtp.errors import SelfMTPError
-from selfmtp.kv_cache import has_plain_cache, preallocated_cache
 from selfmtp.models.loading import mtp_token_id
-from selfmtp.strategies import Strategy, next_proposals
 
 
 @dataclass

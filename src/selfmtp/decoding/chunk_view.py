@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 
-from selfmtp.decoding import GenerationResult, summarize
+from selfmtp.decoding.loop import GenerationResult, summarize
 
 # (smallest chunk size, ANSI 256-colour background, HTML colour): one token per pass stays neutral.
 SIZE_COLOURS = (

@@ -1,0 +1,31 @@
+"""Decoding: the KV-cached multi-token loop and the strategies that say how many proposals to keep.
+
+`loop.generate_batch` decodes several prompts at once; a strategy (`strategies.parse_strategy`:
+ntp, static:K, confadapt:TAU...) answers how many of a pass's proposals to accept; `kv_cache` is the
+croppable cache the loop runs on; `chunk_view` shows which tokens each forward pass produced.
+"""
+
+from selfmtp.decoding.loop import Chunk, GenerationResult, generate_batch, summarize
+from selfmtp.decoding.strategies import (
+    NTP,
+    STRATEGY_HELP,
+    AdaptiveConfAdapt,
+    ConfAdapt,
+    Static,
+    Strategy,
+    parse_strategy,
+)
+
+__all__ = [
+    "NTP",
+    "STRATEGY_HELP",
+    "AdaptiveConfAdapt",
+    "Chunk",
+    "ConfAdapt",
+    "GenerationResult",
+    "Static",
+    "Strategy",
+    "generate_batch",
+    "parse_strategy",
+    "summarize",
+]
