@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from selfmtp.api import MTPModel
-from selfmtp.data import parse_example, tokenize_examples
 from selfmtp.evaluation.tasks import load_task
-from selfmtp.layout import build_mtp_layout
-from selfmtp.objective import SelectedLogits
 from selfmtp.tasks.tiny_gsm import generate_problems
+from selfmtp.training.data import parse_example, tokenize_examples
+from selfmtp.training.layout import build_mtp_layout
+from selfmtp.training.objective import SelectedLogits
 
 BANDS = ((0.0, 0.9), (0.9, 0.95), (0.95, 0.99), (0.99, 0.999), (0.999, 1.01))
 

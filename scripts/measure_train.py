@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from selfmtp.data import read_examples, tokenize_examples
-from selfmtp.layout import build_mtp_layout
 from selfmtp.models.loading import load_model, mtp_token_id
-from selfmtp.objective import SelectedLogits, adapter_disabled_teacher, frozen_teacher, mtp_loss
+from selfmtp.training.data import read_examples, tokenize_examples
+from selfmtp.training.layout import build_mtp_layout
+from selfmtp.training.objective import SelectedLogits, adapter_disabled_teacher, frozen_teacher, mtp_loss
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 

@@ -4,12 +4,12 @@
     PYTHONPATH=src python scripts/prepare_gsm8k_mtp.py --output data/gsm8k-mtp --self-answers 300
 
 Split: the last `--dev` lines (default 300) of GSM8K train.jsonl are the dev set, the rest is
-train; both are copied verbatim (selfmtp.data strips the <<a*b=c>> calculator annotations when it
+train; both are copied verbatim (selfmtp.training.data strips the <<a*b=c>> calculator annotations when it
 reads them). With `--self-answers N`, the original model answers the first N train questions
 greedily (chat template, our NTP decode loop) and `self-train.jsonl` gets {"question", "answer"}
 records holding those answers: training prefixes like the ones the model meets at inference.
 The answers are appended batch by batch; rerunning the same command continues where it stopped.
-An answer cut by --max-new-tokens gets an EOS appended when selfmtp.data reads it; with the default
+An answer cut by --max-new-tokens gets an EOS appended when selfmtp.training.data reads it; with the default
 160 and the recipe's 192-token rows that EOS never fits in a row (every chat prompt is > 32 tokens).
 """
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from selfmtp.data import read_examples, render, tokenize_examples
 from selfmtp.errors import SelfMTPError
+from selfmtp.training.data import read_examples, render, tokenize_examples
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as in conftest.py
 
@@ -72,7 +72,7 @@ def test_plain_and_chat_templates(tiny):
 
 
 def read_examples_from(records):
-    from selfmtp.data import parse_example
+    from selfmtp.training.data import parse_example
 
     return [parse_example(r) for r in records]
 

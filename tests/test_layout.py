@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfmtp.layout import (
+from selfmtp.training.layout import (
     assemble_layout,
     build_mtp_layout,
     default_regions,

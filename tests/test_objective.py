@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from selfmtp.layout import build_mtp_layout
-from selfmtp.objective import SelectedLogits, frozen_teacher, mtp_loss, teacher_next_tokens
+from selfmtp.training.layout import build_mtp_layout
+from selfmtp.training.objective import SelectedLogits, frozen_teacher, mtp_loss, teacher_next_tokens
 
 
 def make_layout(tokenizer, *, k_sampling="random", static_k=None, k_max=5, seed=0, block_attention="causal",

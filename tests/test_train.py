@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import gsm8k_style_lines
 from selfmtp.cli import main
-from selfmtp.train import TrainConfig, train
+from selfmtp.training.trainer import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_resume_continues_exactly(data, tmp_path):
 
 
 def test_offline_training_frees_the_teacher_after_relabelling(data, tmp_path, monkeypatch):
-    import selfmtp.train as trainer
+    import selfmtp.training.trainer as trainer
 
     seen = []
     real_loop = trainer._loop
@@ -112,7 +112,7 @@ def test_offline_training_frees_the_teacher_after_relabelling(data, tmp_path, mo
 
 
 def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, tmp_path, monkeypatch):
-    import selfmtp.train_setup
+    import selfmtp.training.setup
 
     mine = tmp_path / "data.jsonl"  # rewritten below, so not the shared fixture file
     mine.write_text(Path(data).read_text())
@@ -125,10 +125,10 @@ def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, t
         raise AssertionError("a resumed run relabelled the data again")
 
     teachers = []
-    real_build = selfmtp.train_setup.build_student_and_teacher
-    monkeypatch.setattr(selfmtp.train_setup, "build_student_and_teacher",
+    real_build = selfmtp.training.setup.build_student_and_teacher
+    monkeypatch.setattr(selfmtp.training.setup, "build_student_and_teacher",
                         lambda student, teacher_model, cfg: teachers.append(teacher_model) or real_build(student, teacher_model, cfg))
-    monkeypatch.setattr(selfmtp.train_setup, "relabel_with_teacher", no_teacher_pass)
+    monkeypatch.setattr(selfmtp.training.setup, "relabel_with_teacher", no_teacher_pass)
     train(config(str(mine), parts, steps=4, save_every=2, supervision="offline", resume=True))
     assert teachers == [None]  # the cached targets are all it needed from the teacher: not even loaded
     assert [r["loss"] for r in metrics(parts)] == [r["loss"] for r in metrics(whole)]
@@ -141,7 +141,7 @@ def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, t
 
 def test_cached_teacher_targets_are_keyed_by_rows_and_teacher(data, tmp_path):
     from selfmtp.models.loading import load_model
-    from selfmtp.train_setup import _targets_key, load_rows, read_cached_targets
+    from selfmtp.training.setup import _targets_key, load_rows, read_cached_targets
 
     _, tokenizer = load_model("tiny")
     rows, _, _ = load_rows(config(data, tmp_path), tokenizer)
@@ -262,7 +262,7 @@ def test_lora_teacher_is_the_base_model(tiny):
 
     from peft import LoraConfig, get_peft_model
 
-    from selfmtp.objective import SelectedLogits, adapter_disabled_teacher
+    from selfmtp.training.objective import SelectedLogits, adapter_disabled_teacher
 
     model, tokenizer = tiny
     mtp = tokenizer.convert_tokens_to_ids("<mtp>")
@@ -328,7 +328,7 @@ def test_ablation_settings_train_end_to_end(data, tmp_path, overrides):
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
-    from selfmtp.train import TrainConfig, lr_multiplier
+    from selfmtp.training.trainer import TrainConfig, lr_multiplier
 
     constant = lr_multiplier(TrainConfig(data="x", warmup=4, steps=20))
     cosine = lr_multiplier(TrainConfig(data="x", warmup=4, steps=20, lr_schedule="cosine"))
@@ -342,9 +342,9 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
 def test_offline_relabelling_in_batches_equals_one_teacher_pass(tiny):
     """Batches group rows by length and cut them to their longest; every row must get what one pass
     over all rows gives."""
-    from selfmtp.data import TokenRows
-    from selfmtp.objective import frozen_teacher, teacher_next_tokens
-    from selfmtp.train_setup import relabel_with_teacher
+    from selfmtp.training.data import TokenRows
+    from selfmtp.training.objective import frozen_teacher, teacher_next_tokens
+    from selfmtp.training.setup import relabel_with_teacher
 
     model, tokenizer = tiny
     mtp = tokenizer.convert_tokens_to_ids("<mtp>")

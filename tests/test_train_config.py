@@ -10,8 +10,8 @@ import pytest
 
 from conftest import gsm8k_style_lines
 from selfmtp.cli import _train_config, build_parser, main
-from selfmtp.decode_eval import prefix_match
-from selfmtp.train import TrainConfig, train
+from selfmtp.training.decode_eval import prefix_match
+from selfmtp.training.trainer import TrainConfig, train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

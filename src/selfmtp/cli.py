@@ -44,7 +44,7 @@ def _add_common_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_demo(subparsers) -> None:
     from selfmtp.demo import DemoConfig
-    from selfmtp.objective import PREFIX_TARGETS, SUPERVISION
+    from selfmtp.training.objective import PREFIX_TARGETS, SUPERVISION
 
     d = DemoConfig()
     parser = subparsers.add_parser(
@@ -261,8 +261,8 @@ def _add_train(subparsers) -> None:
         "teacher scoring of the rollout, cross-entropy to the teacher's choices. Works with torchrun (DDP). "
         "--config FILE gives TrainConfig fields as a JSON object; flags on the command line override it.",
     )
-    from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING
-    from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES
+    from selfmtp.training.layout import BLOCK_ATTENTION, K_SAMPLING
+    from selfmtp.training.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES
 
     _add_common_model_args(parser)
     add = parser.add_argument
@@ -327,7 +327,7 @@ _TRAIN_CLI_ONLY = ("run", "command", "config", "json", "dtype")
 def _train_config(args):
     """TrainConfig: its defaults (but --model's is the CLI's), then --config FILE, then the flags given."""
     from selfmtp.models.loading import DEFAULT_MODEL
-    from selfmtp.train import TrainConfig, load_config_file
+    from selfmtp.training.trainer import TrainConfig, load_config_file
 
     values = {"model": DEFAULT_MODEL, **(load_config_file(args.config) if "config" in args else {})}
     for dest, value in vars(args).items():
@@ -339,7 +339,7 @@ def _train_config(args):
 
 
 def _run_train(args) -> int:
-    from selfmtp.train import train
+    from selfmtp.training.trainer import train
 
     if getattr(args, "dtype", "float32") != "float32":
         raise SelfMTPError("train keeps float32 weights (bf16 autocast is used on CUDA): drop --dtype")

@@ -64,7 +64,7 @@ class DemoConfig:
         for ok, message in checks:
             if not ok:
                 raise SelfMTPError(message)
-        from selfmtp.train import validate
+        from selfmtp.training.trainer import validate
 
         out = Path(self.output)  # the training settings too, before the data is written
         validate(train_config(self, out / "data" / "train.jsonl", out / "train"), check_files=False)
@@ -72,7 +72,7 @@ class DemoConfig:
 
 def train_config(config: DemoConfig, data: Path, output: Path, **overrides):
     """The demo's training recipe; `overrides` (TrainConfig fields) make the ablations' variants."""
-    from selfmtp.train import TrainConfig
+    from selfmtp.training.trainer import TrainConfig
 
     recipe = TrainConfig(
         data=str(data), output=str(output), model=config.teacher, template="plain", seq_len=160,
@@ -147,7 +147,7 @@ def write_training_problems(config: DemoConfig, folder: Path) -> Path:
 
 def train_or_reuse(tc, log=print) -> Path:
     """Train unless a finished run with the same settings is there; resume an interrupted one."""
-    from selfmtp.train import train
+    from selfmtp.training.trainer import train
 
     folder = Path(tc.output)
     summary_path = folder / "summary.json"

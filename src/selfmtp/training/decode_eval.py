@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from selfmtp.data import TokenRows
 from selfmtp.decoding.loop import generate_batch
 from selfmtp.decoding.strategies import NTP, parse_strategy
+from selfmtp.training.data import TokenRows
 
 
 @dataclass

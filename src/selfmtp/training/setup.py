@@ -23,11 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from selfmtp.data import TokenRows, read_examples, tokenize_examples
 from selfmtp.files import atomic_dir_write, write_bytes_atomic
 from selfmtp.models.adapters import write_base_record
 from selfmtp.models.loading import load_model, mtp_token_id, save_checkpoint
-from selfmtp.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
+from selfmtp.training.data import TokenRows, read_examples, tokenize_examples
+from selfmtp.training.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
 
 
 @dataclass

@@ -27,13 +27,31 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from selfmtp.data import TokenRows
 from selfmtp.errors import SelfMTPError
-from selfmtp.layout import BLOCK_ATTENTION, K_SAMPLING, assemble_layout, default_regions, sample_regions
 from selfmtp.models.loading import model_fingerprint, mtp_token_id
-from selfmtp.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES, SelectedLogits, StepStats, mtp_loss
-from selfmtp.train_setup import export_final, holds_out_eval_rows, set_up
-from selfmtp.train_state import check_run_settings, list_checkpoints, load_training_state, save_training_state
+from selfmtp.training.data import TokenRows
+from selfmtp.training.layout import (
+    BLOCK_ATTENTION,
+    K_SAMPLING,
+    assemble_layout,
+    default_regions,
+    sample_regions,
+)
+from selfmtp.training.objective import (
+    PREFIX_TARGETS,
+    SUPERVISION,
+    TEACHER_MODES,
+    SelectedLogits,
+    StepStats,
+    mtp_loss,
+)
+from selfmtp.training.setup import export_final, holds_out_eval_rows, set_up
+from selfmtp.training.state import (
+    check_run_settings,
+    list_checkpoints,
+    load_training_state,
+    save_training_state,
+)
 
 EVAL_SEED_OFFSET = 1_000_003
 LR_SCHEDULES = ("constant", "cosine")
@@ -263,7 +281,7 @@ def evaluate(run: _Run) -> dict:
         total = stats if total is None else total + stats
     row = {f"eval_{key}": value for key, value in total.summary().items()}
     if run.decode_eval is not None:
-        from selfmtp.decode_eval import decode_metrics
+        from selfmtp.training.decode_eval import decode_metrics
 
         row.update(decode_metrics(run.student, run.decode_eval))
     run.student.train()
@@ -273,7 +291,7 @@ def evaluate(run: _Run) -> dict:
 def _build_decode_eval(run: _Run) -> None:
     """Fix the decode-eval prompts and their reference continuations: the named teacher's greedy text,
     else the student's own (call this before any training or resume: it is then the original model)."""
-    from selfmtp.decode_eval import build_decode_eval
+    from selfmtp.training.decode_eval import build_decode_eval
 
     cfg, tok = run.config, run.tokenizer
     run.student.eval()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmtp.layout import MTPLayout, fill_rollout, model_attention_mask, padded_causal_attention
+from selfmtp.training.layout import MTPLayout, fill_rollout, model_attention_mask, padded_causal_attention
 
 TEACHER_MODES = ("hard", "soft")
 # online: the teacher on the student's rollout (the paper). offline: the teacher's argmax after the
