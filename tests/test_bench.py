@@ -9,10 +9,10 @@ import types
 
 import pytest
 
-from selfmtp.bench import BenchConfig, run_bench
-from selfmtp.bench_report import Sample, summarize
 from selfmtp.cli import main
 from selfmtp.errors import SelfMTPError
+from selfmtp.evaluation.bench import BenchConfig, run_bench
+from selfmtp.evaluation.bench_report import Sample, summarize
 
 
 @pytest.fixture

@@ -361,8 +361,8 @@ def _run_train(args) -> int:
 
 
 def _add_bench(subparsers) -> None:
-    from selfmtp.bench import BASELINES
     from selfmtp.decoding.strategies import STRATEGY_HELP
+    from selfmtp.evaluation.bench import BASELINES
 
     parser = subparsers.add_parser(
         "bench",
@@ -396,8 +396,8 @@ def _add_bench(subparsers) -> None:
 
 
 def _run_bench(args) -> int:
-    from selfmtp.bench import BenchConfig, run_bench
-    from selfmtp.bench_report import format_markdown
+    from selfmtp.evaluation.bench import BenchConfig, run_bench
+    from selfmtp.evaluation.bench_report import format_markdown
 
     config = BenchConfig(
         model=args.model, prompts=args.prompts, strategies=[s for s in args.strategies.split(",") if s.strip()],

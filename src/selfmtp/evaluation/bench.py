@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from selfmtp.bench_report import Sample, format_markdown, summarize
 from selfmtp.errors import SelfMTPError
+from selfmtp.evaluation.bench_report import Sample, format_markdown, summarize
 from selfmtp.evaluation.report import write_json_atomic, write_text_atomic
 
 BASELINES = ("hf-generate", "llama-cpp")
