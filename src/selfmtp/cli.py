@@ -90,7 +90,7 @@ def _run_demo(args) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "results"} | {"rows": summary["results"]["rows"]}, indent=2))
         return 0
     print(format_table(summary["results"]))
-    print("targets (issue 5):")
+    print("targets:")
     print(format_targets(summary["targets"]))
     total = sum(summary["seconds"].values())
     print(f"done in {total / 60:.1f} min; wrote " + ", ".join(summary["files"].values()))

@@ -182,7 +182,7 @@ def _write_chunk_view(config: DemoConfig, model: Path, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets (issue 5): checked and reported, never asserted, so a miss is visible rather than hidden.
+# Targets: checked and reported, never asserted, so a miss is visible rather than hidden.
 
 
 def check_targets(rows: list[dict]) -> list[dict]:

@@ -17,11 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from selfmtp.decoding.strategies import parse_strategy
 from selfmtp.errors import SelfMTPError
 from selfmtp.evaluation.report import STDERR_FORMULA, accuracy_with_stderr, write_json_atomic, write_report
+from selfmtp.progress import progress_bar
 
 DEFAULT_STRATEGIES = (
     "static:1,static:2,static:3,static:4,static:5,"
@@ -156,7 +155,7 @@ def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: b
     prompts = [task.prompt(item, mtp.tokenizer) for item in task.items]
     results = []
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc=run.label, unit="item", disable=not progress) as bar:
+    with progress_bar(total=len(prompts), desc=run.label, unit="item", disable=not progress) as bar:
         for begin in range(0, len(prompts), config.batch_size):
             chunk = prompts[begin : begin + config.batch_size]
             results += mtp.generate(chunk, strategy=run.strategy, max_new_tokens=config.max_new_tokens,

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
-from tqdm import tqdm
 
 from selfmtp.files import atomic_dir_write, write_bytes_atomic
 from selfmtp.models.adapters import write_base_record
 from selfmtp.models.loading import load_model, mtp_token_id, save_checkpoint
+from selfmtp.progress import progress_bar
 from selfmtp.training.data import TokenRows, read_examples, tokenize_examples
 from selfmtp.training.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
 
@@ -160,7 +160,7 @@ def relabel_with_teacher(rows: TokenRows, teacher, *, mtp_token_id: int, max_tok
     memory, not the row count."""
     targets = torch.zeros_like(rows.input_ids)
     batches = _length_sorted_batches(rows.lengths, max_tokens)
-    for index in tqdm(batches[rank::world], desc="teacher targets", disable=not progress or rank != 0):
+    for index in progress_bar(batches[rank::world], desc="teacher targets", disable=not progress or rank != 0):
         part = rows.take(index)
         width = int(part.lengths.max())  # rows are right-padded: skip the all-pad tail
         targets[index, :width] = teacher_next_tokens(

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import model_fingerprint, mtp_token_id
+from selfmtp.progress import progress_bar
 from selfmtp.training.data import TokenRows
 from selfmtp.training.layout import (
     BLOCK_ATTENTION,
@@ -394,7 +394,7 @@ def train(config: TrainConfig) -> dict:
 
 def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
     cfg, history = run.config, []
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress or run.rank != 0)
+    bar = progress_bar(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress or run.rank != 0)
     with bar, open(metrics_path, "a") if run.rank == 0 else contextlib.nullcontext() as metrics_file:
         if start == 0 and run.decode_eval is not None:  # the untrained baseline of the decode curve
             metrics_file.write(json.dumps({"step": 0, **evaluate(run)}) + "\n")
