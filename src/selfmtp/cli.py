@@ -444,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     except SelfMTPError as exc:
         print(f"selfmtp: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("selfmtp: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # `Interrupted` carries how to continue
+        print(f"selfmtp: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

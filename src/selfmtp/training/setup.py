@@ -190,14 +190,20 @@ def _everyone(flag: bool, device) -> bool:
 
 
 def read_cached_targets(cache: Path, splits: dict[str, TokenRows], key: str) -> dict[str, TokenRows] | None:
-    """The rows with their cached teacher targets, or None when `cache` is missing or was made from
-    other rows or another teacher (`key`)."""
+    """The rows with their cached teacher targets, or None when `cache` is missing, damaged, or was made
+    from other rows or another teacher (`key`)."""
     if not cache.is_file():
         return None
-    with safe_open(str(cache), "pt") as handle:
-        if (handle.metadata() or {}).get("key") != key:
-            return None
-        return {name: replace(rows, targets=handle.get_tensor(name)) for name, rows in splits.items()}
+    try:
+        with safe_open(str(cache), "pt") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+            cached = {name: replace(rows, targets=handle.get_tensor(name)) for name, rows in splits.items()}
+    except Exception:  # damaged (safetensors raises its own error types): relabelling rewrites it
+        return None
+    if any(rows.targets.shape != rows.input_ids.shape for rows in cached.values()):
+        return None
+    return cached
 
 
 def _targets_key(splits: dict[str, TokenRows], teacher_key: str) -> str:
