@@ -230,3 +230,62 @@ def test_bad_prompt_files_are_one_error_line(tmp_path, capsys, command, name, co
 def test_generate_chat_without_a_chat_template(capsys):
     assert main(["generate", "--model", "tiny-gsm-teacher", "--prompt", "1+1", "--chat"]) == 2
     assert_one_error_line(capsys, "has no chat template")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C during `eval` and `demo` (KeyboardInterrupt is how Python delivers SIGINT)
+
+
+def test_ctrl_c_during_eval_keeps_finished_strategies_and_a_rerun_does_the_rest(tmp_path, capsys, monkeypatch):
+    import selfmtp.evaluation.sweep as sweep
+
+    real, calls, ctrl_c_at = sweep.run_strategy, [], ["static:2"]
+
+    def ctrl_c_in_the_second(mtp, task, run, config, **kwargs):
+        calls.append(run.label)
+        if run.label in ctrl_c_at:
+            raise KeyboardInterrupt
+        return real(mtp, task, run, config, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_strategy", ctrl_c_in_the_second)
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", "tiny-gsm-teacher", "--task", "tiny-gsm", "--limit", "2", "--max-new-tokens", "8",
+            "--strategies", "static:1,static:2,confadapt:0.9:4", "--output", str(out)]
+    assert main(argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("selfmtp: interrupted: 1 of 3 strategies finished") and "same command again" in last
+    assert len(list((out / "runs").iterdir())) == 1
+    calls.clear()
+    ctrl_c_at.clear()
+    assert main(argv) == 0
+    assert calls == ["static:2", "confadapt:0.9:4"]  # the finished one is not decoded again
+
+
+DEMO = ["--steps", "2", "--train-problems", "32", "--eval-problems", "2", "--max-new-tokens", "8", "--no-progress"]
+
+
+def test_ctrl_c_during_demo_training_says_to_rerun_the_demo(tmp_path, capsys, monkeypatch):
+    import selfmtp.training.trainer as trainer
+
+    def ctrl_c(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", ctrl_c)
+    assert main(["demo", "--output", str(tmp_path / "demo"), *DEMO]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfmtp: interrupted: training stopped") and "run the same command again" in err
+    assert "--resume" not in err  # `selfmtp demo` has no such flag: it resumes by itself
+
+
+def test_demo_resumes_a_training_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
+    import selfmtp.training.trainer as trainer
+    from selfmtp.demo import train_or_reuse
+
+    seen = []
+    monkeypatch.setattr(trainer, "train", lambda config: seen.append(config) or {"final_dir": "x"})
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "run_config.json").write_text("{}")  # what a run killed while loading leaves behind
+    (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    train_or_reuse(trainer.TrainConfig(data="d.jsonl", output=str(folder)), log=lambda *_: None)
+    assert seen[0].resume  # a fresh start would refuse the folder: "already holds a training run"
