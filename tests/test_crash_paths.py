@@ -289,3 +289,12 @@ def test_demo_resumes_a_training_run_killed_before_its_first_checkpoint(tmp_path
     (folder / "metrics.jsonl").write_text('{"step": 1}\n')
     train_or_reuse(trainer.TrainConfig(data="d.jsonl", output=str(folder)), log=lambda *_: None)
     assert seen[0].resume  # a fresh start would refuse the folder: "already holds a training run"
+
+
+def test_eval_coherence_with_a_teacher_of_another_vocabulary(tmp_path, capsys):
+    # The random tiny student draws its 4 tokens from 49k ids; the tiny-gsm teacher knows a few hundred.
+    argv = ["eval", "--model", "tiny", "--teacher", "tiny-gsm-teacher", "--coherence", "--task", "tiny-gsm",
+            "--limit", "1", "--max-new-tokens", "4", "--strategies", "static:1", "--output", str(tmp_path / "e")]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("selfmtp: error: --coherence: the teacher's vocabulary")
