@@ -83,9 +83,12 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint_past_a_torn_metri
     saved = checkpoint_steps(out)[-1]
     with open(out / "metrics.jsonl", "a") as handle:  # the write a kill cuts short
         handle.write('{"step": 99, "loss": 0.12')
+    partial = out / "checkpoints" / f".step-{saved + 1:07d}.tmp-x1y2"  # a checkpoint write cut short
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"\0" * 1000)
     assert main(train_argv(data, out, "--steps", str(saved + 3), "--resume", "--json")) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["resumed_from"] == saved
+    assert summary["resumed_from"] == saved and not partial.exists()
     assert metric_steps(out) == list(range(1, saved + 4))  # no torn line, no step twice, none missing
 
 

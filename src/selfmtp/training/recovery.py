@@ -20,6 +20,7 @@ once; the newest checkpoint is then the last periodic one.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -45,12 +46,22 @@ def prepare_output(cfg, rank: int) -> tuple[Path, bool, Path | None]:
                            "nothing to continue; train into a new --output")
     if not cfg.resume and (checkpoints or recorded or (out / "metrics.jsonl").exists()):
         raise SelfMTPError(f"{out} already holds a training run: pass --resume or choose another --output")
+    if cfg.resume and rank == 0:
+        remove_partial_checkpoints(out / "checkpoints")
     if cfg.resume and not checkpoints and rank == 0:
         print(f"selfmtp: no checkpoint in {out} yet: starting the run over from step 0 with its recorded settings",
               file=sys.stderr)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     return out, cfg.resume, (checkpoints[-1] if checkpoints else None)
+
+
+def remove_partial_checkpoints(root: Path) -> None:
+    """Delete the temporary folders of checkpoint writes a kill cut short (`.step-N.tmp-*`, and `.old-*`
+    of an overwrite): they are never read, and each can be as large as a whole checkpoint."""
+    for path in root.glob(".step-*") if root.is_dir() else []:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def truncate_metrics(path: Path, upto: int) -> int:

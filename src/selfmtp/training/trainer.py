@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from selfmtp.errors import Interrupted, SelfMTPError
+from selfmtp.files import write_bytes_atomic
 from selfmtp.models.loading import model_fingerprint, mtp_token_id
 from selfmtp.progress import progress_bar
 from selfmtp.training.data import TokenRows
@@ -379,7 +380,7 @@ def _train(config: TrainConfig) -> dict:
         **data_info, "config": asdict(config),
     }
     if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_bytes_atomic(out / "summary.json", json.dumps(summary, indent=2).encode())  # demo reads it
     if world > 1:
         dist.barrier()
     if owns_group:
