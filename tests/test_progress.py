@@ -33,6 +33,7 @@ def run_bar(stream, monkeypatch, *, updates: int, seconds_per_update: float) -> 
     with progress_bar(total=updates, desc="train", file=stream) as bar:
         for _ in range(updates):
             clock.now += seconds_per_update
+            bar.set_postfix(loss=f"{clock.now:.1f}")  # as the trainer does every step
             bar.update(1)
     return stream.getvalue()
 

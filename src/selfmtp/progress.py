@@ -29,6 +29,23 @@ class _LineWriter:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """A bar for a log: a new postfix or description waits for the next periodic line (tqdm would print
+    one at once, which with a postfix set every step is a line every step again)."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_postfix_str(self, s="", refresh=True):
+        super().set_postfix_str(s, refresh=False)
+
+    def set_description(self, desc=None, refresh=True):
+        super().set_description(desc, refresh=False)
+
+    def set_description_str(self, desc=None, refresh=True):
+        super().set_description_str(desc, refresh=False)
+
+
 def _is_terminal(stream) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
@@ -36,14 +53,15 @@ def _is_terminal(stream) -> bool:
 
 def progress_bar(iterable=None, *, disable: bool = False, **kwargs) -> tqdm:
     """`tqdm(iterable, **kwargs)` on a terminal; periodic plain lines on stderr otherwise."""
-    stream = kwargs.pop("file", None) or sys.stderr
+    stream, bar = kwargs.pop("file", None) or sys.stderr, tqdm
     if not _is_terminal(stream):
+        bar = _LogBar
         stream = _LineWriter(stream)
         kwargs["mininterval"] = max(kwargs.get("mininterval", 0.0), LOG_INTERVAL_S)
         kwargs["maxinterval"] = max(kwargs.get("maxinterval", 0.0), LOG_INTERVAL_S)
         kwargs["leave"] = True  # a line that is cleared is still in the log: say where the bar ended
         kwargs.setdefault("ncols", 100)  # tqdm cannot ask a file for its width
-    return tqdm(iterable, disable=disable, file=stream, **kwargs)
+    return bar(iterable, disable=disable, file=stream, **kwargs)
 
 
 def progress_write(message: str) -> None:
