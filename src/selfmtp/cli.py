@@ -90,7 +90,7 @@ def _run_demo(args) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "results"} | {"rows": summary["results"]["rows"]}, indent=2))
         return 0
     print(format_table(summary["results"]))
-    print("targets (issue 5):")
+    print("targets:")
     print(format_targets(summary["targets"]))
     total = sum(summary["seconds"].values())
     print(f"done in {total / 60:.1f} min; wrote " + ", ".join(summary["files"].values()))
@@ -444,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     except SelfMTPError as exc:
         print(f"selfmtp: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("selfmtp: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # `Interrupted` carries how to continue
+        print(f"selfmtp: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

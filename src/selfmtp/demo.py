@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from selfmtp.errors import SelfMTPError
+from selfmtp.errors import Interrupted, SelfMTPError
 
 DEFAULT_STRATEGIES = (
     "teacher,static:1,static:2,static:3,static:4,"
@@ -109,7 +109,11 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     start = time.perf_counter()
     log(f"[train] MTP training of {config.teacher} ({config.supervision} supervision): {config.steps} steps, "
         f"lr {config.lr:g}, k_max {config.k_max}, prefix loss {config.prefix_loss:g} to the {config.prefix_target}")
-    final = train_or_reuse(train_config(config, data, out / "train"), log)
+    try:
+        final = train_or_reuse(train_config(config, data, out / "train"), log)
+    except KeyboardInterrupt:  # the trainer's own advice names `train --resume`; the demo resumes by itself
+        raise Interrupted(f"training stopped; its checkpoints in {out / 'train'} are kept: run the same "
+                          "command again to continue") from None
     seconds["train"] = time.perf_counter() - start
 
     from selfmtp.evaluation.sweep import run_sweep
@@ -147,6 +151,7 @@ def write_training_problems(config: DemoConfig, folder: Path) -> Path:
 
 def train_or_reuse(tc, log=print) -> Path:
     """Train unless a finished run with the same settings is there; resume an interrupted one."""
+    from selfmtp.training.state import RUN_SETTINGS, list_checkpoints
     from selfmtp.training.trainer import train
 
     folder = Path(tc.output)
@@ -154,9 +159,11 @@ def train_or_reuse(tc, log=print) -> Path:
     if summary_path.exists() and _recipe(json.loads(summary_path.read_text()).get("config", {})) == _recipe(asdict(tc)):
         log(f"[train] reusing the finished run in {folder}")
         return folder / "final"
-    resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+    # A started run (its settings are recorded) resumes: from its newest checkpoint, or from step 0
+    # when it stopped before the first one.
+    resume = (folder / RUN_SETTINGS).is_file() or bool(list_checkpoints(folder / "checkpoints"))
     if resume:
-        log(f"[train] resuming from the newest checkpoint in {folder / 'checkpoints'}")
+        log(f"[train] resuming the run in {folder}")
     summary = train(replace(tc, resume=resume))
     return Path(summary["final_dir"])
 
@@ -182,7 +189,7 @@ def _write_chunk_view(config: DemoConfig, model: Path, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets (issue 5): checked and reported, never asserted, so a miss is visible rather than hidden.
+# Targets: checked and reported, never asserted, so a miss is visible rather than hidden.
 
 
 def check_targets(rows: list[dict]) -> list[dict]:

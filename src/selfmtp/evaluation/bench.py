@@ -239,18 +239,18 @@ def _llama_cpp_engine(config: BenchConfig, mtp):
 
 
 def _warm_up(engines, ids: list[int], max_new_tokens: int, progress: bool) -> None:
-    from tqdm import tqdm
+    from selfmtp.progress import progress_bar
 
-    for _, run in tqdm(engines, desc="warm-up", disable=not progress, leave=False):
+    for _, run in progress_bar(engines, desc="warm-up", disable=not progress, leave=False):
         run(ids, max_new_tokens)
 
 
 def _measure(engines, prompt_ids: list[list[int]], config: BenchConfig) -> list[Sample]:
     """Round robin: for each run, for each prompt, every engine once, starting one engine later each time."""
-    from tqdm import tqdm
+    from selfmtp.progress import progress_bar
 
     samples = []
-    bar = tqdm(total=config.runs * len(prompt_ids) * len(engines), desc="bench", disable=not config.progress)
+    bar = progress_bar(total=config.runs * len(prompt_ids) * len(engines), desc="bench", disable=not config.progress)
     turn = 0
     for run_index in range(config.runs):
         for p, ids in enumerate(prompt_ids):

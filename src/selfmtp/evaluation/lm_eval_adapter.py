@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
 
 from selfmtp.evaluation.report import write_json_atomic
+from selfmtp.progress import progress_bar
 
 logger = logging.getLogger("lm_eval.models.selfmtp")  # under lm-eval's logger: shown with its own logs
 DEFAULT_MAX_LENGTH = 2048
@@ -111,7 +111,7 @@ class SelfMTPLM(TemplateLM):
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
         answers = []
-        for key, context_ids, continuation_ids in tqdm(requests, disable=disable_tqdm, desc="loglikelihood"):
+        for key, context_ids, continuation_ids in progress_bar(requests, disable=disable_tqdm, desc="loglikelihood"):
             ids = (context_ids + continuation_ids)[-(self.max_length + 1) :]
             inputs = torch.tensor([ids[:-1]], device=self.model.device)
             logits = self.model(input_ids=inputs).logits[0, -len(continuation_ids) :].float()
@@ -126,7 +126,7 @@ class SelfMTPLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         totals = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
+        for request in progress_bar(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
             (text,) = request.args
             windows = get_rolling_token_windows(
                 token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
@@ -146,7 +146,7 @@ class SelfMTPLM(TemplateLM):
             groups[self._generation_settings(request.args[1])].append(index)
         texts: list[str | None] = [None] * len(requests)
         records: list[dict | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc=f"generate_until ({self.strategy.name})")
+        bar = progress_bar(total=len(requests), disable=disable_tqdm, desc=f"generate_until ({self.strategy.name})")
         for (until, max_new_tokens), indices in groups.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]

@@ -16,6 +16,7 @@ import statistics
 
 import torch
 
+from selfmtp.errors import SelfMTPError
 from selfmtp.evaluation.report import accuracy_with_stderr
 
 
@@ -54,9 +55,13 @@ def token_nll(model, prompt_ids: list[int], output_ids: list[int]) -> list[float
 def coherence(teacher, prompts: list, outputs: list[dict], *, chat: bool) -> dict:
     """Teacher NLL per generated token: mean over all tokens, and the mean and std over items."""
     per_item, total, count = [], 0.0, 0
+    vocab = teacher.model.get_input_embeddings().num_embeddings
     for prompt, output in zip(prompts, outputs, strict=True):
         ids = output.get("token_ids")  # runs stored before token ids were kept: re-tokenize the text
         ids = ids if ids is not None else teacher.tokenizer(output["output"], add_special_tokens=False)["input_ids"]
+        if ids and max(ids) >= vocab:
+            raise SelfMTPError(f"--coherence: the teacher's vocabulary ({vocab} tokens) differs from the student's "
+                               f"(token id {max(ids)}): it must share the student's tokenizer")
         nll = token_nll(teacher.model, teacher.encode(prompt, chat=chat), ids)
         if nll:
             per_item.append(sum(nll) / len(nll))

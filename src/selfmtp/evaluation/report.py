@@ -109,6 +109,11 @@ def markdown_report(results: dict) -> str:
 # Plot
 
 
+def accuracy_label(metric: str) -> str:
+    """Axis label of a task's primary metric: "accuracy (%)", or "flexible-extract accuracy (%)"."""
+    return "accuracy (%)" if metric == "accuracy" else f"{metric} accuracy (%)"
+
+
 def plot_pareto(results: dict, path: Path) -> None:
     """Accuracy (with stderr bars) against mean acceleration; static and ConfAdapt as two series."""
     import matplotlib
@@ -136,7 +141,7 @@ def plot_pareto(results: dict, path: Path) -> None:
         ax.axhspan(acc - err, acc + err, color="gray", alpha=0.15)
         ax.plot([row["acceleration_mean"]], [acc], marker="*", color="gray", markersize=10)
     ax.set_xlabel("acceleration (tokens per forward pass)")
-    ax.set_ylabel(f"{results.get('metrics', ['accuracy'])[0]} accuracy (%)")
+    ax.set_ylabel(accuracy_label(results.get("metrics", ["accuracy"])[0]))
     ax.set_title(f"{results['task']}: {results['model']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

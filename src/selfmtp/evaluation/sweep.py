@@ -17,11 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from selfmtp.decoding.strategies import parse_strategy
-from selfmtp.errors import SelfMTPError
+from selfmtp.errors import Interrupted, SelfMTPError
 from selfmtp.evaluation.report import STDERR_FORMULA, accuracy_with_stderr, write_json_atomic, write_report
+from selfmtp.progress import progress_bar
 
 DEFAULT_STRATEGIES = (
     "static:1,static:2,static:3,static:4,static:5,"
@@ -113,17 +112,22 @@ def run_sweep(config: SweepConfig, output_dir: str | Path, *, task=None, progres
         finished[run.label] = _load_finished(
             output_dir / "runs" / run.filename, config.fingerprint(run.model)
         )
-    for run in runs:
-        if finished[run.label] is not None:
-            continue
-        key = (run.model, run.label == TEACHER)
-        if key not in models:
-            models[key] = _load_model(run, config)
-        mtp = models[key]
-        record = run_strategy(mtp, task, run, config, progress=progress)
-        write_json_atomic(output_dir / "runs" / run.filename, record)
-        finished[run.label] = record
-        write_report(_results(config, task, runs, finished), output_dir, plot=False)
+    try:
+        for run in runs:
+            if finished[run.label] is not None:
+                continue
+            key = (run.model, run.label == TEACHER)
+            if key not in models:
+                models[key] = _load_model(run, config)
+            mtp = models[key]
+            record = run_strategy(mtp, task, run, config, progress=progress)
+            write_json_atomic(output_dir / "runs" / run.filename, record)
+            finished[run.label] = record
+            write_report(_results(config, task, runs, finished), output_dir, plot=False)
+    except KeyboardInterrupt:  # each finished strategy is already on disk, whole (atomic writes)
+        done = sum(record is not None for record in finished.values())
+        raise Interrupted(f"{done} of {len(runs)} strategies finished and are kept in {output_dir / 'runs'}; "
+                          "run the same command again to continue with the rest") from None
     if config.coherence:
         _add_coherence(config, task, runs, finished, models, output_dir)
     results = _results(config, task, runs, finished)
@@ -156,7 +160,7 @@ def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: b
     prompts = [task.prompt(item, mtp.tokenizer) for item in task.items]
     results = []
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc=run.label, unit="item", disable=not progress) as bar:
+    with progress_bar(total=len(prompts), desc=run.label, unit="item", disable=not progress) as bar:
         for begin in range(0, len(prompts), config.batch_size):
             chunk = prompts[begin : begin + config.batch_size]
             results += mtp.generate(chunk, strategy=run.strategy, max_new_tokens=config.max_new_tokens,

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from selfmtp.progress import progress_bar, progress_write
 from selfmtp.tasks.tiny_gsm import generate_tiny_gsm
 from selfmtp.tasks.tokenizer import encode_plain, train_tokenizer
 
@@ -173,7 +173,7 @@ def _train(model, encoded, pad_id: int, config: TeacherConfig, test, tokenizer) 
     )
     batches = _length_bucketed_batches(encoded, config.batch_size, random.Random(config.seed))
     losses: list[float] = []
-    progress = tqdm(range(config.steps), desc="pretrain teacher", mininterval=5)
+    progress = progress_bar(range(config.steps), desc="pretrain teacher", mininterval=5)
     for step in progress:
         batch = collate(next(batches), pad_id)
         model.train()
@@ -188,7 +188,7 @@ def _train(model, encoded, pad_id: int, config: TeacherConfig, test, tokenizer) 
         progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step, config):.2e}")
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             probe = greedy_accuracy(model, tokenizer, test[:100], max_new_tokens=config.max_new_tokens)
-            tqdm.write(f"step {step + 1}: loss {loss.item():.4f} test accuracy {probe['accuracy']:.3f} (n=100)")
+            progress_write(f"step {step + 1}: loss {loss.item():.4f} test accuracy {probe['accuracy']:.3f} (n=100)")
     return losses
 
 

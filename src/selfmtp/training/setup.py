@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
-from tqdm import tqdm
 
 from selfmtp.files import atomic_dir_write, write_bytes_atomic
 from selfmtp.models.adapters import write_base_record
 from selfmtp.models.loading import load_model, mtp_token_id, save_checkpoint
+from selfmtp.progress import progress_bar
 from selfmtp.training.data import TokenRows, read_examples, tokenize_examples
 from selfmtp.training.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
 
@@ -160,7 +160,7 @@ def relabel_with_teacher(rows: TokenRows, teacher, *, mtp_token_id: int, max_tok
     memory, not the row count."""
     targets = torch.zeros_like(rows.input_ids)
     batches = _length_sorted_batches(rows.lengths, max_tokens)
-    for index in tqdm(batches[rank::world], desc="teacher targets", disable=not progress or rank != 0):
+    for index in progress_bar(batches[rank::world], desc="teacher targets", disable=not progress or rank != 0):
         part = rows.take(index)
         width = int(part.lengths.max())  # rows are right-padded: skip the all-pad tail
         targets[index, :width] = teacher_next_tokens(
@@ -190,14 +190,20 @@ def _everyone(flag: bool, device) -> bool:
 
 
 def read_cached_targets(cache: Path, splits: dict[str, TokenRows], key: str) -> dict[str, TokenRows] | None:
-    """The rows with their cached teacher targets, or None when `cache` is missing or was made from
-    other rows or another teacher (`key`)."""
+    """The rows with their cached teacher targets, or None when `cache` is missing, damaged, or was made
+    from other rows or another teacher (`key`)."""
     if not cache.is_file():
         return None
-    with safe_open(str(cache), "pt") as handle:
-        if (handle.metadata() or {}).get("key") != key:
-            return None
-        return {name: replace(rows, targets=handle.get_tensor(name)) for name, rows in splits.items()}
+    try:
+        with safe_open(str(cache), "pt") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+            cached = {name: replace(rows, targets=handle.get_tensor(name)) for name, rows in splits.items()}
+    except Exception:  # damaged (safetensors raises its own error types): relabelling rewrites it
+        return None
+    if any(rows.targets.shape != rows.input_ids.shape for rows in cached.values()):
+        return None
+    return cached
 
 
 def _targets_key(splits: dict[str, TokenRows], teacher_key: str) -> str:

@@ -66,23 +66,31 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def load_training_state(path: str | Path, model, optimizer, scheduler) -> int:
     """Restore a checkpoint written by `save_training_state`; returns its step."""
     path = Path(path)
+    # Checkpoints appear whole (atomic rename), so a damaged one is the disk's doing, not a crash's.
+    damaged = (f"checkpoint {path} is damaged: delete that folder to resume from the checkpoint before it"
+               " (or train into a new --output)")
     try:
         weights = load_file(str(path / "trainable.safetensors"))
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        step, optimizer_state, scheduler_state, rng = (int(state["step"]), state["optimizer"], state["scheduler"],
+                                                       state["rng_cpu"])
     except Exception as exc:
-        raise SelfMTPError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise SelfMTPError(f"{damaged} ({type(exc).__name__}: {str(exc)[:200]})") from None
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(weights):
         raise SelfMTPError(f"checkpoint {path} does not match this model/LoRA setting (different trainable weights)")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
+    try:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        torch.set_rng_state(rng)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise SelfMTPError(f"{damaged} ({type(exc).__name__}: {str(exc)[:200]})") from None
     if "rng_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["step"])
+    return step
 
 
 RUN_SETTINGS = "run_config.json"
@@ -101,8 +109,11 @@ def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0
     if resume and path.is_file():
         try:
             recorded = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SelfMTPError(f"cannot read {path}: {exc}") from exc
+            if not isinstance(recorded, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+            raise SelfMTPError(f"{path} is damaged ({exc}): it records the settings this run started with; "
+                               "restore it, or train into a new --output") from None
         free = FREE_ON_RESUME | ({"steps"} if recorded.get("lr_schedule") == settings.get("lr_schedule") == "constant" else set())
         changed = [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
                    for key in sorted(set(recorded) | set(settings))

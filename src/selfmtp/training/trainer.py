@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from selfmtp.errors import SelfMTPError
+from selfmtp.errors import Interrupted, SelfMTPError
+from selfmtp.files import write_bytes_atomic
 from selfmtp.models.loading import model_fingerprint, mtp_token_id
+from selfmtp.progress import progress_bar
 from selfmtp.training.data import TokenRows
 from selfmtp.training.layout import (
     BLOCK_ATTENTION,
@@ -45,10 +46,16 @@ from selfmtp.training.objective import (
     StepStats,
     mtp_loss,
 )
+from selfmtp.training.recovery import (
+    StopRequest,
+    how_to_continue,
+    interrupted,
+    prepare_output,
+    truncate_metrics,
+)
 from selfmtp.training.setup import export_final, holds_out_eval_rows, set_up
 from selfmtp.training.state import (
     check_run_settings,
-    list_checkpoints,
     load_training_state,
     save_training_state,
 )
@@ -317,41 +324,30 @@ def lr_multiplier(config: TrainConfig):
     return multiplier
 
 
-def _prepare_output(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
-    out = Path(cfg.output)
-    checkpoints = list_checkpoints(out / "checkpoints")
-    if cfg.resume and not checkpoints:
-        raise SelfMTPError(f"--resume: no checkpoint to resume in {out / 'checkpoints'}")
-    if not cfg.resume and (checkpoints or (out / "metrics.jsonl").exists()):
-        raise SelfMTPError(f"{out} already holds a training run: pass --resume or choose another --output")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    return out, (checkpoints[-1] if cfg.resume else None)
-
-
-def _rewrite_metrics(path: Path, upto: int) -> None:
-    """On resume: drop metric rows written after the checkpoint we continue from."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= upto]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
-
-
 def train(config: TrainConfig) -> dict:
-    """Train, write `config.output`, return a summary (also written to summary.json)."""
+    """Train, write `config.output`, return a summary (also written to summary.json). Ctrl-C raises
+    `Interrupted`, whose message says what was saved and how to continue (recovery.py)."""
+    try:
+        return _train(config)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # outside the loop's graceful stop (loading, a second Ctrl-C)
+        raise Interrupted(how_to_continue(Path(config.output))) from None
+
+
+def _train(config: TrainConfig) -> dict:
     validate(config)
     started = time.perf_counter()
     rank, world, device, owns_group = _init_distributed(config.device)
-    out, resume_from = _prepare_output(config, rank)
+    out, resuming, resume_from = prepare_output(config, rank)
     if world > 1:
         dist.barrier()  # every process checks the output directory before rank 0 writes to it
     torch.manual_seed(config.seed)
     model_key = model_fingerprint(config.model, seed=config.seed)
     teacher_key = model_fingerprint(config.teacher, seed=config.seed) if config.teacher else model_key
     derived = {"model_files": model_key, "teacher_files": teacher_key, "holds_out_eval_rows": holds_out_eval_rows(config)}
-    check_run_settings(out, asdict(config) | derived, resume=resume_from is not None, rank=rank)
-    setup = set_up(config, device, out / "teacher_targets.safetensors", resume=resume_from is not None,
+    check_run_settings(out, asdict(config) | derived, resume=resuming, rank=rank)
+    setup = set_up(config, device, out / "teacher_targets.safetensors", resume=resuming,
                    teacher_key=teacher_key, rank=rank, world=world, relabel_tokens=RELABEL_TOKENS)
     student, tokenizer, teacher_model, teacher = setup.student, setup.tokenizer, setup.teacher_model, setup.teacher
     train_rows, eval_rows, data_info = setup.train_rows, setup.eval_rows, setup.data_info
@@ -370,8 +366,8 @@ def train(config: TrainConfig) -> dict:
         _build_decode_eval(run)
     start = load_training_state(resume_from, student, optimizer, scheduler) if resume_from else 0
     metrics_path = out / "metrics.jsonl"
-    if rank == 0 and resume_from:
-        _rewrite_metrics(metrics_path, start)
+    if rank == 0 and resuming:  # rows after the checkpoint (or all, starting over) are recomputed
+        truncate_metrics(metrics_path, start if resume_from else -1)
     history = _loop(run, start, metrics_path, out)
     final_dir = out / "final"
     if rank == 0:
@@ -384,7 +380,7 @@ def train(config: TrainConfig) -> dict:
         **data_info, "config": asdict(config),
     }
     if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_bytes_atomic(out / "summary.json", json.dumps(summary, indent=2).encode())  # demo reads it
     if world > 1:
         dist.barrier()
     if owns_group:
@@ -394,8 +390,9 @@ def train(config: TrainConfig) -> dict:
 
 def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
     cfg, history = run.config, []
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress or run.rank != 0)
-    with bar, open(metrics_path, "a") if run.rank == 0 else contextlib.nullcontext() as metrics_file:
+    bar = progress_bar(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress or run.rank != 0)
+    with bar, open(metrics_path, "a") if run.rank == 0 else contextlib.nullcontext() as metrics_file, \
+            StopRequest() as stop:
         if start == 0 and run.decode_eval is not None:  # the untrained baseline of the decode curve
             metrics_file.write(json.dumps({"step": 0, **evaluate(run)}) + "\n")
         for step in range(start, cfg.steps):
@@ -406,13 +403,19 @@ def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
                    "tokens_per_s": round(stats.tokens / seconds, 1)}
             if run.rank == 0 and run.eval_rows is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update(evaluate(run))
-            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps) and run.rank == 0:
-                save_training_state(out / "checkpoints", step + 1, run.student, run.optimizer, run.scheduler,
-                                    keep=cfg.keep_checkpoints)
-            if run.rank == 0:
+            if run.rank == 0:  # before the checkpoint: a kill in between leaves a row that resume drops
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            stopping = stop.agreed(run.world, run.device)
+            periodic = cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps)
+            if (periodic or stopping) and run.rank == 0:
+                save_training_state(out / "checkpoints", step + 1, run.student, run.optimizer, run.scheduler,
+                                    keep=cfg.keep_checkpoints)
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
+            if stopping:
+                if run.world > 1:
+                    dist.barrier()  # no process exits while the first one is still writing the checkpoint
+                raise interrupted(out, step + 1)
     return history
