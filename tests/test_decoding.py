@@ -25,7 +25,7 @@ PROMPTS = [
 VARYING_TAU = "confadapt:0.45:6"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny_mtp(tiny):
     return MTPModel(*tiny)
 
