@@ -312,6 +312,11 @@ def test_cli_trains_and_refuses_to_overwrite(data, tmp_path, capsys):
     assert "already holds a training run" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def default_first_step(data, tmp_path_factory):
+    return train(config(data, tmp_path_factory.mktemp("default") / "o", steps=1, batch_size=2))["last"]
+
+
 @pytest.mark.parametrize("overrides", [
     {"teacher_mode": "soft"},
     {"supervision": "ground-truth"},
@@ -320,10 +325,15 @@ def test_cli_trains_and_refuses_to_overwrite(data, tmp_path, capsys):
     {"k_sampling": "static", "static_k": 2},
     {"prefix_loss": 0.5},
 ])
-def test_ablation_settings_train_end_to_end(data, tmp_path, overrides):
+def test_ablation_settings_train_end_to_end(data, tmp_path, overrides, default_first_step):
     summary = train(config(data, tmp_path / "o", steps=1, batch_size=2, **overrides))
     row = summary["last"]
     assert row["step"] == 1 and row["loss"] > 0 and ("prefix_loss" in row) == ("prefix_loss" in overrides)
+    # The setting reaches what the trainer computes: same seed, so the same rows (and, but for
+    # static k, the same regions), yet another loss than the default hard/causal/online step. Float
+    # noise on a loss of ~11 is ~1e-6; an ignored setting gives the default loss to that noise.
+    assert row["supervised"] == default_first_step["supervised"] or "static_k" in overrides
+    assert abs(row["loss"] - default_first_step["loss"]) > 1e-3
     if overrides.get("k_sampling") == "static":
         assert row["agreement_by_j"][2:] == [None, None]
 
