@@ -53,8 +53,9 @@ def assert_decisive(logits: torch.Tensor, what: str = "greedy choice") -> None:
 
 
 def pytest_configure(config):
-    # Keep the test suite reproducible and quiet on 2 cores.
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Quiet on 2 cores; OMP_NUM_THREADS, when set, decides (the suite must pass with 1 and with 2).
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, min(2, os.cpu_count() or 1)))
     cache = tempfile.mkdtemp(prefix="selfmtp-test-cache-")
     config._selfmtp_test_cache = (cache, os.environ.get("SELFMTP_CACHE"))
     os.environ["SELFMTP_CACHE"] = cache
