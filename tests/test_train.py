@@ -313,8 +313,10 @@ def test_cli_trains_and_refuses_to_overwrite(data, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def default_first_step(data, tmp_path_factory):
-    return train(config(data, tmp_path_factory.mktemp("default") / "o", steps=1, batch_size=2))["last"]
+def default_steps(data, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("default") / "o"
+    train(config(data, out, steps=2, batch_size=2))
+    return [r for r in metrics(out) if "loss" in r]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -325,17 +327,20 @@ def default_first_step(data, tmp_path_factory):
     {"k_sampling": "static", "static_k": 2},
     {"prefix_loss": 0.5},
 ])
-def test_ablation_settings_train_end_to_end(data, tmp_path, overrides, default_first_step):
-    summary = train(config(data, tmp_path / "o", steps=1, batch_size=2, **overrides))
-    row = summary["last"]
-    assert row["step"] == 1 and row["loss"] > 0 and ("prefix_loss" in row) == ("prefix_loss" in overrides)
+def test_ablation_settings_train_end_to_end(data, tmp_path, overrides, default_steps):
+    out = tmp_path / "o"
+    train(config(data, out, steps=2, batch_size=2, **overrides))
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["loss"] > 0 and ("prefix_loss" in rows[-1]) == ("prefix_loss" in overrides)
     # The setting reaches what the trainer computes: same seed, so the same rows (and, but for
-    # static k, the same regions), yet another loss than the default hard/causal/online step. Float
-    # noise on a loss of ~11 is ~1e-6; an ignored setting gives the default loss to that noise.
-    assert row["supervised"] == default_first_step["supervised"] or "static_k" in overrides
-    assert abs(row["loss"] - default_first_step["loss"]) > 1e-3
+    # static k, the same regions), yet another loss than the default hard/causal/online run, at the
+    # first step or (a prefix loss, logged apart, only changes the update) at the second. Float noise
+    # on a mean loss of ~10 is ~1e-6; an ignored setting gives the default losses to that noise. The
+    # smallest real change, bidirectional blocks on the near-uniform tiny model, is 2.5e-4 here.
+    assert [r["supervised"] for r in rows] == [r["supervised"] for r in default_steps] or "static_k" in overrides
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, default_steps, strict=True)) > 5e-5
     if overrides.get("k_sampling") == "static":
-        assert row["agreement_by_j"][2:] == [None, None]
+        assert rows[-1]["agreement_by_j"][2:] == [None, None]
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
