@@ -1,8 +1,16 @@
-"""Shared fixtures. Tests use the `tiny` model spec; a converted-model cache is shared per session."""
+"""Shared fixtures. Tests use the `tiny` model spec; a converted-model cache is shared per session.
+
+Isolation: the whole session uses a private SELFMTP_CACHE (set in `pytest_configure`, before anything
+resolves the cache, and inherited by CLI subprocesses), so the suite never writes to the user's
+~/.cache/selfmtp. Session-wide models are handed out through fixtures that check, after every test,
+that the test left them as it found them: tests pass in any order (`-p random_order --random-order`).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +20,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
+
+# The smallest top-1 minus top-2 logit gap a token-for-token comparison may rest on. Float32 logits
+# of the test models (magnitude <= ~30) differ between CPUs, thread counts and kernels (batched,
+# cached, padded) by ~1e-5 at most (3.1e-5 seen on SmolLM2 across machines); a gap 30x that cannot be
+# flipped by float noise, so a test whose decisions all clear it gives the same tokens on any machine.
+DECISIVE_MARGIN = 1e-3
 
 
 def gsm8k_style_lines(n: int) -> str:
@@ -26,33 +40,91 @@ def gsm8k_style_lines(n: int) -> str:
     return "".join(json.dumps(p) + "\n" for p in generate_problems(n, seed=0, split="train"))
 
 
+def top2_margin(logits: torch.Tensor) -> float:
+    """The smallest top-1 minus top-2 gap over the rows of `logits` (..., vocab)."""
+    top = logits.float().topk(2, dim=-1).values
+    return float((top[..., 0] - top[..., 1]).min())
+
+
+def assert_decisive(logits: torch.Tensor, what: str = "greedy choice") -> None:
+    """Fail loudly (instead of by float noise on some other CPU) when an argmax is a near tie."""
+    margin = top2_margin(logits)
+    assert margin > DECISIVE_MARGIN, f"{what} is a near tie (top-2 gap {margin:.2e}): pick another prompt"
+
+
+def pytest_configure(config):
+    # Quiet on 2 cores; OMP_NUM_THREADS, when set, decides (the suite must pass with 1 and with 2).
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, min(2, os.cpu_count() or 1)))
+    cache = tempfile.mkdtemp(prefix="selfmtp-test-cache-")
+    config._selfmtp_test_cache = (cache, os.environ.get("SELFMTP_CACHE"))
+    os.environ["SELFMTP_CACHE"] = cache
+
+
+def pytest_unconfigure(config):
+    cache, before = getattr(config, "_selfmtp_test_cache", (None, None))
+    if cache is None:
+        return
+    shutil.rmtree(cache, ignore_errors=True)
+    if before is None:
+        os.environ.pop("SELFMTP_CACHE", None)
+    else:
+        os.environ["SELFMTP_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
     yield
 
 
+# Config fields `save_pretrained` records on the model it saves: no change to what the model computes.
+FILLED_IN_BY_SAVE_PRETRAINED = {"architectures", "dtype", "transformers_version"}
+
+
+def _fingerprint(model, tokenizer) -> tuple:
+    """What a test could change on a shared model: weights, requires_grad, train/eval mode, vocab."""
+    with torch.no_grad():
+        weights = tuple(float(p.double().sum()) for p in model.parameters())
+    flags = tuple(p.requires_grad for p in model.parameters())
+    modes = tuple(m.training for m in model.modules())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in FILLED_IN_BY_SAVE_PRETRAINED}
+    return weights, flags, modes, len(tokenizer), config
+
+
 @pytest.fixture(scope="session")
-def tiny():
-    """(model, tokenizer) of the default `tiny` spec with `<mtp>`, float32, eval mode."""
+def _tiny_session():
     from selfmtp.models.loading import load_model
 
-    return load_model("tiny", seed=0)
+    model, tokenizer = load_model("tiny", seed=0)
+    return model, tokenizer, _fingerprint(model, tokenizer)
+
+
+@pytest.fixture
+def tiny(_tiny_session):
+    """(model, tokenizer) of the default `tiny` spec with `<mtp>`, float32, eval mode. Shared by the
+    session: a test must not change it (copy it first), and fails if it did."""
+    model, tokenizer, before = _tiny_session
+    yield model, tokenizer
+    assert _fingerprint(model, tokenizer) == before, "this test changed the shared `tiny` model"
 
 
 @pytest.fixture(scope="session")
-def peaked():
-    """`MTPModel` of the tiny model with its final norm scaled up: sharp, varied confidences, so
-    ConfAdapt accepts different numbers of tokens per pass (the untrained tiny model is near uniform)."""
+def _peaked_session():
     from selfmtp.api import MTPModel
     from selfmtp.models.loading import load_model
 
     model, tokenizer = load_model("tiny", seed=0)
     with torch.no_grad():
         model.model.norm.weight.mul_(40.0)
-    return MTPModel(model, tokenizer)
+    return MTPModel(model, tokenizer), _fingerprint(model, tokenizer)
 
 
-def pytest_configure(config):
-    # Keep the test suite reproducible and quiet on 2 cores.
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+@pytest.fixture
+def peaked(_peaked_session):
+    """`MTPModel` of the tiny model with its final norm scaled up: sharp, varied confidences, so
+    ConfAdapt accepts different numbers of tokens per pass (the untrained tiny model is near uniform).
+    Shared by the session; a test that changes it fails."""
+    mtp, before = _peaked_session
+    yield mtp
+    assert _fingerprint(mtp.model, mtp.tokenizer) == before, "this test changed the shared `peaked` model"

@@ -91,3 +91,37 @@ def test_tokenize_gsm8k_rows(tiny):
             assert ids[length - 1] == tokenizer.eos_token_id and text.rstrip().endswith("<|im_end|>")
     with pytest.raises(SelfMTPError, match="no example fits"):
         tokenize_examples(examples[:2], tokenizer, template="chat", seq_len=8)
+
+
+def _tokenizer_saying(tmp_path, tokenizer_class: str):
+    """The SmolLM2 tokenizer re-saved with no BOS and `tokenizer_class` in its config, loaded back."""
+    from transformers import AutoTokenizer
+
+    from selfmtp.models.loading import load_tokenizer
+
+    folder = tmp_path / tokenizer_class
+    load_tokenizer("smollm2").save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = tokenizer_class
+    config.pop("bos_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_plain_template_starts_qwen_prompts_with_endoftext_as_the_paper_does(tmp_path):
+    """The paper: Qwen3 sees BOS + prompt + "\\n\\n" + response; Qwen tokenizers have no BOS, their
+    configs name <|endoftext|>. A tokenizer of another family without BOS gets none."""
+    from selfmtp.evaluation.tasks import bos_prefix
+    from selfmtp.training.data import Example
+
+    example = Example([{"role": "user", "content": "What is 2+2?"}], "It is 4.")
+    qwen = _tokenizer_saying(tmp_path, "Qwen2Tokenizer")
+    assert type(qwen).__name__ == "Qwen2Tokenizer" and qwen.bos_token is None
+    body = qwen("What is 2+2?\n\n", add_special_tokens=False)["input_ids"]
+    response = qwen("It is 4.", add_special_tokens=False)["input_ids"]
+    endoftext = qwen.convert_tokens_to_ids("<|endoftext|>")
+    assert render(example, qwen, "plain") == ([endoftext, *body], [*response, qwen.eos_token_id])
+    assert bos_prefix(qwen) == "<|endoftext|>"
+    other = _tokenizer_saying(tmp_path, "TokenizersBackend")
+    assert other.bos_token is None and render(example, other, "plain") == (body, [*response, other.eos_token_id])
+    assert bos_prefix(other) == ""

@@ -114,14 +114,18 @@ def check_supervision(layout, ids, response_start, lengths, plan_starts, plan_ks
 
 def test_regions_spread_over_long_responses():
     generator = torch.Generator().manual_seed(0)
-    n, k_max = 160, 16
-    ids = torch.randint(3, 90, (4, n), generator=generator)
-    plan = sample_regions(torch.tensor([20] * 4), torch.tensor([n] * 4), torch.zeros(4, dtype=torch.bool),
+    n, k_max, response_start = 160, 16, 20
+    plan = sample_regions(torch.tensor([response_start] * 4), torch.tensor([n] * 4), torch.zeros(4, dtype=torch.bool),
                           k_max=k_max, regions=default_regions(n, k_max), generator=generator)
     assert default_regions(n, k_max) == 5
     assert (plan.ks > 0).sum(1).tolist() == [5, 5, 5, 5]
     assert len({tuple(s.tolist()) for s in plan.starts}) > 1  # random offsets differ between rows
-    assert ids.shape[0] == plan.starts.shape[0]
+    # Every prefix ends inside the response (its targets are response tokens), in order, and the
+    # regions of a row cover the response: consecutive starts one stride (~ span / 5) apart.
+    span = n - 2 - (response_start - 1)
+    assert int(plan.starts.min()) >= response_start - 1 and int(plan.starts.max()) <= n - 2
+    gaps = plan.starts.diff(dim=1)
+    assert (gaps > 0).all() and (gaps >= span // 5 - 1).all() and (plan.starts[:, -1] - plan.starts[:, 0] >= span // 2).all()
 
 
 def test_fill_rollout_replaces_exactly_the_masks():

@@ -64,9 +64,13 @@ def test_simple_evaluate_on_a_local_task(mtp, tmp_path, monkeypatch):
     out = lm_eval.simple_evaluate(
         model=lm, tasks=["selfmtp_local_arith"], task_manager=TaskManager(include_path=str(tmp_path)), limit=3
     )
-    result = out["results"]["selfmtp_local_arith"]
-    assert 0.0 <= result["exact_match,none"] <= 1.0 and "exact_match_stderr,none" in result
-    assert len(out["samples"]["selfmtp_local_arith"]) == 3
+    result, samples = out["results"]["selfmtp_local_arith"], out["samples"]["selfmtp_local_arith"]
+    assert len(samples) == 3 and "exact_match_stderr,none" in result
+    for sample in samples:  # each answer is what our decoder writes for that prompt with static:2
+        ((context, gen_kwargs),) = sample["arguments"]
+        mine = mtp.generate(context, strategy="static:2", max_new_tokens=8, stop=["Q:"], chat=False)
+        assert sample["resps"] == [[mine.text]] and gen_kwargs["until"] == ["Q:"]
+    assert result["exact_match,none"] == sum(s["exact_match"] for s in samples) / 3
     stats = json.loads(stats_file.read_text())
     assert stats["strategy"] == "static:2" and stats["summary"]["generations"] == 3
     assert all(1.0 <= g["acceleration"] <= 2.0 for g in stats["generations"])
@@ -102,8 +106,17 @@ def test_loglikelihood_matches_the_model_loss(mtp):
     labels[0, :n_context] = -100
     with torch.no_grad():
         loss = mtp.model(input_ids=torch.tensor([ids]), labels=labels).loss
+    # float32 log-softmax summed over a few tokens: ~1e-6 relative noise; 1e-4 is far from any off-by-one
     assert logprob == pytest.approx(-loss.item() * (len(ids) - n_context), rel=1e-4)
-    assert isinstance(is_greedy, bool)
+    with torch.no_grad():
+        logits = mtp.model(input_ids=torch.tensor([ids])).logits[0, n_context - 1 : -1]
+    assert is_greedy == (logits.argmax(-1).tolist() == ids[n_context:])
+    # A continuation the model itself writes greedily is greedy; change its last token and it is not.
+    context_ids = lm.tok_encode(context)
+    own = mtp.generate(context, strategy="ntp", max_new_tokens=3, chat=False).token_ids
+    other = [*own[:-1], (own[-1] + 1) % 1000]
+    (_, own_greedy), (_, other_greedy) = lm._loglikelihood_tokens([(None, context_ids, own), (None, context_ids, other)])
+    assert own_greedy and not other_greedy
 
 
 def test_loglikelihood_rolling_is_the_whole_text(mtp):
@@ -115,5 +128,5 @@ def test_loglikelihood_rolling_is_the_whole_text(mtp):
     ids = [lm.prefix_token_id, *lm.tok_encode(text, add_special_tokens=False)]
     with torch.no_grad():
         loss = mtp.model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
-    assert reference == pytest.approx(-loss.item() * (len(ids) - 1), rel=1e-4)
+    assert reference == pytest.approx(-loss.item() * (len(ids) - 1), rel=1e-4)  # as above: float32 sums
     assert total < 0 and total != pytest.approx(reference)  # short windows see less context

@@ -12,8 +12,8 @@ from selfmtp.errors import SelfMTPError
 def test_ntp_and_static_accept_fixed_counts():
     assert NTP().k_max == 1 and NTP().accept(torch.tensor([0.01])) == 1
     assert Static(4).k_max == 4 and Static(4).accept(torch.tensor([0.1, 0.1, 0.1, 0.1])) == 4
-    for strategy in (NTP(), Static(3), ConfAdapt(0.9, 8)):
-        assert isinstance(strategy, Strategy)
+    for strategy, spelled in ((NTP(), "ntp"), (Static(3), "static:3"), (ConfAdapt(0.9, 8), "confadapt:0.9:8")):
+        assert isinstance(strategy, Strategy) and strategy.name == spelled and parse_strategy(spelled) == strategy
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,8 @@ def test_decode_eval_rows(tmp_path, data):
         assert 1.0 <= row["decode_acceleration"] <= 4.0 and 0.0 <= row["decode_prefix_match"] <= 1.0
         assert row["decode_tokens"] <= 3 * 8
     assert "decode_acceleration" not in rows[1]
-    # Step 0: the student is the reference model; when ConfAdapt keeps only the exact first token of
-    # every pass (acceleration 1), its text must be the reference's greedy text.
-    if rows[0]["decode_acceleration"] == 1.0:
-        assert rows[0]["decode_exact_match"] == 1.0 and rows[0]["decode_prefix_match"] == 1.0
+    # Step 0: the student is the reference model, and untrained tiny confidences (~1e-4 over 49k tokens)
+    # never reach tau=0.9, so ConfAdapt keeps only the exact first token of every pass: its text must be
+    # the reference's greedy text.
+    assert rows[0]["decode_acceleration"] == 1.0
+    assert rows[0]["decode_exact_match"] == 1.0 and rows[0]["decode_prefix_match"] == 1.0

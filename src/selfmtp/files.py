@@ -32,19 +32,44 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
         raise
 
 
-def atomic_dir_write(target: Path, write) -> None:
-    """Call `write(tmp_dir)` on a sibling temp dir, then rename it onto `target` (all or nothing)."""
+def backup_dir(target: Path) -> Path:
+    """Where `atomic_dir_write` keeps the old `target` while the new one is renamed into place."""
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_dir(target: str | Path) -> Path:
+    """Undo a swap `atomic_dir_write` did not finish: if it stopped (crash, kill -9) after moving the
+    old directory aside and before the new one took its place, put the old one back. Call before
+    reading or writing `target`; returns it."""
     target = Path(target)
+    backup = backup_dir(target)
+    if backup.is_dir() and not target.exists():
+        try:
+            os.replace(backup, target)
+        except OSError:
+            if not target.exists():
+                raise
+    return target
+
+
+def atomic_dir_write(target: Path, write) -> None:
+    """Call `write(tmp_dir)` on a sibling temp dir, then swap it in for `target` (all or nothing).
+
+    An existing `target` is renamed to `backup_dir(target)` and deleted only once the new one is in
+    place: at every moment one complete version exists, and `recover_dir` restores the old one if the
+    process dies between the two renames. One writer per target at a time (rank 0 saves)."""
+    target = recover_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    backup = backup_dir(target)
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a checkpoint should get the usual mode
         write(tmp)
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
+            shutil.rmtree(backup, ignore_errors=True)  # a backup left after a finished swap: stale
+            os.replace(target, backup)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(backup, ignore_errors=True)
         else:
             try:
                 os.replace(tmp, target)
@@ -55,4 +80,5 @@ def atomic_dir_write(target: Path, write) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_dir(target)
         raise

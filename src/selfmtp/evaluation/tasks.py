@@ -111,11 +111,14 @@ class TinyGSM:
 
 
 def bos_prefix(tokenizer) -> str:
-    bos = getattr(tokenizer, "bos_token", None)
-    if not bos:
+    """The plain template's BOS as text (see training.data.plain_bos_id), unless the tokenizer adds it."""
+    from selfmtp.training.data import plain_bos_id
+
+    bos_id = plain_bos_id(tokenizer)
+    if bos_id is None:
         return ""
     probe = tokenizer("x")["input_ids"]
-    return "" if probe and probe[0] == tokenizer.bos_token_id else bos
+    return "" if probe and probe[0] == bos_id else tokenizer.convert_ids_to_tokens(bos_id)
 
 
 def cot_rationale(answer: str) -> str:

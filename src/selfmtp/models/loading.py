@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from selfmtp.errors import SelfMTPError
-from selfmtp.files import atomic_dir_write
+from selfmtp.files import atomic_dir_write, recover_dir
 from selfmtp.models.adapters import base_spec, is_adapter_dir, load_adapter_dir
 
 MTP_TOKEN = "<mtp>"
@@ -68,7 +68,7 @@ def parse_model_spec(spec: str) -> ModelSpec:
         return ModelSpec("tiny", "tiny", _parse_tiny_options(spec.partition(":")[2]))
     if spec in ALIASES:
         return ModelSpec("alias", spec)
-    path = Path(spec).expanduser()
+    path = recover_dir(Path(spec).expanduser())  # a checkpoint whose overwrite was cut short
     if path.exists():
         if path.is_dir():
             return ModelSpec("dir", str(path))
@@ -221,7 +221,7 @@ def _converted_gguf_dir(path: Path) -> Path:
         raise SelfMTPError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
         )
-    target = cache_dir() / "gguf" / f"{path.stem}-{_file_fingerprint(path)}"
+    target = recover_dir(cache_dir() / "gguf" / f"{path.stem}-{_file_fingerprint(path)}")
     if (target / "config.json").exists():
         return target
     try:
@@ -284,7 +284,7 @@ def load_tokenizer(name_or_path: str):
 
 def _smollm2_tokenizer_dir() -> Path:
     gguf = smollm2_gguf_path()
-    target = cache_dir() / "tokenizers" / f"smollm2-{_file_fingerprint(gguf)}"
+    target = recover_dir(cache_dir() / "tokenizers" / f"smollm2-{_file_fingerprint(gguf)}")
     if not (target / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         atomic_dir_write(target, tokenizer.save_pretrained)

@@ -7,7 +7,7 @@ Accepted lines (one JSON object each):
     {"messages": [...]}       chat messages; the last one must be the assistant's response
 
 Templates: `chat` renders with the tokenizer's chat template; `plain` is BOS + prompt + "\\n\\n" +
-response. Every row ends with EOS unless `seq_len` cut it; the prompt is context, the response is
+response, the paper's format for Qwen3 (`plain_bos_id` says which BOS a tokenizer without one gets). Every row ends with EOS unless `seq_len` cut it; the prompt is context, the response is
 what the MTP regions predict.
 """
 
@@ -23,6 +23,10 @@ import torch
 from selfmtp.errors import SelfMTPError
 
 TEMPLATES = ("chat", "plain")
+# Qwen2/Qwen3 tokenizers define no BOS token, yet the paper feeds Qwen3 as BOS + prompt + "\n\n" +
+# response. Their model configs name <|endoftext|> as bos_token_id (151643, also their pad and
+# document separator in pretraining), so that is the BOS a Qwen prompt starts with here.
+QWEN_BOS = "<|endoftext|>"
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
@@ -111,7 +115,8 @@ def render_batch(examples: list[Example], tokenizer, template: str) -> list[tupl
         raise SelfMTPError(f"unknown template {template!r} (use one of {', '.join(TEMPLATES)})")
     eos = tokenizer.eos_token_id
     if template == "plain":
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        bos_id = plain_bos_id(tokenizer)
+        bos = [bos_id] if bos_id is not None else []
         prompts = _encode(tokenizer, ["\n\n".join(m["content"] for m in e.prompt) + "\n\n" for e in examples])
         responses = _encode(tokenizer, [e.response for e in examples])
         return [(bos + prompt, response + [eos]) for prompt, response in zip(prompts, responses, strict=True)]
@@ -135,6 +140,16 @@ def render_batch(examples: list[Example], tokenizer, template: str) -> list[tupl
             response = response + [eos]
         out.append((prompt, response))
     return out
+
+
+def plain_bos_id(tokenizer) -> int | None:
+    """The token the plain template starts with: the tokenizer's BOS, <|endoftext|> for the Qwen2/Qwen3
+    family (whose tokenizers have none, see QWEN_BOS), else none."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    if any(cls.__name__.startswith("Qwen2Tokenizer") for cls in type(tokenizer).__mro__):  # Qwen2 and Qwen3
+        return tokenizer.convert_tokens_to_ids(QWEN_BOS)
+    return None
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:

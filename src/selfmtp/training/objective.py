@@ -58,7 +58,11 @@ class SelectedLogits(nn.Module):
 
 
 def frozen_teacher(model: nn.Module):
-    """Teacher = a separate frozen model (eval mode, no grad)."""
+    """Teacher = `model`, frozen IN PLACE: it is put in eval mode with requires_grad off for good.
+
+    The model becomes the teacher (the trainer hands over one loaded for that role), so freezing it
+    for good is the point: no dropout, and no gradient buffers or optimizer can ever reach it. To keep
+    a model trainable, pass a copy (`copy.deepcopy(model)`)."""
     model.eval().requires_grad_(False)
     head = SelectedLogits(model)
 
