@@ -305,6 +305,8 @@ def _add_train(subparsers) -> None:
     add("--lora-rank", type=int, help="LoRA rank, 0: full fine-tuning (default: 0)")
     add("--lora-alpha", type=float, help="default: 2 x rank")
     add("--lora-export", choices=["merged", "adapter"], help="default: merged")
+    add("--gated", action="store_true", help="train deltas that act only at <mtp> positions (LoRA with --lora-rank, "
+        "else full): real tokens stay the original model exactly; final/ holds the deltas and names the base")
     add("--attn", dest="attn_implementation", choices=["sdpa", "eager"], help="default: sdpa")
     add("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines (counted) instead of failing")
     add("--keep-calculator", action="store_true", help="keep GSM8K <<a*b=c>> annotations")

@@ -92,6 +92,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_export: str = "merged"  # merged | adapter
+    gated: bool = False  # deltas (LoRA with lora_rank, else full) acting only at <mtp> positions (models/gated.py)
     seed: int = 0
     device: str = "cpu"
     attn_implementation: str = "sdpa"
@@ -142,6 +143,9 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
         (config.lr > 0 and config.warmup >= 0 and config.prefix_loss >= 0, "--lr must be > 0, --warmup and --prefix-loss >= 0"),
         (config.lora_rank >= 0, "--lora-rank must be >= 0"),
         (config.lora_export in ("merged", "adapter"), "--lora-export must be merged or adapter"),
+        (not config.gated or (config.teacher is None and config.prefix_loss == 0),
+         "--gated: the teacher is the original model inside the student's own forward, and real positions do not "
+         "train: drop --teacher-model and --prefix-loss"),
         (config.eval_every >= 0 and config.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (config.eval_decode_prompts >= 0 and config.eval_decode_tokens >= 1, "--eval-decode-prompts must be >= 0, "
          "--eval-decode-tokens >= 1"),
@@ -228,6 +232,7 @@ def _loss(run: _Run, student, layout, normalizer=None, prefix_normalizer=None):
             prefix_loss_weight=cfg.prefix_loss, prefix_target=cfg.prefix_target, mtp_token_id=mtp_token_id(run.student),
             eos_token_id=run.tokenizer.eos_token_id, k_max=cfg.k_max,
             normalizer=normalizer, prefix_normalizer=prefix_normalizer,
+            targets_from_forward=cfg.gated and cfg.supervision == "offline",
         )
 
 
