@@ -13,8 +13,9 @@ base linear runs exactly as the original module on the whole input, and the delt
 mask rows only (index_add / index_copy on those rows; real rows are not touched, not even by + 0).
 
 Backward only where it is needed: in a grad-enabled forward the base output of all rows is computed from
-a detached input (real rows are constants: nothing trainable reaches them), and the mask rows are
-recomputed with grad (base + delta) and copied in. Linear-layer backward then covers mask rows only.
+a detached input (real rows are constants: nothing trainable reaches them); the mask rows get the delta
+with grad and a gradient path through the base (`_BaseRows`: the base output already computed, the input
+gradient grad @ W in backward). Linear-layer backward then covers mask rows only.
 
 peft (0.21) has no per-token gate: aLoRA activates after an invocation sequence, mixed-adapter batches
 choose per row, so this is a small module of our own.
@@ -92,10 +93,25 @@ class GatedLinear(nn.Module):
         # Always run the delta path (even for zero mask rows) so DDP sees every parameter used.
         with torch.no_grad():
             out = self.base(x.detach())
+        flat_out = out.reshape(-1, out.shape[-1])
         masked_in = flat_in[rows]
-        masked_out = self.base(masked_in) + self.delta_of(masked_in)
-        flat_out = out.reshape(-1, out.shape[-1]).index_copy(0, rows, masked_out.to(out.dtype))
-        return flat_out.view(out.shape)
+        masked_out = _BaseRows.apply(masked_in, flat_out[rows], self.base.weight) + self.delta_of(masked_in)
+        return flat_out.index_copy(0, rows, masked_out.to(out.dtype)).view(out.shape)
+
+
+class _BaseRows(torch.autograd.Function):
+    """The frozen base linear at the mask rows, already computed (`out`): forward returns it as is, backward
+    gives the input gradient `grad @ W` (the weight is frozen), so the base is not run twice on those rows."""
+
+    @staticmethod
+    def forward(ctx, x, out, weight):
+        ctx.save_for_backward(weight)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
 
 
 class GatedModel(nn.Module):
