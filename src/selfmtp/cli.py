@@ -64,6 +64,9 @@ def _add_demo(subparsers) -> None:
     add("--prefix-target", choices=PREFIX_TARGETS, default=d.prefix_target,
         help=f"{PREFIX_TARGET_HELP} (default: {d.prefix_target})")
     add("--k-max", type=int, default=d.k_max, help=f"largest k in training and ConfAdapt (default: {d.k_max})")
+    add("--gated", action=argparse.BooleanOptionalAction, default=d.gated,
+        help="train gated deltas that act only at <mtp> (k=1 stays the teacher exactly; --prefix-loss unused) "
+        "into OUTPUT/train-gated, or the plain recipe (default: %(default)s)")
     add("--train-problems", type=int, default=d.train_problems, help=f"(default: {d.train_problems})")
     add("--eval-problems", type=int, default=d.eval_problems, help=f"tiny-gsm test problems (default: {d.eval_problems})")
     add("--strategies", default=",".join(d.strategies), help="comma-separated sweep (default: %(default)s)")
@@ -81,7 +84,7 @@ def _run_demo(args) -> int:
 
     config = DemoConfig(
         output=args.output, teacher=args.teacher, steps=args.steps, lr=args.lr, prefix_loss=args.prefix_loss,
-        supervision=args.supervision, prefix_target=args.prefix_target, k_max=args.k_max, train_problems=args.train_problems, eval_problems=args.eval_problems,
+        supervision=args.supervision, prefix_target=args.prefix_target, k_max=args.k_max, gated=args.gated, train_problems=args.train_problems, eval_problems=args.eval_problems,
         strategies=args.strategies.split(","), max_new_tokens=args.max_new_tokens, threads=args.threads, seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     log = (lambda *_: None) if args.json else print
