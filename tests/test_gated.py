@@ -310,3 +310,16 @@ def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
         assert grad.abs().max() > 0
         # float32 sums over different row sets and orders: relative error ~1e-6, far below a wrong gradient
         assert torch.allclose(ours[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--gated", "--prefix-loss", "1"], "--gated: the teacher is the original model"),
+    (["--gated", "--teacher-model", "tiny"], "--gated: the teacher is the original model"),
+    (["--masks-per-row", "32", "--regions", "4"], "--masks-per-row must be >= 1 and replaces --regions"),
+])
+def test_cli_user_errors(data, tmp_path, capsys, flags, message):
+    from selfmtp.cli import main
+
+    assert main(["train", "--data", data, "--model", "tiny", "--output", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfmtp: error: ") and message in err and len(err.splitlines()) == 1

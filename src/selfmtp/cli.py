@@ -281,6 +281,8 @@ def _add_train(subparsers) -> None:
     add("--static-k", type=int, help="k for --k-sampling static")
     add("--k-max", type=int, help="default: 16")
     add("--regions", type=int, help="MTP regions per sequence (default: seq_len // (2 k_max))")
+    add("--masks-per-row", type=int, help="instead of --regions: regions enough for about this many <mtp> masks per "
+        "row (a dense layout; with --gated only masks cost a backward pass)")
     add("--prefix-loss", type=float, metavar="WEIGHT", help="extra next-token loss weight (default 0)")
     add("--prefix-target", choices=PREFIX_TARGETS, help=f"{PREFIX_TARGET_HELP} (default: ground-truth)")
     add("--template", choices=["chat", "plain"], help="default: chat")

@@ -84,6 +84,15 @@ def default_regions(seq_len: int, k_max: int) -> int:
     return max(1, seq_len // (2 * k_max))
 
 
+def regions_for_masks(masks_per_row: int, k_max: int, *, k_sampling: str = "random", static_k: int | None = None) -> int:
+    """Regions per row that insert about `masks_per_row` masks on average: a denser layout for gated training,
+    where only mask positions cost a backward pass. A region holds k - 1 masks: k_max / 2 on average for
+    k uniform in [2, k_max], static_k - 1 for static k. Rows too short for that many regions get fewer
+    (`sample_regions` places at most one region per response position)."""
+    per_region = (static_k - 1) if k_sampling == "static" else k_max / 2
+    return max(1, round(masks_per_row / max(per_region, 1)))
+
+
 def sample_regions(
     response_start: torch.Tensor,
     lengths: torch.Tensor,

@@ -35,6 +35,7 @@ from selfmtp.training.layout import (
     K_SAMPLING,
     assemble_layout,
     default_regions,
+    regions_for_masks,
     sample_regions,
 )
 from selfmtp.training.objective import (
@@ -68,6 +69,7 @@ class TrainConfig:
     seq_len: int = 160
     k_max: int = 16
     regions: int | None = None  # None: seq_len // (2 k_max)
+    masks_per_row: int | None = None  # instead of regions: enough regions for about this many masks per row
     k_sampling: str = "random"
     static_k: int | None = None
     block_attention: str = "causal"
@@ -138,6 +140,8 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
         (config.k_sampling != "static" or (config.static_k or 0) >= 1, "--k-sampling static needs --static-k >= 1"),
         (config.static_k is None or config.static_k <= config.k_max, "--static-k must be <= --k-max"),
         (config.regions is None or config.regions >= 1, "--regions must be >= 1"),
+        (config.masks_per_row is None or (config.masks_per_row >= 1 and config.regions is None),
+         "--masks-per-row must be >= 1 and replaces --regions: give one of them"),
         (config.steps >= 1 and config.batch_size >= 1 and config.grad_accum >= 1, "--steps, --batch-size, --grad-accum must be >= 1"),
         (config.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}"),
         (config.lr > 0 and config.warmup >= 0 and config.prefix_loss >= 0, "--lr must be > 0, --warmup and --prefix-loss >= 0"),
@@ -209,9 +213,15 @@ def _plan(cfg: TrainConfig, rows: TokenRows, tokenizer, seed: int):
     has_eos = rows.input_ids.gather(1, (rows.lengths - 1)[:, None])[:, 0] == tokenizer.eos_token_id
     return sample_regions(
         rows.response_start, rows.lengths, has_eos, k_max=cfg.k_max,
-        regions=cfg.regions or default_regions(cfg.seq_len, cfg.k_max),
+        regions=cfg.regions or _regions(cfg),
         generator=torch.Generator().manual_seed(seed), k_sampling=cfg.k_sampling, static_k=cfg.static_k,
     )
+
+
+def _regions(cfg: TrainConfig) -> int:
+    if cfg.masks_per_row:
+        return regions_for_masks(cfg.masks_per_row, cfg.k_max, k_sampling=cfg.k_sampling, static_k=cfg.static_k)
+    return default_regions(cfg.seq_len, cfg.k_max)
 
 
 def _layout(run: _Run, rows: TokenRows, plan):
