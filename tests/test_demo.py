@@ -69,3 +69,13 @@ def test_check_targets(tau9, expected):
         _row("confadapt:0.5:8", "confadapt", 0.40, 4.5, tau=0.5, k_max=8),
     ]
     assert [t["met"] for t in check_targets(rows)] == expected
+
+
+def test_demo_gated_trains_gated_deltas_whose_k1_is_the_teacher(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--gated", "--output", str(out), *TOY]) == 0
+    assert "gated deltas, no anchor" in capsys.readouterr().out
+    assert (out / "train-gated" / "final" / "gated_model.safetensors").is_file() and not (out / "train").exists()
+    rows = {row["strategy"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["static:1"]["accuracy"] == rows["teacher"]["accuracy"]
+    assert rows["static:1"].get("answer_agreement", 1.0) == 1.0

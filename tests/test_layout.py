@@ -12,6 +12,7 @@ from selfmtp.training.layout import (
     fill_rollout,
     model_attention_mask,
     padded_causal_attention,
+    regions_for_masks,
     sample_regions,
 )
 
@@ -126,6 +127,33 @@ def test_regions_spread_over_long_responses():
     assert int(plan.starts.min()) >= response_start - 1 and int(plan.starts.max()) <= n - 2
     gaps = plan.starts.diff(dim=1)
     assert (gaps > 0).all() and (gaps >= span // 5 - 1).all() and (plan.starts[:, -1] - plan.starts[:, 0] >= span // 2).all()
+
+
+@pytest.mark.parametrize(("k_sampling", "static_k"), [("static", 5), ("random", None)])
+def test_masks_per_row_gives_about_that_many_masks(k_sampling, static_k):
+    generator = torch.Generator().manual_seed(0)
+    n, k_max, target = 400, 8, 64
+    regions = regions_for_masks(target, k_max, k_sampling=k_sampling, static_k=static_k)
+    assert regions == 16  # 64 masks / 4 per region (k - 1 = 4 static; k_max / 2 = 4 for k uniform in [2, 8])
+    plan = sample_regions(torch.tensor([10] * 32), torch.tensor([n] * 32), torch.zeros(32, dtype=torch.bool),
+                          k_max=k_max, regions=regions, generator=generator, k_sampling=k_sampling, static_k=static_k)
+    masks = (plan.ks - 1).clamp(min=0).sum(1).float()
+    if k_sampling == "static":
+        assert masks.tolist() == [64.0] * 32  # long rows: every region fits whole
+    else:  # 512 draws of k - 1 (sd 2.0 each): the mean is 4 +- 0.09, so +-10% is > 4 standard errors
+        assert abs(masks.mean().item() - target) < 0.1 * target
+
+
+def test_sup_context_is_the_ground_truth_token_before_each_target():
+    ids, starts, lengths = random_batch(torch.Generator().manual_seed(3))
+    layout = build_mtp_layout(ids, starts, lengths, k_max=6, regions=4, generator=torch.Generator().manual_seed(4),
+                              mtp_token_id=MTP, eos_token_id=EOS, pad_token_id=PAD)
+    b = layout.sup_batch
+    # position of the predicting slot is i_r + j - 1 for every j (x_{i_r} for j = 1, mask j - 1 after it)
+    before_target = torch.minimum(layout.position_ids[b, layout.sup_pos], lengths[b] - 1)
+    assert torch.equal(layout.position_ids[b, layout.sup_context], before_target)
+    assert not (layout.input_ids[b, layout.sup_context] == MTP).any()
+    assert torch.equal(layout.input_ids[b, layout.sup_context], ids[b, before_target])
 
 
 def test_fill_rollout_replaces_exactly_the_masks():

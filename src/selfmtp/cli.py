@@ -64,6 +64,9 @@ def _add_demo(subparsers) -> None:
     add("--prefix-target", choices=PREFIX_TARGETS, default=d.prefix_target,
         help=f"{PREFIX_TARGET_HELP} (default: {d.prefix_target})")
     add("--k-max", type=int, default=d.k_max, help=f"largest k in training and ConfAdapt (default: {d.k_max})")
+    add("--gated", action=argparse.BooleanOptionalAction, default=d.gated,
+        help="train gated deltas that act only at <mtp> (k=1 stays the teacher exactly; --prefix-loss unused) "
+        "into OUTPUT/train-gated, or the plain recipe (default: %(default)s)")
     add("--train-problems", type=int, default=d.train_problems, help=f"(default: {d.train_problems})")
     add("--eval-problems", type=int, default=d.eval_problems, help=f"tiny-gsm test problems (default: {d.eval_problems})")
     add("--strategies", default=",".join(d.strategies), help="comma-separated sweep (default: %(default)s)")
@@ -81,7 +84,7 @@ def _run_demo(args) -> int:
 
     config = DemoConfig(
         output=args.output, teacher=args.teacher, steps=args.steps, lr=args.lr, prefix_loss=args.prefix_loss,
-        supervision=args.supervision, prefix_target=args.prefix_target, k_max=args.k_max, train_problems=args.train_problems, eval_problems=args.eval_problems,
+        supervision=args.supervision, prefix_target=args.prefix_target, k_max=args.k_max, gated=args.gated, train_problems=args.train_problems, eval_problems=args.eval_problems,
         strategies=args.strategies.split(","), max_new_tokens=args.max_new_tokens, threads=args.threads, seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     log = (lambda *_: None) if args.json else print
@@ -278,6 +281,8 @@ def _add_train(subparsers) -> None:
     add("--static-k", type=int, help="k for --k-sampling static")
     add("--k-max", type=int, help="default: 16")
     add("--regions", type=int, help="MTP regions per sequence (default: seq_len // (2 k_max))")
+    add("--masks-per-row", type=int, help="instead of --regions: regions enough for about this many <mtp> masks per "
+        "row (a dense layout; with --gated only masks cost a backward pass)")
     add("--prefix-loss", type=float, metavar="WEIGHT", help="extra next-token loss weight (default 0)")
     add("--prefix-target", choices=PREFIX_TARGETS, help=f"{PREFIX_TARGET_HELP} (default: ground-truth)")
     add("--template", choices=["chat", "plain"], help="default: chat")
@@ -305,6 +310,8 @@ def _add_train(subparsers) -> None:
     add("--lora-rank", type=int, help="LoRA rank, 0: full fine-tuning (default: 0)")
     add("--lora-alpha", type=float, help="default: 2 x rank")
     add("--lora-export", choices=["merged", "adapter"], help="default: merged")
+    add("--gated", action="store_true", help="train deltas that act only at <mtp> positions (LoRA with --lora-rank, "
+        "else full): real tokens stay the original model exactly; final/ holds the deltas and names the base")
     add("--attn", dest="attn_implementation", choices=["sdpa", "eager"], help="default: sdpa")
     add("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines (counted) instead of failing")
     add("--keep-calculator", action="store_true", help="keep GSM8K <<a*b=c>> annotations")

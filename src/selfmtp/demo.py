@@ -47,6 +47,9 @@ class DemoConfig:
     # keeps the student's own k=1 from paying for the masks (docs/reproduction.md).
     supervision: str = "offline"
     prefix_target: str = "ground-truth"
+    # Gated deltas (models/gated.py): full deltas acting only at <mtp>, so k=1 IS the teacher and no anchor is
+    # needed (prefix_loss is not used); trained into train-gated/ (docs/reproduction.md, "Gated weights").
+    gated: bool = False
     strategies: list[str] = field(default_factory=lambda: DEFAULT_STRATEGIES.split(","))
     max_new_tokens: int = 120
     seed: int = 0
@@ -82,6 +85,9 @@ def train_config(config: DemoConfig, data: Path, output: Path, **overrides):
         steps=config.steps, batch_size=config.batch_size, eval_every=0, save_every=100,
         seed=config.seed, progress=config.progress,
     )  # fmt: skip
+    if config.gated:
+        recipe = replace(recipe, output=str(Path(output).with_name(f"{Path(output).name}-gated")), gated=True,
+                         prefix_loss=0.0)
     return replace(recipe, **overrides)
 
 
@@ -107,8 +113,9 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     seconds["data"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    anchor = "gated deltas, no anchor" if config.gated else f"prefix loss {config.prefix_loss:g} to the {config.prefix_target}"
     log(f"[train] MTP training of {config.teacher} ({config.supervision} supervision): {config.steps} steps, "
-        f"lr {config.lr:g}, k_max {config.k_max}, prefix loss {config.prefix_loss:g} to the {config.prefix_target}")
+        f"lr {config.lr:g}, k_max {config.k_max}, {anchor}")
     try:
         final = train_or_reuse(train_config(config, data, out / "train"), log)
     except KeyboardInterrupt:  # the trainer's own advice names `train --resume`; the demo resumes by itself

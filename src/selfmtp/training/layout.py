@@ -64,6 +64,8 @@ class MTPLayout:
     sup_target: torch.Tensor  # target x_{i_r + j} of `targets` (default the GT itself; EOS past the end)
     sup_past_eos: torch.Tensor  # bool: target lies after the GT EOS
     sup_fill: torch.Tensor  # layout index of mask j (filled with y'_j for the teacher); -1 for j = k
+    sup_context: torch.Tensor  # layout index of GT x_{i_r+j-1} (at most the last real one): under a gate its
+    # next-token logits in the same forward are the original model's choice for this target (offline)
     # Plain next-token pairs on GT positions whose target is a response token (prefix loss):
     ntp_batch: torch.Tensor
     ntp_pos: torch.Tensor
@@ -80,6 +82,15 @@ class MTPLayout:
 def default_regions(seq_len: int, k_max: int) -> int:
     """Paper: M = N / (2 k_max) regions per sequence, at least one."""
     return max(1, seq_len // (2 * k_max))
+
+
+def regions_for_masks(masks_per_row: int, k_max: int, *, k_sampling: str = "random", static_k: int | None = None) -> int:
+    """Regions per row that insert about `masks_per_row` masks on average: a denser layout for gated training,
+    where only mask positions cost a backward pass. A region holds k - 1 masks: k_max / 2 on average for
+    k uniform in [2, k_max], static_k - 1 for static k. Rows too short for that many regions get fewer
+    (`sample_regions` places at most one region per response position)."""
+    per_region = (static_k - 1) if k_sampling == "static" else k_max / 2
+    return max(1, round(masks_per_row / max(per_region, 1)))
 
 
 def sample_regions(
@@ -219,7 +230,8 @@ def _supervised_indices(targets, lengths, plan: RegionPlan, gt_positions, eos_to
     target = targets[b_idx, target_index.clamp(max=targets.shape[1] - 1)]
     target = torch.where(past_eos, torch.full_like(target, eos_token_id), target)
     fill = torch.where(jj < k, pos + 1, torch.full_like(pos, -1))
-    return b_idx, pos, r_idx, jj, target, past_eos, fill
+    context = gt_positions[b_idx, torch.minimum(target_index - 1, lengths[b_idx] - 1)]
+    return b_idx, pos, r_idx, jj, target, past_eos, fill, context
 
 
 def _next_token_pairs(input_ids, response_start, lengths, gt_positions):

@@ -16,12 +16,13 @@ Targets past the ground-truth EOS are EOS in every mode (the sequence is over th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfmtp.models.gated import gated_token_id
 from selfmtp.training.layout import MTPLayout, fill_rollout, model_attention_mask, padded_causal_attention
 
 TEACHER_MODES = ("hard", "soft")
@@ -54,7 +55,10 @@ class SelectedLogits(nn.Module):
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else decoder.dtype
         mask = model_attention_mask(attention_mask, implementation, dtype)
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
-        return self.lm.get_output_embeddings()(hidden[rows, cols])
+        hidden = hidden[rows, cols]
+        if gated_token_id(self.lm) is not None:  # real rows are the original model's: no gradient there
+            hidden = torch.where((input_ids[rows, cols] == gated_token_id(self.lm))[:, None], hidden, hidden.detach())
+        return self.lm.get_output_embeddings()(hidden)
 
 
 def frozen_teacher(model: nn.Module):
@@ -65,6 +69,18 @@ def frozen_teacher(model: nn.Module):
     a model trainable, pass a copy (`copy.deepcopy(model)`)."""
     model.eval().requires_grad_(False)
     head = SelectedLogits(model)
+
+    @torch.no_grad()
+    def teacher(input_ids, position_ids, attention_mask, rows, cols):
+        return head(input_ids, position_ids, attention_mask, rows, cols)
+
+    return teacher
+
+
+def gated_teacher(gated_model: nn.Module):
+    """Teacher = the gated student itself, without gradient: the student-forced input holds no `<mtp>`, so
+    the gate is closed everywhere and this is exactly the original model (one copy of the weights)."""
+    head = SelectedLogits(gated_model)
 
     @torch.no_grad()
     def teacher(input_ids, position_ids, attention_mask, rows, cols):
@@ -154,6 +170,7 @@ def mtp_loss(
     k_max: int | None = None,
     normalizer: float | None = None,
     prefix_normalizer: float | None = None,
+    targets_from_forward: bool = False,
 ) -> tuple[torch.Tensor, StepStats]:
     """Loss of one MTP batch and its statistics.
 
@@ -164,6 +181,9 @@ def mtp_loss(
     adds next-token terms at ground-truth positions, towards the ground truth (the paper's
     ablation) or towards the teacher's own next-token distribution there (`prefix_target="teacher"`,
     KL: it anchors plain k=1 decoding to the original model, whatever text the data holds).
+    `targets_from_forward` (gated models, offline): the target of each supervised position is the argmax
+    at the GT position before it in the SAME forward, which under the gate is the original model's
+    next-token choice: offline supervision with no teacher and no relabelling pass.
     """
     _check_modes(teacher_mode, supervision, prefix_target)
     n_sup, use_prefix = layout.sup_pos.numel(), prefix_loss_weight > 0
@@ -174,8 +194,14 @@ def mtp_loss(
     rows, cols = layout.sup_batch, layout.sup_pos
     if use_prefix:
         rows, cols = torch.cat([rows, layout.ntp_batch]), torch.cat([cols, layout.ntp_pos])
-    logits = student(layout.input_ids, layout.position_ids, layout.attention_mask, rows, cols)
-    log_probs = torch.log_softmax(_without_mtp(logits, mtp_token_id), dim=-1)
+    if targets_from_forward:  # the GT positions before each target: the original model's choices (gated)
+        rows, cols = torch.cat([rows, layout.sup_batch]), torch.cat([cols, layout.sup_context])
+    logits = _without_mtp(student(layout.input_ids, layout.position_ids, layout.attention_mask, rows, cols), mtp_token_id)
+    if targets_from_forward:
+        logits, in_forward = logits[: len(rows) - n_sup], logits[len(rows) - n_sup:].detach()
+        eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
+        layout = replace(layout, sup_target=torch.where(layout.sup_past_eos, eos, in_forward.argmax(dim=-1)))
+    log_probs = torch.log_softmax(logits, dim=-1)
     student_lp, prefix_lp = log_probs[:n_sup], log_probs[n_sup:]
     with torch.no_grad():
         top_lp, rollout = student_lp.max(dim=-1)

@@ -6,6 +6,11 @@ LoRA (peft): the student is the base model with adapters on every linear layer p
 `<mtp>` embedding rows (peft `trainable_token_indices`); unless a different teacher is named, the
 teacher is the SAME module with the adapter disabled, so the weights exist once in memory.
 
+Gated (`--gated`, models/gated.py): deltas that act only at `<mtp>` positions, so the student's own forward
+is the original model at every real position: the online teacher is the student without gradient on the
+rollout-filled input, and offline targets are read from the student's forward itself (no teacher copy, no
+relabelling pass).
+
 Offline supervision: the training rows are relabelled once with the teacher's next-token choices
 (`set_up`), and the relabelled targets are kept in the run folder, where --resume finds them.
 """
@@ -27,7 +32,12 @@ from selfmtp.models.adapters import write_base_record
 from selfmtp.models.loading import load_model, mtp_token_id, save_checkpoint
 from selfmtp.progress import progress_bar
 from selfmtp.training.data import TokenRows, read_examples, tokenize_examples
-from selfmtp.training.objective import adapter_disabled_teacher, frozen_teacher, teacher_next_tokens
+from selfmtp.training.objective import (
+    adapter_disabled_teacher,
+    frozen_teacher,
+    gated_teacher,
+    teacher_next_tokens,
+)
 
 
 @dataclass
@@ -54,7 +64,7 @@ def set_up(config, device, cache: Path, *, resume: bool, teacher_key: str, rank:
                                     attn_implementation=config.attn_implementation)
     train_rows, eval_rows, info = load_rows(config, tokenizer)
     splits = {"train": train_rows} | ({"eval": eval_rows} if eval_rows is not None else {})
-    offline = config.supervision == "offline"
+    offline = config.supervision == "offline" and not config.gated  # gated: targets come from the forward
     key = _targets_key(splits, teacher_key) if offline else ""
     cached = read_cached_targets(cache, splits, key) if offline and resume else None
     if offline and world > 1 and not _everyone(cached is not None, device):
@@ -66,7 +76,8 @@ def set_up(config, device, cache: Path, *, resume: bool, teacher_key: str, rank:
     if config.teacher is not None and needed:
         teacher_model, _ = load_model(config.teacher, seed=config.seed, device=device,
                                       attn_implementation=config.attn_implementation)
-    elif config.teacher is None and not config.lora_rank and needed and config.supervision != "ground-truth":
+    elif (config.teacher is None and not config.lora_rank and not config.gated and needed
+          and config.supervision != "ground-truth"):
         teacher_model = copy.deepcopy(student)  # the starting checkpoint, frozen
     student, teacher = build_student_and_teacher(student, teacher_model, config)
     if offline:
@@ -110,6 +121,11 @@ def build_student_and_teacher(student, teacher_model, config):
     """Returns (student module to train, teacher callable or None). With LoRA and no `teacher_model`
     the teacher is the adapter-disabled student; without LoRA, None means no teacher (ground truth)."""
     teacher = None
+    if config.gated:  # gated deltas, models/gated.py: the teacher is the same module with the gate closed
+        from selfmtp.models.gated import apply_gate
+
+        student = apply_gate(student, mtp_token_id=mtp_token_id(student), rank=config.lora_rank, alpha=config.lora_alpha)
+        return student, (gated_teacher(student) if config.supervision == "online" else None)
     if teacher_model is not None:
         if teacher_model.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
             from selfmtp.errors import SelfMTPError
@@ -135,7 +151,12 @@ def build_student_and_teacher(student, teacher_model, config):
 
 
 def export_final(student, tokenizer, final_dir: Path, config) -> Path:
-    """Full model: a standard checkpoint. LoRA: merged weights (default) or the adapter alone."""
+    """Full model: a standard checkpoint. LoRA: merged weights (default) or the adapter alone. Gated: the
+    gated weights beside a record of the base spec (models/gated.py)."""
+    if config.gated:
+        from selfmtp.models.gated import save_gated_dir
+
+        return save_gated_dir(student, tokenizer, final_dir, base_spec=config.model, seed=config.seed)
     if not config.lora_rank:
         return save_checkpoint(student, tokenizer, final_dir)
     if config.lora_export == "adapter":

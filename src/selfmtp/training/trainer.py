@@ -36,6 +36,7 @@ from selfmtp.training.layout import (
     K_SAMPLING,
     assemble_layout,
     default_regions,
+    regions_for_masks,
     sample_regions,
 )
 from selfmtp.training.objective import (
@@ -75,6 +76,7 @@ class TrainConfig:
     seq_len: int = 160
     k_max: int = 16
     regions: int | None = None  # None: seq_len // (2 k_max)
+    masks_per_row: int | None = None  # instead of regions: enough regions for about this many masks per row
     k_sampling: str = "random"
     static_k: int | None = None
     block_attention: str = "causal"
@@ -99,6 +101,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_export: str = "merged"  # merged | adapter
+    gated: bool = False  # deltas (LoRA with lora_rank, else full) acting only at <mtp> positions (models/gated.py)
     seed: int = 0
     device: str = "cpu"
     attn_implementation: str = "sdpa"
@@ -144,11 +147,16 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
         (config.k_sampling != "static" or (config.static_k or 0) >= 1, "--k-sampling static needs --static-k >= 1"),
         (config.static_k is None or config.static_k <= config.k_max, "--static-k must be <= --k-max"),
         (config.regions is None or config.regions >= 1, "--regions must be >= 1"),
+        (config.masks_per_row is None or (config.masks_per_row >= 1 and config.regions is None),
+         "--masks-per-row must be >= 1 and replaces --regions: give one of them"),
         (config.steps >= 1 and config.batch_size >= 1 and config.grad_accum >= 1, "--steps, --batch-size, --grad-accum must be >= 1"),
         (config.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}"),
         (config.lr > 0 and config.warmup >= 0 and config.prefix_loss >= 0, "--lr must be > 0, --warmup and --prefix-loss >= 0"),
         (config.lora_rank >= 0, "--lora-rank must be >= 0"),
         (config.lora_export in ("merged", "adapter"), "--lora-export must be merged or adapter"),
+        (not config.gated or (config.teacher is None and config.prefix_loss == 0),
+         "--gated: the teacher is the original model inside the student's own forward, and real positions do not "
+         "train: drop --teacher-model and --prefix-loss"),
         (config.eval_every >= 0 and config.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (config.eval_decode_prompts >= 0 and config.eval_decode_tokens >= 1, "--eval-decode-prompts must be >= 0, "
          "--eval-decode-tokens >= 1"),
@@ -212,9 +220,15 @@ def _plan(cfg: TrainConfig, rows: TokenRows, tokenizer, seed: int):
     has_eos = rows.input_ids.gather(1, (rows.lengths - 1)[:, None])[:, 0] == tokenizer.eos_token_id
     return sample_regions(
         rows.response_start, rows.lengths, has_eos, k_max=cfg.k_max,
-        regions=cfg.regions or default_regions(cfg.seq_len, cfg.k_max),
+        regions=cfg.regions or _regions(cfg),
         generator=torch.Generator().manual_seed(seed), k_sampling=cfg.k_sampling, static_k=cfg.static_k,
     )
+
+
+def _regions(cfg: TrainConfig) -> int:
+    if cfg.masks_per_row:
+        return regions_for_masks(cfg.masks_per_row, cfg.k_max, k_sampling=cfg.k_sampling, static_k=cfg.static_k)
+    return default_regions(cfg.seq_len, cfg.k_max)
 
 
 def _layout(run: _Run, rows: TokenRows, plan):
@@ -235,6 +249,7 @@ def _loss(run: _Run, student, layout, normalizer=None, prefix_normalizer=None):
             prefix_loss_weight=cfg.prefix_loss, prefix_target=cfg.prefix_target, mtp_token_id=mtp_token_id(run.student),
             eos_token_id=run.tokenizer.eos_token_id, k_max=cfg.k_max,
             normalizer=normalizer, prefix_normalizer=prefix_normalizer,
+            targets_from_forward=cfg.gated and cfg.supervision == "offline",
         )
 
 

@@ -1,0 +1,48 @@
+"""Turn a checkpoint of a `selfmtp train --gated` run into a gated model directory (a `--model` spec), e.g.
+to evaluate or commit a run that is still going or was stopped early.
+
+    PYTHONPATH=src python scripts/export_gated_checkpoint.py runs/gated/train --output runs/gated/step-300 [--step 300]
+
+Reads the run's `run_config.json` (base model, seed, rank, alpha), loads the base, applies the gate, loads the
+checkpoint's `trainable.safetensors` (which holds exactly the gated weights) and writes the directory that the
+finished run's `final/` would be at that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from selfmtp.errors import SelfMTPError
+from selfmtp.models.gated import apply_gate, load_gated_state, save_gated_dir
+from selfmtp.models.loading import load_model, mtp_token_id
+from selfmtp.training.state import RUN_SETTINGS, STEP_DIR, list_checkpoints
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="the training output directory")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--step", type=int, help="default: the newest checkpoint")
+    args = parser.parse_args()
+    run = Path(args.run)
+    settings = json.loads((run / RUN_SETTINGS).read_text())
+    if not settings.get("gated"):
+        raise SelfMTPError(f"{run} is not a --gated run")
+    checkpoints = list_checkpoints(run / "checkpoints")
+    if args.step is not None:
+        checkpoints = [c for c in checkpoints if int(STEP_DIR.match(c.name).group(1)) == args.step]
+    if not checkpoints:
+        raise SelfMTPError(f"no checkpoint{'' if args.step is None else f' at step {args.step}'} in {run / 'checkpoints'}")
+    model, tokenizer = load_model(settings["model"], seed=settings["seed"])
+    apply_gate(model, mtp_token_id=mtp_token_id(model), rank=settings["lora_rank"], alpha=settings["lora_alpha"])
+    load_gated_state(model, load_file(str(checkpoints[-1] / "trainable.safetensors")), where=str(checkpoints[-1]))
+    save_gated_dir(model, tokenizer, args.output, base_spec=settings["model"], seed=settings["seed"])
+    print(f"{checkpoints[-1]} -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Gated MTP weights: trainable deltas that act only where the input token is `<mtp>`.
+
+`apply_gate(model, rank=R)` wraps every linear layer of the decoder (q, k, v, o, gate, up, down) in a
+`GatedLinear` that adds a delta to the rows of mask positions only: a LoRA delta (`rank > 0`,
+B A x * alpha / r, B starts at zero) or a full delta (`rank == 0`: D x, a trainable copy of the weight's
+change, starts at zero). The `<mtp>` input embedding is a separate trainable row put in at mask positions
+by a hook on the embedding; the embedding matrix itself (and, when tied, the output head) is untouched.
+
+The gate is computed inside the forward from `input_ids == mtp_id` by a pre-hook on the decoder, so every
+caller (training layout, KV-cached decoding with masks at the tail, the lm-eval adapter, transformers
+`generate`) gets it without passing anything. Real positions are bit-identical to the base model: the
+base linear runs exactly as the original module on the whole input, and the delta is written into the
+mask rows only (index_add / index_copy on those rows; real rows are not touched, not even by + 0).
+
+Backward only where it is needed: in a grad-enabled forward the base output of all rows is computed from
+a detached input (real rows are constants: nothing trainable reaches them); the mask rows get the delta
+with grad and a gradient path through the base (`_BaseRows`: the base output already computed, the input
+gradient grad @ W in backward). Linear-layer backward then covers mask rows only.
+
+peft (0.21) has no per-token gate: aLoRA activates after an invocation sequence, mixed-adapter batches
+choose per row, so this is a small module of our own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from selfmtp.errors import SelfMTPError
+
+GATED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MTP_ROW = "gated.mtp_embedding"
+
+
+class Gate:
+    """The flat row indices of `<mtp>` positions in the current forward (shared by all gated modules)."""
+
+    def __init__(self, mtp_token_id: int):
+        self.mtp_token_id = mtp_token_id
+        self.rows: torch.Tensor | None = None  # (n_mask,) indices into input_ids.reshape(-1)
+        self.is_mask: torch.Tensor | None = None  # (B, L) bool
+        self.numel = 0
+
+    def set(self, input_ids: torch.Tensor) -> None:
+        self.is_mask = input_ids == self.mtp_token_id
+        self.rows = self.is_mask.reshape(-1).nonzero().squeeze(1)
+        self.numel = input_ids.numel()
+
+    def clear(self) -> None:
+        self.rows = self.is_mask = None
+
+
+class GatedLinear(nn.Module):
+    """`base(x)` at every row, `base(x) + delta(x)` at the gate's rows; `base` stays frozen."""
+
+    def __init__(self, base: nn.Linear, gate: Gate, *, rank: int, alpha: float | None):
+        super().__init__()
+        self.base, self.gate, self.rank = base, gate, rank
+        base.requires_grad_(False)
+        out_features, in_features = base.weight.shape
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        if rank:
+            self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's LoRA initialisation
+            self.scale = (alpha if alpha is not None else 2.0 * rank) / rank
+        else:
+            self.delta = nn.Parameter(torch.zeros(out_features, in_features, **factory))
+
+    def delta_of(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank:
+            return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+        return x @ self.delta.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.gate.rows
+        if rows is None:
+            raise SelfMTPError("a gated model was called without input_ids (inputs_embeds only): the <mtp> gate needs the ids")
+        flat_in = x.reshape(-1, x.shape[-1])
+        if flat_in.shape[0] != self.gate.numel:
+            raise RuntimeError(f"gated linear got {flat_in.shape[0]} rows for {self.gate.numel} input ids")
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False))
+        if not trainable:  # inference: base on all rows, delta added in place on the mask rows only
+            out = self.base(x)
+            if rows.numel():
+                flat_out = out.view(-1, out.shape[-1])
+                flat_out.index_add_(0, rows, self.delta_of(flat_in[rows]).to(out.dtype))
+            return out
+        # Training: real rows are constants (no graph); mask rows are recomputed with grad and copied in.
+        # Always run the delta path (even for zero mask rows) so DDP sees every parameter used.
+        with torch.no_grad():
+            out = self.base(x.detach())
+        flat_out = out.reshape(-1, out.shape[-1])
+        masked_in = flat_in[rows]
+        masked_out = _BaseRows.apply(masked_in, flat_out[rows], self.base.weight) + self.delta_of(masked_in)
+        return flat_out.index_copy(0, rows, masked_out.to(out.dtype)).view(out.shape)
+
+
+class _BaseRows(torch.autograd.Function):
+    """The frozen base linear at the mask rows, already computed (`out`): forward returns it as is, backward
+    gives the input gradient `grad @ W` (the weight is frozen), so the base is not run twice on those rows."""
+
+    @staticmethod
+    def forward(ctx, x, out, weight):
+        ctx.save_for_backward(weight)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
+
+
+class GatedModel(nn.Module):
+    """Holds the gate and the trainable `<mtp>` embedding row; registered on the model as `gated`."""
+
+    def __init__(self, gate: Gate, mtp_row: torch.Tensor, rank: int, alpha: float | None):
+        super().__init__()
+        self.gate, self.rank, self.alpha = gate, rank, alpha
+        self.mtp_embedding = nn.Parameter(mtp_row.detach().clone())
+
+
+def apply_gate(model: nn.Module, *, mtp_token_id: int, rank: int = 0, alpha: float | None = None) -> nn.Module:
+    """Freeze `model`, wrap its decoder linears in gated deltas, add the gated `<mtp>` row; in place."""
+    if is_gated(model):
+        raise ValueError("the model is already gated")
+    model.requires_grad_(False)
+    gate = Gate(mtp_token_id)
+    embeddings = model.get_input_embeddings()
+    model.gated = GatedModel(gate, embeddings.weight[mtp_token_id], rank, alpha)
+    wrapped = 0
+    for module in list(model.get_decoder().modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in GATED_TARGETS and isinstance(child, nn.Linear):
+                setattr(module, child_name, GatedLinear(child, gate, rank=rank, alpha=alpha))
+                wrapped += 1
+    if not wrapped:
+        raise SelfMTPError(f"no decoder linear layer named {', '.join(GATED_TARGETS)} found: cannot gate this model")
+
+    def set_gate(_module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            gate.clear()
+        else:
+            gate.set(input_ids)
+
+    def clear_gate(_module, _args, _output):
+        gate.clear()
+
+    def put_mtp_row(_module, args, output):
+        ids = args[0]
+        if gate.is_mask is None or not gate.is_mask.any():
+            return output
+        row = model.gated.mtp_embedding.to(output.dtype)
+        return torch.where((ids == gate.mtp_token_id)[..., None], row, output)
+
+    decoder = model.get_decoder()
+    decoder.register_forward_pre_hook(set_gate, with_kwargs=True)
+    decoder.register_forward_hook(clear_gate)
+    embeddings.register_forward_hook(put_mtp_row)
+    model.gated.mtp_embedding.requires_grad_(True)
+    return model
+
+
+def is_gated(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "gated", None), GatedModel)
+
+
+def gated_token_id(model: nn.Module) -> int | None:
+    """The `<mtp>` id a gated model gates on; None for a model without a gate."""
+    return model.gated.gate.mtp_token_id if is_gated(model) else None
+
+
+def gated_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The gated weights (deltas and `<mtp>` row) by parameter name, CPU, contiguous."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
+            if name.startswith("gated.") or ".lora_A" in name or ".lora_B" in name or name.endswith(".delta")}
+
+
+def load_gated_state(model: nn.Module, tensors: dict[str, torch.Tensor], *, where: str) -> None:
+    """Copy saved gated weights into a gated model; names and shapes must match exactly."""
+    params = dict(model.named_parameters())
+    expected = set(gated_state(model))
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise SelfMTPError(f"{where}: the gated weights do not fit this base model (missing {missing[:3]}, "
+                           f"unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise SelfMTPError(f"{where}: {name} has shape {tuple(tensor.shape)}, the base model needs "
+                                   f"{tuple(params[name].shape)}: it was trained on another base")
+            params[name].copy_(tensor)
+
+
+def base_weights_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of the base weights: every gated linear's shape and its first 4096 values, hashed.
+    Catches another checkpoint of the same architecture without hashing gigabytes."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        if isinstance(module, GatedLinear):
+            weight = module.base.weight.detach()
+            digest.update(f"{name}:{tuple(weight.shape)}".encode())
+            digest.update(weight.reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading: a gated directory is a model spec of its own.
+
+GATED_WEIGHTS = "gated_model.safetensors"
+SURGERY_ROWS = ("surgery.mtp_input_row", "surgery.mtp_output_row")
+
+
+def is_gated_dir(path) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / GATED_WEIGHTS).is_file()
+
+
+def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed: int):
+    """Write `out_dir` atomically: the gated weights (safetensors), the base's `<mtp>` surgery rows (so
+    loading does not depend on the seed it is loaded with), the tokenizer, and `selfmtp.json` naming the
+    base spec and the seed it was loaded with (`tiny` weights depend on it), the gate settings and a
+    fingerprint of the base weights."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from selfmtp.files import atomic_dir_write
+    from selfmtp.models.adapters import write_base_record
+    from selfmtp.models.loading import mtp_token_id
+
+    token = mtp_token_id(model)
+    tensors = gated_state(model) | _surgery_rows(model, token)
+    record = {"base_seed": seed, "gated": {"rank": model.gated.rank, "alpha": model.gated.alpha, "targets": list(GATED_TARGETS),
+                        "mtp_token_id": token, "base_fingerprint": base_weights_fingerprint(model)}}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / GATED_WEIGHTS), metadata={"format": "selfmtp-gated"})
+        tokenizer.save_pretrained(tmp)
+        write_base_record(tmp, base_spec, extra=record)
+
+    atomic_dir_write(Path(out_dir), write)
+    return Path(out_dir)
+
+
+def _surgery_rows(model: nn.Module, token: int) -> dict[str, torch.Tensor]:
+    rows = {SURGERY_ROWS[0]: model.get_input_embeddings().weight[token]}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        rows[SURGERY_ROWS[1]] = output.weight[token]
+    return {name: row.detach().cpu().contiguous() for name, row in rows.items()}
+
+
+def load_gated_dir(directory, *, seed: int, attn_implementation: str):
+    """(gated model, tokenizer) for a directory written by `save_gated_dir`, float32 on the CPU."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from selfmtp.models.adapters import BASE_RECORD, base_spec
+    from selfmtp.models.loading import load_model, mtp_token_id
+
+    directory = Path(directory)
+    try:
+        record = json.loads((directory / BASE_RECORD).read_text())
+        settings, seed = record["gated"], int(record.get("base_seed", seed))
+        spec = base_spec(directory)
+        tensors = load_file(str(directory / GATED_WEIGHTS))
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise SelfMTPError(f"{directory}: unreadable gated model ({exc.__class__.__name__}: {exc})") from exc
+    try:
+        model, tokenizer = load_model(spec, seed=seed, attn_implementation=attn_implementation)
+    except SelfMTPError as exc:
+        raise SelfMTPError(f"{directory}: could not load its base model {spec!r}: {exc}") from exc
+    token = mtp_token_id(model)
+    if token != settings.get("mtp_token_id"):
+        raise SelfMTPError(f"{directory}: <mtp> is token {settings.get('mtp_token_id')} in the gated model but {token} "
+                           f"on its base {spec!r}: it was trained on another base")
+    with torch.no_grad():
+        for name, weight in ((SURGERY_ROWS[0], model.get_input_embeddings().weight),
+                             (SURGERY_ROWS[1], getattr(model.get_output_embeddings(), "weight", None))):
+            if name in tensors:
+                weight[token] = tensors.pop(name)
+    apply_gate(model, mtp_token_id=token, rank=int(settings["rank"]), alpha=settings.get("alpha"))
+    load_gated_state(model, tensors, where=str(directory))
+    if base_weights_fingerprint(model) != settings.get("base_fingerprint"):
+        raise SelfMTPError(f"{directory}: its base {spec!r} holds other weights than the ones it was trained on "
+                           "(fingerprint mismatch)")
+    model.eval()
+    return model, tokenizer

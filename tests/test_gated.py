@@ -1,0 +1,325 @@
+"""Gated MTP weights (models/gated.py): real positions are the base model bit for bit (logits and KV, in the
+training layout and in cached decoding), gradients reach mask rows only, training under the gate, and the
+gated final/ directory as a model spec (round trip, resume, DDP, clear errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import gsm8k_style_lines
+from selfmtp.decoding.loop import generate_batch
+from selfmtp.decoding.strategies import Static
+from selfmtp.errors import SelfMTPError
+from selfmtp.models.gated import GATED_WEIGHTS, apply_gate, gated_state
+from selfmtp.models.loading import load_model, mtp_token_id
+from selfmtp.training.layout import build_mtp_layout, fill_rollout, model_attention_mask
+from selfmtp.training.objective import (
+    SelectedLogits,
+    frozen_teacher,
+    gated_teacher,
+    mtp_loss,
+    teacher_next_tokens,
+)
+from selfmtp.training.trainer import TrainConfig, train
+
+
+def gated_tiny(rank: int, *, seed: int = 1):
+    """(base, gated, tokenizer): the tiny model, and a second copy with random non-zero gated deltas."""
+    base, tokenizer = load_model("tiny", seed=0)
+    gated, _ = load_model("tiny", seed=0)
+    apply_gate(gated, mtp_token_id=mtp_token_id(gated), rank=rank)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gated.parameters():
+            if p.requires_grad:
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    return base, gated, tokenizer
+
+
+def layout_batch(tokenizer, *, k_max=5, regions=3, seed=0, relabel=None):
+    """Two GT rows (one padded after EOS) and a layout over them; `relabel(ids, lengths)` gives its targets."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 40
+    ids = torch.randint(10, 3000, (2, n), generator=generator)
+    lengths = torch.tensor([n, 30])
+    ids[1, 29] = tokenizer.eos_token_id
+    ids[1, 30:] = 0
+    return ids, lengths, build_mtp_layout(
+        ids, torch.tensor([6, 4]), lengths, k_max=k_max, regions=regions, generator=generator,
+        mtp_token_id=mtp_token_id_of(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
+        targets=relabel(ids, lengths) if relabel is not None else None,
+    )
+
+
+def mtp_token_id_of(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids("<mtp>")
+
+
+def forward_with_kv(model, layout):
+    out = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                attention_mask=model_attention_mask(layout.attention_mask, "sdpa"), use_cache=True)
+    return out.logits, out.past_key_values
+
+
+def kv_rows(cache, keep: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, keys and values of the positions `keep` (B, L) as (n, heads, dim)."""
+    return [t.transpose(1, 2)[keep] for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize("grad", [False, True])  # the inference path and the training (mask-rows-only) path
+def test_real_positions_are_the_base_model_bit_for_bit_in_the_training_layout(rank, grad):
+    base, gated, tokenizer = gated_tiny(rank)
+    _, _, layout = layout_batch(tokenizer)
+    is_mask = layout.input_ids == mtp_token_id_of(tokenizer)
+    assert is_mask.any()
+    with torch.no_grad():
+        base_logits, base_kv = forward_with_kv(base, layout)
+    with torch.set_grad_enabled(grad):
+        logits, kv = forward_with_kv(gated, layout)
+    assert torch.equal(logits[~is_mask], base_logits[~is_mask])
+    for ours, theirs in zip(kv_rows(kv, ~is_mask), kv_rows(base_kv, ~is_mask), strict=True):
+        assert torch.equal(ours, theirs)
+    # Mask rows differ: the deltas and the gated <mtp> row act there.
+    assert (logits[is_mask] - base_logits[is_mask]).abs().amax(-1).min() > 0
+
+
+def test_real_positions_are_the_base_model_in_cached_decoding():
+    """Prefill, then a pass of new real tokens plus masks at the tail (the decode loop's shape): logits and
+    cache entries of the real tokens are the base model's."""
+    base, gated, tokenizer = gated_tiny(4)
+    mask = mtp_token_id_of(tokenizer)
+    prompt = torch.tensor([tokenizer.encode("Natalia sold clips to 48 of her friends in April")])
+    step = torch.tensor([[11, 12, 13, mask, mask, mask]])
+    outs = []
+    for model in (base, gated):
+        with torch.inference_mode():
+            first = model(input_ids=prompt, use_cache=True)
+            second = model(input_ids=step, past_key_values=first.past_key_values, use_cache=True)
+        outs.append((first.logits, second.logits, second.past_key_values))
+    (b1, b2, b_kv), (g1, g2, g_kv) = outs
+    assert torch.equal(b1, g1) and torch.equal(b2[:, :3], g2[:, :3])
+    real = torch.ones(1, prompt.shape[1] + step.shape[1], dtype=torch.bool)
+    real[:, -3:] = False
+    for ours, theirs in zip(kv_rows(g_kv, real), kv_rows(b_kv, real), strict=True):
+        assert torch.equal(ours, theirs)
+    assert not torch.equal(b2[:, 3:], g2[:, 3:])
+
+
+def test_static1_of_a_gated_model_is_transformers_greedy_of_the_base():
+    base, gated, tokenizer = gated_tiny(0)
+    prompts = [tokenizer.encode(text) for text in ("The capital of France is", "x", "Once upon a time, there")]
+    results = generate_batch(gated, prompts, Static(1), max_new_tokens=12, pad_token_id=0)
+    for prompt, result in zip(prompts, results, strict=True):
+        ids = torch.tensor([prompt])
+        expected = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+        assert result.token_ids == expected
+
+
+def test_gradients_reach_mask_rows_only_and_a_step_changes_only_gated_weights():
+    _, gated, tokenizer = gated_tiny(4)
+    _, _, layout = layout_batch(tokenizer)
+    is_mask = layout.input_ids == mtp_token_id_of(tokenizer)
+    grads = []
+
+    def keep_grad(_module, _args, out):  # every decoder layer's output hidden states
+        (out[0] if isinstance(out, tuple) else out).register_hook(grads.append)
+
+    hooks = [layer.register_forward_hook(keep_grad) for layer in gated.model.layers]
+    gated.train()
+    loss, _ = mtp_loss(SelectedLogits(gated), None, layout, supervision="offline", mtp_token_id=mtp_token_id_of(tokenizer),
+                       eos_token_id=tokenizer.eos_token_id, targets_from_forward=True)
+    before = {name: t.clone() for name, t in gated.state_dict().items()}
+    trainable = [p for p in gated.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert len(grads) == len(gated.model.layers)
+    for grad in grads:
+        assert torch.equal(grad[~is_mask], torch.zeros_like(grad[~is_mask]))
+        assert grad[is_mask].abs().sum() > 0
+    optimizer.step()
+    after = gated.state_dict()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert changed == set(gated_state(gated))  # every gated weight, the <mtp> row among them, and nothing else
+    assert "gated.mtp_embedding" in changed
+
+
+def test_in_forward_targets_are_the_base_models_relabelling():
+    """Offline under the gate: targets read from the student's own forward equal a separate relabelling pass
+    of the base model (teacher_next_tokens), so loss and agreement match."""
+    base, gated, tokenizer = gated_tiny(4)
+    teacher = frozen_teacher(base)
+    _, _, layout = layout_batch(tokenizer)
+    _, _, reference = layout_batch(tokenizer, relabel=lambda ids, lengths: teacher_next_tokens(
+        teacher, ids, lengths, mtp_token_id=mtp_token_id_of(tokenizer)))
+    common = dict(supervision="offline", mtp_token_id=mtp_token_id_of(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        ours, ours_stats = mtp_loss(SelectedLogits(gated), None, layout, targets_from_forward=True, **common)
+        theirs, their_stats = mtp_loss(SelectedLogits(gated), None, reference, **common)
+    assert torch.equal(ours_stats.agree_hits, their_stats.agree_hits)
+    assert abs(ours.item() - theirs.item()) < 1e-5  # same targets; the head ran on more rows (float32 matmul order)
+    assert ours_stats.summary()["agreement_by_j"][0] == 1.0  # j = 1 is a real position: the base's own choice
+
+
+def test_online_teacher_is_the_base_model_on_the_rollout():
+    base, gated, tokenizer = gated_tiny(0)
+    _, _, layout = layout_batch(tokenizer)
+    rollout = torch.randint(10, 3000, (layout.sup_pos.numel(),), generator=torch.Generator().manual_seed(3))
+    filled = fill_rollout(layout, rollout)
+    args = (filled, layout.position_ids, layout.teacher_attention_mask, layout.sup_batch, layout.sup_pos)
+    assert torch.equal(gated_teacher(gated)(*args), frozen_teacher(base)(*args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs, save/load
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "gsm8k-48.jsonl"
+    path.write_text(gsm8k_style_lines(48))
+    return str(path)
+
+
+def config(data, out: Path, **overrides) -> TrainConfig:
+    base = dict(data=data, output=str(out), model="tiny", template="plain", seq_len=64, k_max=4, batch_size=4, steps=4,
+                lr=3e-3, warmup=0, eval_every=0, save_every=0, progress=False, gated=True, lora_rank=4,
+                supervision="offline")
+    return TrainConfig(**{**base, **overrides})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def gated_weights(out: Path) -> dict:
+    return load_file(str(Path(out) / "final" / GATED_WEIGHTS))
+
+
+@pytest.mark.parametrize("supervision", ["offline", "online"])
+def test_gated_run_saves_a_model_spec_that_loads_with_the_gate(data, tmp_path, supervision):
+    out = tmp_path / "run"
+    train(config(data, out, steps=3, lr=1e-2, supervision=supervision, save_every=3))
+    loaded, tokenizer = load_model(str(out / "final"))
+    trained = load_file(str(out / "checkpoints" / "step-0000003" / "trainable.safetensors"))
+    assert set(trained) == set(gated_state(loaded))
+    for name, tensor in gated_state(loaded).items():
+        assert torch.equal(tensor, trained[name])
+    base, _ = load_model("tiny", seed=0)
+    _, _, layout = layout_batch(tokenizer)
+    is_mask = layout.input_ids == mtp_token_id_of(tokenizer)
+    with torch.no_grad():
+        ours, theirs = forward_with_kv(loaded, layout)[0], forward_with_kv(base, layout)[0]
+    assert torch.equal(ours[~is_mask], theirs[~is_mask]) and not torch.equal(ours[is_mask], theirs[is_mask])
+    # The base itself is untouched: stock transformers still loads and decodes it (no gate, no deltas).
+    assert not (out / "final" / "config.json").exists()
+
+
+def test_gated_dir_with_a_missing_or_other_base_is_a_clean_error(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, steps=1))
+    record_path = out / "final" / "selfmtp.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps(record | {"base_model": str(tmp_path / "gone")}))
+    with pytest.raises(SelfMTPError, match="could not load its base model"):
+        load_model(str(out / "final"))
+    record_path.write_text(json.dumps(record | {"base_model": "tiny:intermediate=96"}))
+    with pytest.raises(SelfMTPError, match="trained on another base"):
+        load_model(str(out / "final"))
+    record_path.write_text(json.dumps(record | {"base_seed": 5}))  # tiny: same shapes, other weights
+    with pytest.raises(SelfMTPError, match="fingerprint mismatch"):
+        load_model(str(out / "final"))
+
+
+def test_gated_resume_continues_exactly(data, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(config(data, whole, steps=6, save_every=3))
+    train(config(data, parts, steps=3, save_every=3))
+    train(config(data, parts, steps=6, save_every=3, resume=True))
+    assert [r["loss"] for r in metrics(parts)] == [r["loss"] for r in metrics(whole)]
+    ours, theirs = gated_weights(parts), gated_weights(whole)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_gated_training_lowers_the_loss(data, tmp_path):
+    train(config(data, tmp_path / "run", steps=12, lr=2e-2, lora_rank=0))
+    rows = metrics(tmp_path / "run")
+    assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3])
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(cfg)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
+    ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
+    train(replace(ddp, output=str(tmp_path / "single"), batch_size=4))
+    for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and a["supervised"] == b["supervised"]  # float32 sum order
+    ours, theirs = gated_weights(tmp_path / "ddp"), gated_weights(tmp_path / "single")
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-5  # same: gradients summed differently
+
+
+def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
+    """Reference: every row computes base + gate * delta with plain autograd (no detaching, no row selection)."""
+    from selfmtp.models import gated as gated_module
+
+    _, model, tokenizer = gated_tiny(4)
+    _, _, layout = layout_batch(tokenizer)
+    model.train()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss, _ = mtp_loss(SelectedLogits(model), None, layout, supervision="offline",
+                           mtp_token_id=mtp_token_id_of(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                           targets_from_forward=True)
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    ours = grads()
+
+    def naive_forward(self, x):
+        gate = (torch.zeros(self.gate.numel, dtype=x.dtype).index_fill_(0, self.gate.rows, 1.0))
+        return self.base(x) + gate.view(*x.shape[:-1], 1) * self.delta_of(x)
+
+    monkeypatch.setattr(gated_module.GatedLinear, "forward", naive_forward)
+    reference = grads()
+    for name, grad in reference.items():
+        assert grad.abs().max() > 0
+        # float32 sums over different row sets and orders: relative error ~1e-6, far below a wrong gradient
+        assert torch.allclose(ours[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--gated", "--prefix-loss", "1"], "--gated: the teacher is the original model"),
+    (["--gated", "--teacher-model", "tiny"], "--gated: the teacher is the original model"),
+    (["--masks-per-row", "32", "--regions", "4"], "--masks-per-row must be >= 1 and replaces --regions"),
+])
+def test_cli_user_errors(data, tmp_path, capsys, flags, message):
+    from selfmtp.cli import main
+
+    assert main(["train", "--data", data, "--model", "tiny", "--output", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfmtp: error: ") and message in err and len(err.splitlines()) == 1
