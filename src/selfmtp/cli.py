@@ -306,6 +306,10 @@ def _add_train(subparsers) -> None:
     add("--lora-alpha", type=float, help="default: 2 x rank")
     add("--lora-export", choices=["merged", "adapter"], help="default: merged")
     add("--attn", dest="attn_implementation", choices=["sdpa", "eager"], help="default: sdpa")
+    add("--parallel", choices=["ddp", "fsdp"], help="under torchrun: whole copies per process (ddp, default) or "
+        "FSDP2 sharding of weights, gradients and AdamW states (fsdp); see `selfmtp plan`")
+    add("--activation-checkpointing", action="store_true", help="recompute each decoder layer in backward "
+        "(less activation memory, about a third more compute)")
     add("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines (counted) instead of failing")
     add("--keep-calculator", action="store_true", help="keep GSM8K <<a*b=c>> annotations")
     add("--max-examples", type=int)
@@ -321,7 +325,7 @@ def _add_train(subparsers) -> None:
 _TRAIN_FIELDS = {"teacher_model": "teacher", "teacher": "teacher_mode", "keep_calculator": "strip_calculator",
                  "no_progress": "progress"}
 _TRAIN_NEGATED = ("keep_calculator", "no_progress")
-_TRAIN_CLI_ONLY = ("run", "command", "config", "json", "dtype")
+_TRAIN_CLI_ONLY = ("run", "command", "config", "json")
 
 
 def _train_config(args):
@@ -341,8 +345,6 @@ def _train_config(args):
 def _run_train(args) -> int:
     from selfmtp.training.trainer import train
 
-    if getattr(args, "dtype", "float32") != "float32":
-        raise SelfMTPError("train keeps float32 weights (bf16 autocast is used on CUDA): drop --dtype")
     config = _train_config(args)
     summary = train(config)
     if summary["rank"] != 0:  # under torchrun only the first process reports

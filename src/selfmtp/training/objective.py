@@ -57,10 +57,13 @@ class SelectedLogits(nn.Module):
         return self.lm.get_output_embeddings()(hidden[rows, cols])
 
 
-def frozen_teacher(model: nn.Module):
-    """Teacher = a separate frozen model (eval mode, no grad)."""
+def frozen_teacher(model: nn.Module, wrap=None):
+    """Teacher = a separate frozen model (eval mode, no grad). `wrap(head)` (e.g. FSDP sharding)
+    returns the module actually called."""
     model.eval().requires_grad_(False)
     head = SelectedLogits(model)
+    if wrap is not None:
+        head = wrap(head)
 
     @torch.no_grad()
     def teacher(input_ids, position_ids, attention_mask, rows, cols):
@@ -69,9 +72,10 @@ def frozen_teacher(model: nn.Module):
     return teacher
 
 
-def adapter_disabled_teacher(peft_model: nn.Module):
-    """Teacher = the student's own base weights with its LoRA adapter switched off (one copy)."""
-    head = SelectedLogits(peft_model)
+def adapter_disabled_teacher(peft_model: nn.Module, head: nn.Module | None = None):
+    """Teacher = the student's own base weights with its LoRA adapter switched off (one copy).
+    `head`: the student's own SelectedLogits module when it is wrapped (FSDP), else a new one."""
+    head = head if head is not None else SelectedLogits(peft_model)
 
     @torch.no_grad()
     def teacher(input_ids, position_ids, attention_mask, rows, cols):

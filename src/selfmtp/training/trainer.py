@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import model_fingerprint, mtp_token_id
+from selfmtp.training import parallel
 from selfmtp.training.data import TokenRows
 from selfmtp.training.layout import (
     BLOCK_ATTENTION,
@@ -46,6 +47,12 @@ from selfmtp.training.objective import (
     mtp_loss,
 )
 from selfmtp.training.setup import export_final, holds_out_eval_rows, set_up
+from selfmtp.training.sharded_state import (
+    consolidated_student,
+    is_sharded_checkpoint,
+    load_sharded_state,
+    save_sharded_state,
+)
 from selfmtp.training.state import (
     check_run_settings,
     list_checkpoints,
@@ -102,6 +109,9 @@ class TrainConfig:
     eval_decode_prompts: int = 0  # >0: at every evaluation also decode this many held-out prompts (decode_eval.py)
     eval_decode_tokens: int = 64
     eval_decode_tau: float = 0.9
+    parallel: str = "ddp"  # ddp | fsdp (parallel.py)
+    dtype: str | None = None  # compute dtype: float32 | bfloat16; None: bf16 on CUDA, else float32
+    activation_checkpointing: bool = False
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -154,6 +164,7 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
     for ok, message in checks:
         if not ok:
             raise SelfMTPError(message)
+    parallel.check_settings(config)
 
 
 @dataclass
@@ -175,12 +186,10 @@ class _Run:
     decode_eval: object = None  # DecodeEval (decode_eval.py) when eval_decode_prompts > 0
 
 
-def _init_distributed(device: str) -> tuple[int, int, torch.device, bool]:
+def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether we created the process group) from torchrun's env."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    created = world > 1 and not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device, world = config.device, int(os.environ.get("WORLD_SIZE", "1"))
+    created = parallel.init_process_group(config, device)
     rank = dist.get_rank() if world > 1 else 0
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -221,8 +230,7 @@ def _layout(run: _Run, rows: TokenRows, plan):
 
 def _loss(run: _Run, student, layout, normalizer=None, prefix_normalizer=None):
     cfg = run.config
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with parallel.autocast(cfg, run.device):
         return mtp_loss(
             student, run.teacher, layout, teacher_mode=cfg.teacher_mode, supervision=cfg.supervision,
             prefix_loss_weight=cfg.prefix_loss, prefix_target=cfg.prefix_target, mtp_token_id=mtp_token_id(run.student),
@@ -246,8 +254,7 @@ def train_step(run: _Run, step: int) -> StepStats:
         index = slice((micro * run.world + run.rank) * b, (micro * run.world + run.rank + 1) * b)
         layout = _layout(run, rows.take(index), plan.rows(index))
         last = micro == cfg.grad_accum - 1
-        sync = contextlib.nullcontext() if last or run.world == 1 else run.student_logits.no_sync()
-        with sync:
+        with parallel.gradient_sync(run.student_logits, enabled=last or run.world == 1):
             loss, stats = _loss(run, run.student_logits, layout, normalizer, prefix_normalizer)
             loss.backward()
         total = stats if total is None else total + stats
@@ -272,7 +279,8 @@ def evaluate(run: _Run) -> dict:
     """Held-out online loss and agreement with a fixed region plan (same every evaluation)."""
     rows, cfg = run.eval_rows, run.config
     plan = _plan(cfg, rows, run.tokenizer, seed=cfg.seed + EVAL_SEED_OFFSET)
-    student = SelectedLogits(run.student)
+    # FSDP: every process evaluates through the sharded root (its all-gathers are collective)
+    student = run.student_logits if parallel.is_sharded(run.student_logits) else SelectedLogits(run.student)
     run.student.eval()
     total = None
     for lo in range(0, len(rows), cfg.batch_size):
@@ -342,7 +350,7 @@ def train(config: TrainConfig) -> dict:
     """Train, write `config.output`, return a summary (also written to summary.json)."""
     validate(config)
     started = time.perf_counter()
-    rank, world, device, owns_group = _init_distributed(config.device)
+    rank, world, device, owns_group = _init_distributed(config)
     out, resume_from = _prepare_output(config, rank)
     if world > 1:
         dist.barrier()  # every process checks the output directory before rank 0 writes to it
@@ -357,10 +365,7 @@ def train(config: TrainConfig) -> dict:
     train_rows, eval_rows, data_info = setup.train_rows, setup.eval_rows, setup.data_info
     student.train()
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    student_logits = SelectedLogits(student)
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        student_logits = torch.nn.parallel.DistributedDataParallel(student_logits, device_ids=ids)
+    student_logits, teacher = parallel.distribute(student, teacher_model, teacher, config, world=world, device=device)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
@@ -368,12 +373,14 @@ def train(config: TrainConfig) -> dict:
                optimizer, scheduler, {}, teacher_model)
     if rank == 0 and eval_rows is not None and config.eval_every and config.eval_decode_prompts:
         _build_decode_eval(run)
-    start = load_training_state(resume_from, student, optimizer, scheduler) if resume_from else 0
+    start = _load_state(run, resume_from) if resume_from else 0
     metrics_path = out / "metrics.jsonl"
     if rank == 0 and resume_from:
         _rewrite_metrics(metrics_path, start)
     history = _loop(run, start, metrics_path, out)
     final_dir = out / "final"
+    if parallel.is_sharded(student_logits):  # gathered once, at the end, to rank 0's CPU
+        student = consolidated_student(student_logits, student, rank=rank)
     if rank == 0:
         export_final(student, tokenizer, final_dir, config)
     summary = {
@@ -392,6 +399,22 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
+def _save_state(run: _Run, root: Path, step: int) -> None:
+    if parallel.is_sharded(run.student_logits):
+        save_sharded_state(root, step, run.student_logits, run.optimizer, run.scheduler, rank=run.rank,
+                           keep=run.config.keep_checkpoints)
+    elif run.rank == 0:
+        save_training_state(root, step, run.student, run.optimizer, run.scheduler, keep=run.config.keep_checkpoints)
+
+
+def _load_state(run: _Run, path: Path) -> int:
+    if parallel.is_sharded(run.student_logits):
+        return load_sharded_state(path, run.student_logits, run.optimizer, run.scheduler)
+    if is_sharded_checkpoint(path):
+        raise SelfMTPError(f"checkpoint {path} was written by --parallel fsdp: resume it with --parallel fsdp")
+    return load_training_state(path, run.student, run.optimizer, run.scheduler)
+
+
 def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
     cfg, history = run.config, []
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress or run.rank != 0)
@@ -404,11 +427,11 @@ def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
             seconds = time.perf_counter() - tick
             row = {"step": step + 1, **stats.summary(), "lr": lr,
                    "tokens_per_s": round(stats.tokens / seconds, 1)}
-            if run.rank == 0 and run.eval_rows is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            everyone = parallel.is_sharded(run.student_logits)  # FSDP: evaluation and saving are collective
+            if (run.rank == 0 or everyone) and run.eval_rows is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update(evaluate(run))
-            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps) and run.rank == 0:
-                save_training_state(out / "checkpoints", step + 1, run.student, run.optimizer, run.scheduler,
-                                    keep=cfg.keep_checkpoints)
+            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                _save_state(run, out / "checkpoints", step + 1)
             if run.rank == 0:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
