@@ -78,3 +78,39 @@ def test_cli_plan_user_errors(argv, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("selfmtp: error:")
 
+
+
+def _plan_check_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plan_check.py"
+    spec = importlib.util.spec_from_file_location("plan_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_planned_within_20_percent_of_measured(model, tmp_path, **settings):
+    from conftest import gsm8k_style_lines
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(gsm8k_style_lines(48))
+    for rank in (0, 4):
+        result = _plan_check_script().check(model, lora_rank=rank, data=str(data), workdir=tmp_path, **settings)
+        for name, part in result["parts"].items():
+            if part["measured"] == 0:  # no teacher copy with LoRA: the plan must say 0 too
+                assert part["planned"] == 0, name
+            else:
+                assert 0.8 <= part["ratio"] <= 1.2, (rank, name, part)
+
+
+def test_plan_matches_a_measured_tiny_training_step(tmp_path):
+    # measured: real tensors of a real step (scripts/plan_check.py); 20%: the planner's per-token
+    # formula leaves out small tensors (RoPE tables, index tensors, LoRA's scaling copies)
+    _assert_planned_within_20_percent_of_measured("tiny", tmp_path, batch_size=4, seq_len=128, k_max=4)
+
+
+@pytest.mark.slow
+def test_plan_matches_a_measured_smollm2_training_step(tmp_path):
+    _assert_planned_within_20_percent_of_measured("smollm2-135m", tmp_path, batch_size=2, seq_len=160, k_max=16)

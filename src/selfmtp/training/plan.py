@@ -148,18 +148,22 @@ def layout_size(seq_len: int, k_max: int) -> tuple[int, int]:
 
 
 def activation_bytes(shape: Shape, *, tokens: int, layout_len: int, supervised: int, dtype: str,
-                     checkpointing: bool) -> int:
+                     checkpointing: bool, lora_rank: int = 0) -> int:
     """Bytes the student's forward saves for backward, for `tokens` layout positions (rows x layout_len)
     and `supervised` logit rows. Per token and decoder layer, in the compute dtype (e bytes):
     10 hidden-size tensors (norm inputs and outputs, q/k before and after RoPE, attention output,
     residuals), 4 intermediate-size ones (gate, its SiLU, up, their product) and the attention mask
-    as sdpa keeps it (layout_len per token; measured on CPU). Outside the layers: the final norm
-    (3 hidden-size tensors) and the selected logits (in e, then two float32 copies for log-softmax).
-    Checkpointing keeps each layer's input and mask, and recomputes one layer at a time in backward."""
+    as sdpa keeps it (layout_len per token), plus LoRA's 7 rank-sized adapter outputs. Outside the
+    layers: the final norm (3 hidden-size tensors), the float32 log-softmax of the selected logits,
+    and with LoRA the head weight peft rebuilds with the trainable `<mtp>` row (vocab x hidden).
+    Checkpointing keeps each layer's input and mask, and recomputes one layer at a time in backward.
+    Measured against real steps by scripts/plan_check.py."""
     e = DTYPE_BYTES[dtype]
-    layer = tokens * (e * (10 * shape.hidden + 4 * shape.intermediate) + e * layout_len)
-    kept = tokens * (e * shape.hidden + e * layout_len) if checkpointing else layer
-    head = tokens * 3 * e * shape.hidden + supervised * shape.vocab * (e + 8)
+    layer = tokens * e * (10 * shape.hidden + 4 * shape.intermediate + layout_len + 7 * lora_rank)
+    kept = tokens * e * (shape.hidden + layout_len) if checkpointing else layer
+    head = tokens * 3 * e * shape.hidden + 4 * supervised * shape.vocab
+    if lora_rank:
+        head += 4 * shape.vocab * shape.hidden
     return shape.layers * kept + (layer if checkpointing else 0) + head
 
 
@@ -193,13 +197,14 @@ def plan_memory(shape: Shape, *, gpus: int, parallel: str, batch_rows: int, seq_
     layout_len, supervised = layout_size(seq_len, k_max)
     e = DTYPE_BYTES[dtype]
     parts = {
-        "weights": 4 * shape.parameters // share,
+        "weights": 4 * (shape.parameters + (trainable if lora_rank else 0)) // share,  # LoRA adds its adapters
         "gradients": 4 * trainable // share * (2 if parallel == "ddp" and gpus > 1 else 1),
         "optimizer": 8 * trainable // share,
         "teacher": 0 if lora_rank or gated else 4 * shape.parameters // share,
         "transient": 0,
         "activations": activation_bytes(shape, tokens=micro * layout_len, layout_len=layout_len,
-                                        supervised=micro * supervised, dtype=dtype, checkpointing=checkpointing),
+                                        supervised=micro * supervised, dtype=dtype, checkpointing=checkpointing,
+                                        lora_rank=lora_rank),
     }
     if parallel == "fsdp":
         gathered = e * (shape.root_parameters + 2 * shape.layer_parameters)
