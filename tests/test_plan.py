@@ -14,8 +14,9 @@ PAPER = dict(batch_rows=128, seq_len=160)  # the paper's global batch, 128 x 160
 
 
 def test_known_shapes_have_their_published_sizes():
-    # Published sizes: Llama-3.1-8B 8.03B, SmolLM2-135M 134.5M
+    # Published sizes: Llama-3.1-8B 8.03B, Qwen3-4B 4.02B, SmolLM2-135M 134.5M
     assert LLAMA_8B.parameters == pytest.approx(8.03e9, rel=0.005)
+    assert KNOWN_SHAPES["Qwen3-4B"].parameters == pytest.approx(4.02e9, rel=0.005)
     assert KNOWN_SHAPES["SmolLM2-135M"].parameters == pytest.approx(134.5e6, rel=0.005)
     assert shape_for_params(8_000_000_000)[0] == "Llama-3.1-8B"
 

@@ -38,12 +38,18 @@ class Shape:
     kv_heads: int
     vocab: int
     tied: bool
+    head_dim: int = 0  # 0: hidden // heads (Llama); Qwen3 sets its own (heads x head_dim != hidden)
+
+    @property
+    def attention_widths(self) -> tuple[int, int]:
+        """(q width = heads x head_dim, k/v width = kv_heads x head_dim)."""
+        head_dim = self.head_dim or self.hidden // self.heads
+        return self.heads * head_dim, self.kv_heads * head_dim
 
     @property
     def layer_parameters(self) -> int:
-        head_dim = self.hidden // self.heads
-        kv = self.kv_heads * head_dim
-        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * kv  # q, o; k, v
+        q, kv = self.attention_widths
+        attention = 2 * self.hidden * q + 2 * self.hidden * kv  # q, o; k, v
         return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden  # gate/up/down, two norms
 
     @property
@@ -57,8 +63,8 @@ class Shape:
 
     def lora_parameters(self, rank: int) -> int:
         """peft "all-linear" (q, k, v, o, gate, up, down; not the head) plus the trainable `<mtp>` row."""
-        kv = self.kv_heads * (self.hidden // self.heads)
-        per_layer = rank * (9 * self.hidden + 2 * kv + 3 * self.intermediate)
+        q, kv = self.attention_widths  # q: h -> q, k and v: h -> kv, o: q -> h, gate/up: h -> i, down: i -> h
+        per_layer = rank * (2 * (self.hidden + q) + 2 * (self.hidden + kv) + 3 * (self.hidden + self.intermediate))
         return self.layers * per_layer + self.hidden
 
 
@@ -67,10 +73,10 @@ KNOWN_SHAPES = {
     "SmolLM2-135M": Shape(576, 30, 1536, 9, 3, 49152, True),
     "Llama-3.2-1B": Shape(2048, 16, 8192, 32, 8, 128256, True),
     "Llama-3.2-3B": Shape(3072, 28, 8192, 24, 8, 128256, True),
-    "Qwen3-4B": Shape(2560, 36, 9728, 32, 8, 151936, True),
+    "Qwen3-4B": Shape(2560, 36, 9728, 32, 8, 151936, True, head_dim=128),
     "Llama-3.1-8B": Shape(4096, 32, 14336, 32, 8, 128256, False),
-    "Qwen3-14B": Shape(5120, 40, 17408, 40, 8, 151936, False),
-    "Qwen3-32B": Shape(5120, 64, 25600, 64, 8, 151936, False),
+    "Qwen3-14B": Shape(5120, 40, 17408, 40, 8, 151936, False, head_dim=128),
+    "Qwen3-32B": Shape(5120, 64, 25600, 64, 8, 151936, False, head_dim=128),
     "Llama-3.1-70B": Shape(8192, 80, 28672, 64, 8, 128256, False),
 }
 
@@ -100,7 +106,7 @@ def shape_from_config(config) -> Shape:
     return Shape(
         hidden=text.hidden_size, layers=text.num_hidden_layers, intermediate=text.intermediate_size, heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads, vocab=text.vocab_size,
-        tied=bool(getattr(text, "tie_word_embeddings", False)),
+        tied=bool(getattr(text, "tie_word_embeddings", False)), head_dim=getattr(text, "head_dim", None) or 0,
     )
 
 
@@ -120,7 +126,7 @@ def shape_for_model(spec: str) -> Shape:
     if resolved.kind == "tiny":
         o = resolved.options
         vocab = len(load_tokenizer(o["tokenizer"]))
-        return Shape(o["hidden"], o["layers"], o["intermediate"], o["heads"], o["kv_heads"], vocab + 1, True)
+        return Shape(o["hidden"], o["layers"], o["intermediate"], o["heads"], o["kv_heads"], vocab + 1, True)  # + <mtp>
     if resolved.kind == "alias":
         source = ALIASES[resolved.source]()
     elif resolved.kind == "gguf":

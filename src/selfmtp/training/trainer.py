@@ -426,7 +426,9 @@ def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
             stats = train_step(run, step)
             seconds = time.perf_counter() - tick
             row = {"step": step + 1, **stats.summary(), "lr": lr,
-                   "tokens_per_s": round(stats.tokens / seconds, 1)}
+                   "tokens_per_s": round(stats.tokens / seconds, 1), "step_seconds": round(seconds, 4)}
+            if run.device.type == "cuda":  # this process's peak so far, beside `selfmtp plan`'s figure
+                row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 1e9, 3)
             everyone = parallel.is_sharded(run.student_logits)  # FSDP: evaluation and saving are collective
             if (run.rank == 0 or everyone) and run.eval_rows is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update(evaluate(run))
