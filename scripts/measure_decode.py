@@ -77,15 +77,17 @@ def ntp_vs_transformers(mtp: MTPModel, questions: list[str], max_new_tokens: int
 def pass_cost(mtp: MTPModel, prefix_ids: list[int], fed_counts: list[int], repeats: int) -> dict:
     """Median ms of one cached forward feeding n tokens after `prefix_ids` (cache cropped back each time)."""
     model, cache = mtp.model, DynamicCache(config=mtp.model.config)
-    prefix = len(prefix_ids)
+    prefix, device = len(prefix_ids), mtp.model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
     with torch.inference_mode():
-        model(input_ids=torch.tensor([prefix_ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.tensor([prefix_ids], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
         costs = {}
         for n in fed_counts:
-            ids = torch.tensor([prefix_ids[-n:]])
-            positions = torch.arange(prefix, prefix + n)[None]
+            ids = torch.tensor([prefix_ids[-n:]], device=device)
+            positions = torch.arange(prefix, prefix + n, device=device)[None]
             times = []
             for _ in range(repeats):
+                sync()
                 start = time.perf_counter()
                 model(
                     input_ids=ids,
@@ -94,6 +96,7 @@ def pass_cost(mtp: MTPModel, prefix_ids: list[int], fed_counts: list[int], repea
                     use_cache=True,
                     logits_to_keep=n,
                 )
+                sync()
                 times.append(time.perf_counter() - start)
                 cache.crop(-n)
             costs[str(n)] = 1000 * statistics.median(times)

@@ -313,6 +313,10 @@ def _add_train(subparsers) -> None:
     add("--gated", action="store_true", help="train deltas that act only at <mtp> positions (LoRA with --lora-rank, "
         "else full): real tokens stay the original model exactly; final/ holds the deltas and names the base")
     add("--attn", dest="attn_implementation", choices=["sdpa", "eager"], help="default: sdpa")
+    add("--parallel", choices=["ddp", "fsdp"], help="under torchrun: whole copies per process (ddp, default) or "
+        "FSDP2 sharding of weights, gradients and AdamW states (fsdp); see `selfmtp plan`")
+    add("--activation-checkpointing", action="store_true", help="recompute each decoder layer in backward "
+        "(less activation memory, about a third more compute)")
     add("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines (counted) instead of failing")
     add("--keep-calculator", action="store_true", help="keep GSM8K <<a*b=c>> annotations")
     add("--max-examples", type=int)
@@ -328,7 +332,7 @@ def _add_train(subparsers) -> None:
 _TRAIN_FIELDS = {"teacher_model": "teacher", "teacher": "teacher_mode", "keep_calculator": "strip_calculator",
                  "no_progress": "progress"}
 _TRAIN_NEGATED = ("keep_calculator", "no_progress")
-_TRAIN_CLI_ONLY = ("run", "command", "config", "json", "dtype")
+_TRAIN_CLI_ONLY = ("run", "command", "config", "json")
 
 
 def _train_config(args):
@@ -348,8 +352,6 @@ def _train_config(args):
 def _run_train(args) -> int:
     from selfmtp.training.trainer import train
 
-    if getattr(args, "dtype", "float32") != "float32":
-        raise SelfMTPError("train keeps float32 weights (bf16 autocast is used on CUDA): drop --dtype")
     config = _train_config(args)
     summary = train(config)
     if summary["rank"] != 0:  # under torchrun only the first process reports
@@ -360,6 +362,44 @@ def _run_train(args) -> int:
         last = summary["last"] or {}
         print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; last loss {last.get('loss', float('nan')):.4f}")
         print(f"final checkpoint: {summary['final_dir']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plan
+
+
+def _add_plan(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="per-device training memory under DDP and FSDP, which fits, and a suggested train command",
+        description="Plan `selfmtp train` memory per device (weights, gradients, AdamW, teacher, FSDP buffers, "
+        "activations) from a model's config or a parameter count, without loading weights.",
+    )
+    add = parser.add_argument
+    add("--model", help="model spec (only its config is read)")
+    add("--params", help="parameter count instead of a model, e.g. 8B: a Llama-like shape of that size")
+    add("--gpus", type=int, default=1, help="devices (default: 1)")
+    add("--gpu-memory", type=float, default=80.0, metavar="GB", help="memory per device in GB (default: 80)")
+    add("--batch-size", type=int, default=128, help="global batch: sequences per optimizer step, all devices "
+        "together (default: 128, the paper's)")
+    add("--seq-len", type=int, default=160, help="default: 160")
+    add("--k-max", type=int, default=16, help="default: 16")
+    add("--lora-rank", type=int, default=0, help="LoRA rank, 0: full fine-tuning (default: 0)")
+    add("--gated", action="store_true", help="gated training: no separate teacher copy")
+    add("--parallel", choices=["ddp", "fsdp"], help="plan only this (default: both)")
+    add("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype (default: bfloat16)")
+    add("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(run=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from selfmtp.training.plan import format_report, plan_report
+
+    report = plan_report(model=args.model, params=args.params, gpus=args.gpus, gpu_memory_gb=args.gpu_memory,
+                         batch_rows=args.batch_size, seq_len=args.seq_len, k_max=args.k_max, lora_rank=args.lora_rank,
+                         gated=args.gated, parallel=args.parallel, dtype=args.dtype)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -433,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"selfmtp {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_train, _add_generate, _add_eval, _add_bench):
+    for add in (_add_demo, _add_train, _add_generate, _add_eval, _add_bench, _add_plan):
         add(subparsers)
     return parser
 

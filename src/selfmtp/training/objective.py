@@ -61,14 +61,17 @@ class SelectedLogits(nn.Module):
         return self.lm.get_output_embeddings()(hidden)
 
 
-def frozen_teacher(model: nn.Module):
+def frozen_teacher(model: nn.Module, wrap=None):
     """Teacher = `model`, frozen IN PLACE: it is put in eval mode with requires_grad off for good.
 
     The model becomes the teacher (the trainer hands over one loaded for that role), so freezing it
     for good is the point: no dropout, and no gradient buffers or optimizer can ever reach it. To keep
-    a model trainable, pass a copy (`copy.deepcopy(model)`)."""
+    a model trainable, pass a copy (`copy.deepcopy(model)`). `wrap(head)` (e.g. FSDP sharding)
+    returns the module actually called."""
     model.eval().requires_grad_(False)
     head = SelectedLogits(model)
+    if wrap is not None:
+        head = wrap(head)
 
     @torch.no_grad()
     def teacher(input_ids, position_ids, attention_mask, rows, cols):
@@ -89,9 +92,10 @@ def gated_teacher(gated_model: nn.Module):
     return teacher
 
 
-def adapter_disabled_teacher(peft_model: nn.Module):
-    """Teacher = the student's own base weights with its LoRA adapter switched off (one copy)."""
-    head = SelectedLogits(peft_model)
+def adapter_disabled_teacher(peft_model: nn.Module, head: nn.Module | None = None):
+    """Teacher = the student's own base weights with its LoRA adapter switched off (one copy).
+    `head`: the student's own SelectedLogits module when it is wrapped (FSDP), else a new one."""
+    head = head if head is not None else SelectedLogits(peft_model)
 
     @torch.no_grad()
     def teacher(input_ids, position_ids, attention_mask, rows, cols):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,11 +49,14 @@ def save_training_state(root: str | Path, step: int, model, optimizer, scheduler
         torch.save(state, tmp / "state.pt")
 
     atomic_dir_write(target, write)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        for file in old.iterdir():
-            file.unlink()
-        old.rmdir()
+    prune_checkpoints(root, keep)
     return target
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0: delete none)."""
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -97,7 +101,7 @@ RUN_SETTINGS = "run_config.json"
 # Where and how a run executes, or what it reports, not what it learns: these may change on resume.
 FREE_ON_RESUME = frozenset({
     "output", "resume", "progress", "device", "attn_implementation", "save_every", "keep_checkpoints",
-    "eval_every", "eval_decode_prompts", "eval_decode_tokens", "eval_decode_tau",
+    "eval_every", "eval_decode_prompts", "eval_decode_tokens", "eval_decode_tau", "parallel", "activation_checkpointing",
 })  # eval_every only matters through whether rows are held out, which the trainer records on its own
 
 

@@ -30,6 +30,7 @@ from selfmtp.errors import Interrupted, SelfMTPError
 from selfmtp.files import write_bytes_atomic
 from selfmtp.models.loading import model_fingerprint, mtp_token_id
 from selfmtp.progress import progress_bar
+from selfmtp.training import parallel
 from selfmtp.training.data import TokenRows
 from selfmtp.training.layout import (
     BLOCK_ATTENTION,
@@ -55,6 +56,12 @@ from selfmtp.training.recovery import (
     truncate_metrics,
 )
 from selfmtp.training.setup import export_final, holds_out_eval_rows, set_up
+from selfmtp.training.sharded_state import (
+    consolidated_student,
+    is_sharded_checkpoint,
+    load_sharded_state,
+    save_sharded_state,
+)
 from selfmtp.training.state import (
     check_run_settings,
     load_training_state,
@@ -112,6 +119,9 @@ class TrainConfig:
     eval_decode_prompts: int = 0  # >0: at every evaluation also decode this many held-out prompts (decode_eval.py)
     eval_decode_tokens: int = 64
     eval_decode_tau: float = 0.9
+    parallel: str = "ddp"  # ddp | fsdp (parallel.py)
+    dtype: str | None = None  # compute dtype: float32 | bfloat16; None: bf16 on CUDA, else float32
+    activation_checkpointing: bool = False
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -169,6 +179,7 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
     for ok, message in checks:
         if not ok:
             raise SelfMTPError(message)
+    parallel.check_settings(config)
 
 
 @dataclass
@@ -190,12 +201,10 @@ class _Run:
     decode_eval: object = None  # DecodeEval (decode_eval.py) when eval_decode_prompts > 0
 
 
-def _init_distributed(device: str) -> tuple[int, int, torch.device, bool]:
+def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether we created the process group) from torchrun's env."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    created = world > 1 and not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device, world = config.device, int(os.environ.get("WORLD_SIZE", "1"))
+    created = parallel.init_process_group(config, device)
     rank = dist.get_rank() if world > 1 else 0
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -242,8 +251,7 @@ def _layout(run: _Run, rows: TokenRows, plan):
 
 def _loss(run: _Run, student, layout, normalizer=None, prefix_normalizer=None):
     cfg = run.config
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with parallel.autocast(cfg, run.device):
         return mtp_loss(
             student, run.teacher, layout, teacher_mode=cfg.teacher_mode, supervision=cfg.supervision,
             prefix_loss_weight=cfg.prefix_loss, prefix_target=cfg.prefix_target, mtp_token_id=mtp_token_id(run.student),
@@ -268,8 +276,7 @@ def train_step(run: _Run, step: int) -> StepStats:
         index = slice((micro * run.world + run.rank) * b, (micro * run.world + run.rank + 1) * b)
         layout = _layout(run, rows.take(index), plan.rows(index))
         last = micro == cfg.grad_accum - 1
-        sync = contextlib.nullcontext() if last or run.world == 1 else run.student_logits.no_sync()
-        with sync:
+        with parallel.gradient_sync(run.student_logits, enabled=last or run.world == 1):
             loss, stats = _loss(run, run.student_logits, layout, normalizer, prefix_normalizer)
             loss.backward()
         total = stats if total is None else total + stats
@@ -294,7 +301,8 @@ def evaluate(run: _Run) -> dict:
     """Held-out online loss and agreement with a fixed region plan (same every evaluation)."""
     rows, cfg = run.eval_rows, run.config
     plan = _plan(cfg, rows, run.tokenizer, seed=cfg.seed + EVAL_SEED_OFFSET)
-    student = SelectedLogits(run.student)
+    # FSDP: every process evaluates through the sharded root (its all-gathers are collective)
+    student = run.student_logits if parallel.is_sharded(run.student_logits) else SelectedLogits(run.student)
     run.student.eval()
     total = None
     for lo in range(0, len(rows), cfg.batch_size):
@@ -353,7 +361,7 @@ def train(config: TrainConfig) -> dict:
 def _train(config: TrainConfig) -> dict:
     validate(config)
     started = time.perf_counter()
-    rank, world, device, owns_group = _init_distributed(config.device)
+    rank, world, device, owns_group = _init_distributed(config)
     out, resuming, resume_from = prepare_output(config, rank)
     if world > 1:
         dist.barrier()  # every process checks the output directory before rank 0 writes to it
@@ -368,10 +376,7 @@ def _train(config: TrainConfig) -> dict:
     train_rows, eval_rows, data_info = setup.train_rows, setup.eval_rows, setup.data_info
     student.train()
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    student_logits = SelectedLogits(student)
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        student_logits = torch.nn.parallel.DistributedDataParallel(student_logits, device_ids=ids)
+    student_logits, teacher = parallel.distribute(student, teacher_model, teacher, config, world=world, device=device)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
@@ -379,12 +384,14 @@ def _train(config: TrainConfig) -> dict:
                optimizer, scheduler, {}, teacher_model)
     if rank == 0 and eval_rows is not None and config.eval_every and config.eval_decode_prompts:
         _build_decode_eval(run)
-    start = load_training_state(resume_from, student, optimizer, scheduler) if resume_from else 0
+    start = _load_state(run, resume_from) if resume_from else 0
     metrics_path = out / "metrics.jsonl"
     if rank == 0 and resuming:  # rows after the checkpoint (or all, starting over) are recomputed
         truncate_metrics(metrics_path, start if resume_from else -1)
     history = _loop(run, start, metrics_path, out)
     final_dir = out / "final"
+    if parallel.is_sharded(student_logits):  # gathered once, at the end, to rank 0's CPU
+        student = consolidated_student(student_logits, student, rank=rank)
     if rank == 0:
         export_final(student, tokenizer, final_dir, config)
     summary = {
@@ -403,6 +410,22 @@ def _train(config: TrainConfig) -> dict:
     return summary
 
 
+def _save_state(run: _Run, root: Path, step: int) -> None:
+    if parallel.is_sharded(run.student_logits):
+        save_sharded_state(root, step, run.student_logits, run.optimizer, run.scheduler, rank=run.rank,
+                           keep=run.config.keep_checkpoints)
+    elif run.rank == 0:
+        save_training_state(root, step, run.student, run.optimizer, run.scheduler, keep=run.config.keep_checkpoints)
+
+
+def _load_state(run: _Run, path: Path) -> int:
+    if parallel.is_sharded(run.student_logits):
+        return load_sharded_state(path, run.student_logits, run.optimizer, run.scheduler)
+    if is_sharded_checkpoint(path):
+        raise SelfMTPError(f"checkpoint {path} was written by --parallel fsdp: resume it with --parallel fsdp")
+    return load_training_state(path, run.student, run.optimizer, run.scheduler)
+
+
 def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
     cfg, history = run.config, []
     bar = progress_bar(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress or run.rank != 0)
@@ -415,17 +438,19 @@ def _loop(run: _Run, start: int, metrics_path: Path, out: Path) -> list[dict]:
             stats = train_step(run, step)
             seconds = time.perf_counter() - tick
             row = {"step": step + 1, **stats.summary(), "lr": lr,
-                   "tokens_per_s": round(stats.tokens / seconds, 1)}
-            if run.rank == 0 and run.eval_rows is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                   "tokens_per_s": round(stats.tokens / seconds, 1), "step_seconds": round(seconds, 4)}
+            if run.device.type == "cuda":  # this process's peak so far, beside `selfmtp plan`'s figure
+                row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 1e9, 3)
+            everyone = parallel.is_sharded(run.student_logits)  # FSDP: evaluation and saving are collective
+            if (run.rank == 0 or everyone) and run.eval_rows is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row.update(evaluate(run))
             if run.rank == 0:  # before the checkpoint: a kill in between leaves a row that resume drops
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             stopping = stop.agreed(run.world, run.device)
             periodic = cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps)
-            if (periodic or stopping) and run.rank == 0:
-                save_training_state(out / "checkpoints", step + 1, run.student, run.optimizer, run.scheduler,
-                                    keep=cfg.keep_checkpoints)
+            if periodic or stopping:
+                _save_state(run, out / "checkpoints", step + 1)
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
