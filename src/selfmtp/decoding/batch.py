@@ -154,6 +154,12 @@ class BatchDecoder:
         if row in self.active:
             self._keep([r for r in self.active if r is not row])
 
+    def clear(self) -> list[BatchRow]:
+        """Drop every row and start from an empty cache (e.g. after a failed pass); returns the rows."""
+        rows, self.active = self.active, []
+        self._reset()
+        return rows
+
     @torch.inference_mode()
     def step(self, max_proposals: int | None = None) -> list[StepEvent]:
         """One forward pass of every active row; finished rows leave the batch before this returns.
