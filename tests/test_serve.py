@@ -248,3 +248,19 @@ def test_bounded_load(peaked, server, client):
             assert text == refs[prompt, strategy]
     assert delta(server, before, "completed") == 48 and delta(server, before, "failed") == 0
     assert server.engine.snapshot()["active"] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--strategy", "bogus"], "unknown strategy 'bogus'"),
+        (["--strategy", "auto:2"], "confadapt tau must be in (0, 1]"),
+    ],
+)
+def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):
+    from selfmtp.cli import main
+
+    assert main(["serve", "--model", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("selfmtp: error: ") and message in err

@@ -160,8 +160,8 @@ class Engine:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.decoder.active))
 
     def _step(self) -> None:
-        proposals = self._load_aware_proposals()
         try:
+            proposals = self._load_aware_proposals()
             events = self.decoder.step(max_proposals=proposals)
         except Exception as error:  # the pass itself failed: every row in it fails, the server goes on
             traceback.print_exc()
