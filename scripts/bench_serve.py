@@ -44,8 +44,14 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true", help="redraw --output's table and plot from its json")
     args = parser.parse_args()
     out = Path(args.output)
+    strategies, levels = args.strategies.split(","), [int(c) for c in args.concurrency.split(",")]
+    if args.replot:
+        result = json.loads((out / "bench_serve.json").read_text())
+        write_bytes_atomic(out / "README.md", report(result, strategies, levels).encode())
+        return plot(result, strategies, levels, out / "bench_serve.png")
     out.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(args.prompts)
     strategies = args.strategies.split(",")
@@ -184,6 +190,8 @@ def plot(result: dict, strategies: list[str], levels: list[int], path: Path) -> 
     left.set(xlabel="concurrent requests", ylabel="server tokens/s", xscale="log", xticks=levels, xticklabels=levels)
     right.set(xlabel="concurrent requests", ylabel="median request latency (s)", xscale="log", xticks=levels,
               xticklabels=levels)  # fmt: skip
+    for axis in (left, right):
+        axis.minorticks_off()
     left.legend()
     fig.tight_layout()
     png = io.BytesIO()
