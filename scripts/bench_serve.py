@@ -165,7 +165,7 @@ def report(result: dict, strategies: list[str], levels: list[int]) -> str:
         for strategy in strategies:
             r = by[(strategy, level)]
             ratio = f"{r['tokens_per_second'] / ntp['tokens_per_second']:.2f}x" if ntp else "-"
-            lines.append(f"| {level} | {strategy} | {r['tokens_per_second']:.0f} | {ratio} | {r['latency_median']:.2f} | "
+            lines.append(f"| {level} | {strategy} | {r['tokens_per_second']:.3g} | {ratio} | {r['latency_median']:.2f} | "
                          f"{r['latency_max']:.2f} | {r['tokens_per_pass']:.2f} | {r['failed']} |")  # fmt: skip
     mem = result["memory"]
     rss = [f"{n}: {b / 2**20:.0f} MiB" for n, b in mem["rss_by_requests"]]
