@@ -56,6 +56,23 @@ class PreallocatedLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
+    def add_empty_rows(self, count: int) -> None:
+        """Append `count` all-zero rows to the batch: the history of a row joining mid-decode, which
+        its attention mask hides (see `decoding.batch`)."""
+        if self.is_initialized:
+            self.key_buffer = torch.cat([self.key_buffer, self.key_buffer.new_zeros(count, *self.key_buffer.shape[1:])])
+            self.value_buffer = torch.cat(
+                [self.value_buffer, self.value_buffer.new_zeros(count, *self.value_buffer.shape[1:])]
+            )
+            self._set_length(self.length)
+
+    def keep_positions(self, index: torch.Tensor) -> None:
+        """Keep only the cached positions `index` (ascending), e.g. to drop columns no row attends to."""
+        if self.is_initialized:
+            self.key_buffer = self.keys.index_select(-2, index)
+            self.value_buffer = self.values.index_select(-2, index)
+            self._set_length(len(index))
+
     def _set_length(self, length: int) -> None:
         self.length = length
         self.keys = self.key_buffer[..., :length, :]

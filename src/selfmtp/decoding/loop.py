@@ -12,12 +12,14 @@ row sit at the end (one crop serves all rows) and the proposals are the last k l
 row. With adaptive k a pass feeds the largest k any row asks for; a row reads only its own first k
 proposals, so it decodes exactly as it would alone. Pads stay in the cache and are masked out by an explicit 4-D attention mask; position ids are
 counted per row over real tokens only, so each row sees exactly what it would see alone.
+
+The loop itself is `batch.BatchDecoder` (rows may also join mid-decode, as a server needs);
+`generate_batch` adds every prompt and steps until all are done.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -89,56 +91,26 @@ def generate_batch(
     pad_token_id: int = 0,
 ) -> list[GenerationResult]:
     """Decode all `prompts` (token id lists) together; results are in prompt order."""
+    from selfmtp.decoding.batch import BatchDecoder  # the loop body; it builds on this module's helpers
+
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
     if max_new_tokens < 1:
         raise SelfMTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     n_masks = strategy.k_max - 1
-    mask_id = _mask_token_id(model, n_masks)
-    cache = _croppable_cache(model, n_masks, batched=len(prompts) > 1)
-    rows = [_new_row(prompt, max_new_tokens, _context_length(model), strategy.k_max) for prompt in prompts]
-    stops = _StopRules(frozenset(stop_token_ids), list(stop_strings), tokenizer)
-    device = model.device
-    key_is_real = torch.zeros(len(rows), 0, dtype=torch.bool, device=device)
-    real_count = torch.zeros(len(rows), dtype=torch.long, device=device)
-    active = list(rows)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        while active:
-            width = max(row.k for row in active)  # a row with a smaller k ignores the extra proposals
-            n_masks = width - 1
-            input_ids, position_ids, fed = step_inputs(
-                [r.pending for r in active], real_count, n_masks, pad_token_id, mask_id
-            )
-            logits = model(
-                input_ids=input_ids.to(device),
-                position_ids=position_ids,
-                attention_mask=attention_mask(key_is_real, fed),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=width,
-            ).logits
-            if n_masks:
-                cache.crop(-n_masks)  # pop the masks: the cache holds real tokens only
-            fed_real = fed[:, : fed.shape[1] - n_masks]
-            key_is_real = torch.cat([key_is_real, fed_real], dim=1)
-            real_count = real_count + fed_real.sum(dim=1)
-            confidences, proposals = greedy_readout(logits, mask_id)
-            now = time.perf_counter() - start
-            for i, row in enumerate(active):
-                row.tokens_fed.append(len(row.pending) + n_masks)
-                _accept(row, strategy, proposals[i], confidences[i], stops)
-                if row.passes == 1:
-                    row.first_token_seconds = now
-                if row.stop_reason is not None:
-                    row.seconds = now
-            keep = [i for i, row in enumerate(active) if row.stop_reason is None]
-            if len(keep) < len(active):  # finished rows leave the batch (and the cache)
-                active = [active[i] for i in keep]
-                index = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.batch_select_indices(index)
-                key_is_real, real_count = key_is_real[index], real_count[index]
-    return [_result(row, tokenizer, strategy.name) for row in rows]
+    _mask_token_id(model, n_masks)
+    _croppable_cache(model, n_masks, batched=len(prompts) > 1)  # refuse before any work
+    decoder = BatchDecoder(
+        model, tokenizer=tokenizer, pad_token_id=pad_token_id,
+        cache_factory=lambda: _croppable_cache(model, n_masks, batched=len(prompts) > 1),
+    )  # fmt: skip
+    rows = [
+        decoder.add(prompt, strategy, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, stop_strings=stop_strings)
+        for prompt in prompts
+    ]
+    while decoder.active:
+        decoder.step()
+    return [row.result(tokenizer) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------

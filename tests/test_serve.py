@@ -1,0 +1,266 @@
+"""`selfmtp serve` on a live loopback server, driven by the real `openai` client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from selfmtp.serving import ServeConfig, start_server
+
+KEY = "test-key"
+MODEL = "tiny-peaked"
+CHAT = [{"role": "user", "content": "Tell me about the weather"}]
+
+
+@pytest.fixture(scope="module")
+def server(peaked):
+    running = start_server(
+        peaked, ServeConfig(model_name=MODEL, strategy="confadapt:0.6:4", port=0, api_key=KEY, max_batch=4,
+                            max_tokens_limit=512)
+    )  # fmt: skip
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
+
+
+def reference(peaked, prompt, strategy, max_tokens, *, chat):
+    """What `MTPModel.generate` (the `selfmtp generate` path) gives for this prompt alone."""
+    return peaked.generate(prompt, strategy=strategy, max_new_tokens=max_tokens, chat=chat)
+
+
+def wait_for(condition, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def delta(server, before, key):
+    return server.engine.snapshot()[key] - before[key]
+
+
+@pytest.mark.parametrize("strategy", ["ntp", "confadapt:0.6:4", "auto:0.6:4"])
+def test_chat_streamed_equals_whole_equals_generate(peaked, client, strategy):
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0,
+                                           extra_body={"strategy": strategy})  # fmt: skip
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=24, stream=True, stream_options={"include_usage": True},
+        extra_body={"strategy": strategy},
+    ))  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.content == streamed
+    usage = whole.usage.model_extra["selfmtp"]
+    if not strategy.startswith("auto"):  # auto's mask count follows the load, so its passes may differ
+        ref = reference(peaked, CHAT, strategy, 24, chat=True)
+        assert streamed == ref.text
+        assert usage["forward_passes"] == ref.forward_passes and whole.usage.completion_tokens == ref.num_tokens
+    # one chunk per forward pass, each saying how many tokens that pass gave
+    passes = [c for c in chunks if c.choices]
+    assert len(passes) == chunks[-1].usage.model_extra["selfmtp"]["forward_passes"]
+    assert sum(c.model_extra["selfmtp"]["tokens"] for c in passes) == chunks[-1].usage.completion_tokens
+    assert passes[0].choices[0].delta.role == "assistant" and passes[-1].choices[0].finish_reason == "length"
+    if strategy == "confadapt:0.6:4":
+        assert max(c.model_extra["selfmtp"]["tokens"] for c in passes) > 1  # multi-token chunks are visible
+        assert usage["tokens_per_pass"] > 1
+
+
+def test_completion_streamed_equals_whole_equals_generate_with_stop(peaked, client):
+    prompt = "The weather today is"
+    ref = reference(peaked, prompt, "confadapt:0.6:4", 40, chat=False)
+    assert len(ref.text) > 8
+    stop = [ref.text[5:8]]  # a stop string inside the answer: the text is cut before it
+    ref = peaked.generate(prompt, strategy="confadapt:0.6:4", max_new_tokens=40, chat=False, stop=stop)
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, stop=stop)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=40, stop=stop, stream=True) if c.choices)  # fmt: skip
+    assert whole.choices[0].text == streamed == ref.text
+    assert whole.choices[0].finish_reason == "stop" and stop[0] not in streamed
+
+
+def test_concurrent_requests_give_the_texts_of_one_at_a_time(peaked, server, client):
+    prompts = ["One", "Two plus two is", "A longer prompt about the sea and the sky", "Count: 1, 2, 3,"]
+    strategies = ["confadapt:0.6:4", "ntp", "static:2", "confadapt:0.6:4:adaptive"]
+    before = server.engine.snapshot()
+    barrier = threading.Barrier(len(prompts))
+
+    def ask(i):
+        barrier.wait()
+        return client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=30,
+                                         extra_body={"strategy": strategies[i]}).choices[0].text  # fmt: skip
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(ask, range(len(prompts))))
+    for prompt, strategy, text in zip(prompts, strategies, texts, strict=True):
+        assert text == reference(peaked, prompt, strategy, 30, chat=False).text
+    assert delta(server, before, "row_passes") > delta(server, before, "passes")  # rows shared passes
+
+
+def test_request_arriving_mid_decode_joins_the_running_batch(peaked, server, client):
+    before = server.engine.snapshot()
+    long = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=300, stream=True,
+                                     extra_body={"strategy": "ntp"})  # fmt: skip
+    stream = iter(long)
+    first = next(stream).choices[0].text
+    late = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=20)
+    rest = "".join(c.choices[0].text for c in stream if c.choices)
+    assert delta(server, before, "joined_running_batch") >= 1
+    assert late.choices[0].message.content == reference(peaked, CHAT, "confadapt:0.6:4", 20, chat=True).text
+    assert first + rest == reference(peaked, "Once upon a time", "ntp", 300, chat=False).text
+
+
+def test_client_disconnecting_mid_stream_frees_its_row(server, client):
+    before = server.engine.snapshot()
+    stream = client.completions.create(model=MODEL, prompt="Never ending", max_tokens=500, stream=True,
+                                       extra_body={"strategy": "ntp"})  # fmt: skip
+    next(iter(stream))
+    stream.close()
+    wait_for(lambda: delta(server, before, "cancelled") == 1)
+    wait_for(lambda: server.engine.snapshot()["active"] == 0)
+    assert delta(server, before, "completed") == 0  # it was stopped, not run to the end
+    answer = client.completions.create(model=MODEL, prompt="Still there?", max_tokens=4)
+    assert answer.usage.completion_tokens == 4
+
+
+def raw(server, path, body=None, key=KEY, method=None):
+    """(status, json, headers) of a raw HTTP request (bad JSON cannot go through the openai client)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.base_url + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), error.headers
+
+
+GOOD = {"model": MODEL, "prompt": "Hi", "max_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key", "status", "code", "message"),
+    [
+        ("/completions", b"{not json", KEY, 400, "invalid_json", "not valid JSON"),
+        ("/completions", {"model": MODEL}, KEY, 400, "invalid_request", "'prompt'"),
+        ("/completions", GOOD | {"max_tokens": "many"}, KEY, 400, "invalid_request", "'max_tokens'"),
+        ("/chat/completions", {"model": MODEL, "messages": []}, KEY, 400, "invalid_request", "'messages'"),
+        ("/completions", GOOD | {"temperature": 0.7}, KEY, 400, "unsupported_sampling", "greedy only"),
+        ("/completions", GOOD | {"prompt": "word " * 1100}, KEY, 400, "context_length_exceeded", "context is 1024"),
+        ("/completions", GOOD | {"max_tokens": 10_000}, KEY, 400, "invalid_max_tokens", "at most 512"),
+        ("/completions", GOOD | {"strategy": "verify"}, KEY, 400, "invalid_strategy", "not yet supported by the server"),
+        ("/completions", GOOD | {"strategy": "bogus"}, KEY, 400, "invalid_strategy", "unknown strategy"),
+        ("/completions", GOOD, "wrong", 401, "invalid_api_key", "API key"),
+        ("/completions", GOOD, None, 401, "invalid_api_key", "API key"),
+        ("/models", None, None, 401, "invalid_api_key", "API key"),
+        ("/completions", GOOD | {"model": "gpt-4"}, KEY, 404, "model_not_found", "'gpt-4' does not exist"),
+    ],
+)
+def test_errors_are_openai_style_and_the_server_keeps_serving(server, client, path, body, key, status, code, message):
+    got_status, payload, _ = raw(server, path, body, key=key)
+    assert got_status == status
+    assert payload["error"]["code"] == code and message in payload["error"]["message"]
+    assert set(payload["error"]) == {"message", "type", "code"}
+    assert client.completions.create(**GOOD).usage.completion_tokens == 3
+
+
+def test_openai_client_sees_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(**(GOOD | {"model": "nope"}))
+    with pytest.raises(openai.BadRequestError, match="greedy only"):
+        client.chat.completions.create(model=MODEL, messages=CHAT, temperature=1.0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_internal_failure_in_one_row_fails_that_request_only(peaked, server, client, monkeypatch):
+    import selfmtp.serving.app as app_module
+    from selfmtp.decoding.strategies import ConfAdapt
+
+    class Exploding(ConfAdapt):
+        def accept(self, confidences):
+            raise RuntimeError("strategy exploded")
+
+    real = app_module.resolve_strategy
+    monkeypatch.setattr(app_module, "resolve_strategy",
+                        lambda name: (Exploding(0.5, 2), False) if name == "explode" else real(name))  # fmt: skip
+    long = client.completions.create(model=MODEL, prompt="Keep going", max_tokens=60, stream=True,
+                                     extra_body={"strategy": "ntp"})  # fmt: skip
+    stream = iter(long)
+    first = next(stream).choices[0].text
+    with pytest.raises(openai.InternalServerError, match="strategy exploded"):
+        client.completions.create(model=MODEL, prompt="Boom", max_tokens=8, extra_body={"strategy": "explode"})
+    rest = "".join(c.choices[0].text for c in stream if c.choices)
+    assert first + rest == reference(peaked, "Keep going", "ntp", 60, chat=False).text
+    assert client.completions.create(**GOOD).usage.completion_tokens == 3
+
+
+def test_queue_full_is_429_with_retry_after(peaked):
+    small = start_server(peaked, ServeConfig(model_name=MODEL, strategy="ntp", port=0, max_batch=1, max_queue=1,
+                                             probe=False))  # fmt: skip
+    try:
+        client = openai.OpenAI(base_url=small.base_url, api_key="none", max_retries=0, timeout=120)
+        busy = iter(client.completions.create(model=MODEL, prompt="Busy", max_tokens=500, stream=True))
+        next(busy)  # the one row of the batch is taken
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(client.completions.create, model=MODEL, prompt="Queued", max_tokens=3)
+            wait_for(lambda: small.engine.snapshot()["waiting"] == 1)
+            status, payload, headers = raw(small, "/completions", GOOD, key=None)
+            assert status == 429 and payload["error"]["code"] == "queue_full" and headers["Retry-After"] == "1"
+            busy.close()  # frees the row: the queued request runs
+            assert queued.result(timeout=120).usage.completion_tokens == 3
+        assert raw(small, "/completions", GOOD, key=None)[0] == 200
+    finally:
+        small.close()
+
+
+def test_bounded_load(peaked, server, client):
+    """48 requests from 8 threads, mixed strategies and streaming: every one answers, all correct."""
+    prompts = [f"Request {i} asks about" for i in range(6)]
+    strategies = ["ntp", "confadapt:0.6:4", "auto:0.6:4"]
+    refs = {(p, s): reference(peaked, p, s, 12, chat=False).text for p in prompts for s in strategies[:2]}
+    before = server.engine.snapshot()
+
+    def ask(i):
+        prompt, strategy = prompts[i % len(prompts)], strategies[i % len(strategies)]
+        if i % 2:
+            text = "".join(c.choices[0].text for c in client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=12, stream=True, extra_body={"strategy": strategy}) if c.choices)  # fmt: skip
+        else:
+            text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                             extra_body={"strategy": strategy}).choices[0].text  # fmt: skip
+        return prompt, strategy, text
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(48)))
+    for prompt, strategy, text in answers:
+        if (prompt, strategy) in refs:
+            assert text == refs[prompt, strategy]
+    assert delta(server, before, "completed") == 48 and delta(server, before, "failed") == 0
+    assert server.engine.snapshot()["active"] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--strategy", "bogus"], "unknown strategy 'bogus'"),
+        (["--strategy", "auto:2"], "confadapt tau must be in (0, 1]"),
+    ],
+)
+def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):
+    from selfmtp.cli import main
+
+    assert main(["serve", "--model", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("selfmtp: error: ") and message in err
