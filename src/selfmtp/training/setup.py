@@ -135,7 +135,12 @@ def build_student_and_teacher(student, teacher_model, config):
 
 
 def export_final(student, tokenizer, final_dir: Path, config) -> Path:
-    """Full model: a standard checkpoint. LoRA: merged weights (default) or the adapter alone."""
+    """Full model: a standard checkpoint. LoRA: merged weights (default) or the adapter alone.
+
+    The config records the trained k_max, the default K of the exact `verify` strategy."""
+    from selfmtp.decoding.strategies import K_MAX_CONFIG_KEY
+
+    setattr(student.config, K_MAX_CONFIG_KEY, config.k_max)
     if not config.lora_rank:
         return save_checkpoint(student, tokenizer, final_dir)
     if config.lora_export == "adapter":
