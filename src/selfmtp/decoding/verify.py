@@ -11,6 +11,11 @@ correction, or the bonus after d_m): a+1 tokens, identical to greedy NTP of the 
   prefix (a within-pass attention mask, position ids per block), so the block after d_a always
   gives the next drafts. All blocks sit at the end of the fed sequence, so one crop drops them.
 
+Masks are not free where a pass costs more the more it is fed (a CPU): after MISSES_BEFORE_BACKOFF
+passes in a row whose first draft was wrong (untrained masks), a row feeds no masks (a plain NTP
+pass) for `backoff` passes, then tries drafts again; each failed try doubles `backoff` (up to
+MAX_BACKOFF), any accepted draft resets it. This changes what is fed, never what is emitted.
+
 The cache keeps only accepted tokens: the mask columns are cropped, rejected drafts too where
 every row rejected them; the rest become holes in `key_is_real`, masked like pads (exact). Position
 ids count real tokens only. Near the budget or the context limit a row feeds fewer drafts and masks.
@@ -41,10 +46,16 @@ from selfmtp.decoding.loop import (
 )
 from selfmtp.decoding.strategies import Verify
 
+MISSES_BEFORE_BACKOFF = 2
+MAX_BACKOFF = 64
+
 
 @dataclass
 class _VerifyRow(_Row):
     drafts: list[int] = field(default_factory=list)  # fed as real tokens after `pending`, then checked
+    misses: int = 0  # passes in a row whose first draft was rejected
+    backoff: int = 1  # mask-free passes after the next miss
+    wait: int = 0  # mask-free passes left before drafts are tried again
     drafted: list[int] = field(default_factory=list)  # per pass: accepted drafts among its tokens
     offered: list[int] = field(default_factory=list)  # by draft position: drafts fed
     accepted: list[int] = field(default_factory=list)  # by draft position: drafts accepted
@@ -76,8 +87,8 @@ def generate_verified(
     pad_token_id: int = 0,
 ):
     """`generate_batch` for `Verify` strategies: the same results, token for token, as `static:1`."""
-    decoder = ExactDecoder(model, prompts, strategy, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                           stops=_StopRules(frozenset(stop_token_ids), list(stop_strings), tokenizer))  # fmt: skip
+    decoder = ExactDecoder(model, prompts, strategy, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                           stop_strings=stop_strings, tokenizer=tokenizer, pad_token_id=pad_token_id)  # fmt: skip
     with torch.inference_mode():
         while decoder.active:
             decoder.step()
@@ -98,8 +109,10 @@ class ExactDecoder:
     the cache after each step; tests compare it with a fresh prefill of the accepted tokens.
     """
 
-    def __init__(self, model, prompts, strategy: Verify, *, max_new_tokens: int, pad_token_id: int, stops):
-        self.model, self.strategy, self.stops, self.pad_id = model, strategy, stops, pad_token_id
+    def __init__(self, model, prompts, strategy: Verify, *, max_new_tokens: int, stop_token_ids=(), stop_strings=(),
+                 tokenizer=None, pad_token_id: int = 0):  # fmt: skip
+        self.model, self.strategy, self.pad_id = model, strategy, pad_token_id
+        self.stops = _StopRules(frozenset(stop_token_ids), list(stop_strings), tokenizer)
         k = strategy.k_max
         self.mask_id = _mask_token_id(model, k - 1)  # a model without <mtp> has no drafts: SelfMTPError
         self.cache = _croppable_cache(model, k - 1, batched=len(prompts) > 1)
@@ -144,7 +157,7 @@ class ExactDecoder:
         left = row.budget - len(row.token_ids)  # tokens this row may still emit (>= 1)
         drafts = row.drafts[: left - 1]  # a pass emits at most drafts + 1 tokens
         last_position = real_count + len(row.pending) + len(drafts) - 1
-        n_masks = min(self.strategy.k_max - 1, left - len(drafts) - 2)  # next drafts must fit the budget
+        n_masks = 0 if row.wait else min(self.strategy.k_max - 1, left - len(drafts) - 2)  # next drafts fit the budget
         if self.context is not None:
             n_masks = min(n_masks, self.context - 1 - last_position)  # positions stay < context
         n_masks = max(n_masks, 0)
@@ -162,6 +175,7 @@ class ExactDecoder:
         for j in range(plan.drafts):
             row.offered[j] += 1
             row.accepted[j] += int(j < accepted)
+        _update_backoff(row, plan, accepted)
         block = accepted if self.strategy.tree else 0  # merged: its one block is valid only if all were accepted
         valid = plan.blocks and (self.strategy.tree or accepted == plan.drafts)
         start = real_end + block * plan.n_masks  # the blocks follow the real tokens
@@ -182,6 +196,20 @@ class ExactDecoder:
                 real[i, real.shape[1] - (n - common) :] = False
         self.key_is_real = torch.cat([self.key_is_real, real], dim=1)
         self.real_count = self.real_count + real.sum(dim=1)
+
+
+def _update_backoff(row: _VerifyRow, plan: _Plan, accepted: int) -> None:
+    """Feed no masks for a while when drafts keep failing; see the module docstring."""
+    if row.wait:
+        row.wait -= 1
+    if not plan.drafts:
+        return
+    if accepted:
+        row.misses, row.backoff = 0, 1
+        return
+    row.misses += 1
+    if row.misses >= MISSES_BEFORE_BACKOFF:
+        row.wait, row.backoff = row.backoff, min(2 * row.backoff, MAX_BACKOFF)
 
 
 def _verify_row(row: _Row, k: int) -> _VerifyRow:
