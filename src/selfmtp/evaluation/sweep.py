@@ -25,7 +25,7 @@ from selfmtp.evaluation.report import STDERR_FORMULA, accuracy_with_stderr, writ
 
 DEFAULT_STRATEGIES = (
     "static:1,static:2,static:3,static:4,static:5,"
-    "confadapt:0.99,confadapt:0.95,confadapt:0.9,confadapt:0.8,confadapt:0.7,confadapt:0.6"
+    "confadapt:0.99,confadapt:0.95,confadapt:0.9,confadapt:0.8,confadapt:0.7,confadapt:0.6,verify"
 )
 TEACHER = "teacher"
 
