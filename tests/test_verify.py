@@ -318,7 +318,7 @@ def test_budget_and_context_limit_are_never_exceeded(student, gsm_prompts, strat
     try:
         for n in (1, 2, 5, 13):
             assert decode(student, gsm_prompts[:2], strategy, n)[0].token_ids == greedy(student, gsm_prompts[:1], n)[0].token_ids
-        long_prompt = (gsm_prompts[0] * 5)[: context - 9]  # 9 positions left
+        long_prompt = (gsm_prompts[0] * 10)[: context - 9]  # exactly 9 positions left
         reference = greedy(student, [long_prompt], 50)[0]
         assert_clear_margins(student.model, long_prompt, reference.token_ids)
         result = decode(student, [long_prompt], strategy, 50)[0]
