@@ -54,6 +54,8 @@ def test_cli_bench_writes_both_files_with_identical_greedy_tokens(tmp_path, prom
     assert len(written["texts"]["ntp"]) == 2
     table = (out / "bench.md").read_text()
     assert table.count("\n| ") == 6 and "| confadapt:0.5:4:adaptive |" in table
+    assert "tokens/pass pooled | tokens/pass mean" in table and "| 1.00 | 1.00 | 1.0 | 2/2 |" in table  # ntp
+    assert "| - | - | - | 2/2 |" in table  # hf-generate: no passes to count, the same tokens as ntp
     assert "identical greedy tokens on 2 of 2 prompts" in table and "llama-cpp skipped" in table
 
 

@@ -22,7 +22,7 @@ def test_demo_pipeline_writes_everything_and_resumes(tmp_path, capsys):
     assert set(rows) == {"teacher", "static:1", "static:2", "confadapt:0.9:8"}
     assert rows["static:2"]["acceleration_mean"] > 1.5  # two tokens a pass, short of EOS cuts
     assert rows["teacher"]["acceleration_mean"] == 1.0 and rows["teacher"]["n"] == 4
-    assert "ConfAdapt tau=0.9 acceleration >= 2.5" in first and "<span class=\"chunk\"" in (out / "chunks.html").read_text()
+    assert "ConfAdapt tau=0.9 tokens/pass (pooled) >= 2.5" in first and "<span class=\"chunk\"" in (out / "chunks.html").read_text()
     summary = json.loads((out / "demo.json").read_text())
     assert summary["config"]["steps"] == 2 and len(summary["targets"]) == 4
     within_k1 = summary["targets"][1]  # graded on the difference, reported with its paired error
@@ -79,3 +79,21 @@ def test_demo_gated_trains_gated_deltas_whose_k1_is_the_teacher(tmp_path, capsys
     rows = {row["strategy"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
     assert rows["static:1"]["accuracy"] == rows["teacher"]["accuracy"]
     assert rows["static:1"].get("answer_agreement", 1.0) == 1.0
+
+
+def test_check_targets_grades_exact_rows_on_pooled_tokens_per_pass_and_identity():
+    rows = [
+        _row("teacher", "teacher", 0.90, 1.0),
+        _row("static:1", "static", 0.89, 1.0, k_max=1),
+        _row("confadapt:0.9:8", "confadapt", 0.88, 2.6, tau=0.9, k_max=8, tokens_per_pass_pooled=2.4),
+        # per-generation means above the goals, pooled below (verify:8) and above (tree): pooled decides
+        _row("verify:8", "verify", 0.89, 3.6, k_max=8, tokens_per_pass_pooled=3.4, identical_to_static_1=200, identical_of=200),
+        _row("verify:8:tree", "verify", 0.89, 4.4, k_max=8, tokens_per_pass_pooled=4.6, identical_to_static_1=199, identical_of=200),
+    ]  # fmt: skip
+    graded = {t["target"]: t for t in check_targets(rows)}
+    assert graded["ConfAdapt tau=0.9 tokens/pass (pooled) >= 2.5"]["met"] is False
+    assert graded["exact verify:8 tokens/pass (pooled) >= 3.5"]["met"] is False
+    assert graded["exact verify:8:tree tokens/pass (pooled) >= 4.5"]["met"] is True
+    assert graded["exact verify:8 output identical to static k=1 on every item"]["met"] is True
+    assert graded["exact verify:8:tree output identical to static k=1 on every item"]["value"] == "199/200"
+    assert graded["exact verify:8:tree output identical to static k=1 on every item"]["met"] is False

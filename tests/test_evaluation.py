@@ -238,6 +238,14 @@ def test_sweep_writes_results(tiny_mtp, tmp_path):
     assert all(o["num_tokens"] == sum(1 for _ in o["chunks"]) for o in static1)
     markdown = (tmp_path / "results.md").read_text()
     assert "| static k=2 |" in markdown and "teacher" in markdown and "ConfAdapt tau=0.9" in markdown
+    # pooled tokens per pass and token identity with static k=1, each against the per-item outputs
+    static2 = json.loads((tmp_path / "runs" / "static_2.json").read_text())["outputs"]
+    pooled = sum(o["num_tokens"] for o in static2) / sum(o["forward_passes"] for o in static2)
+    assert rows["static:2"]["tokens_per_pass_pooled"] == pytest.approx(pooled)
+    same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(static2, static1, strict=True))
+    assert (rows["static:2"]["identical_to_static_1"], rows["static:2"]["identical_of"]) == (same, 3)
+    assert "identical_to_static_1" not in rows["static:1"] and "| same tokens as static k=1 |" in markdown
+    assert "tokens/pass (pooled)" in markdown and "effective k" in markdown
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -160,30 +160,32 @@ def _run_generate(args) -> int:
         prompts, strategy=strategy, max_new_tokens=args.max_new_tokens, stop=args.stop or None,
         chat=args.chat, batch_size=args.batch_size,
     )  # fmt: skip
-    _print_generations(prompts, results, args)
+    _print_generations(prompts, results, args, mtp.tokenizer)
     if args.html:
         from selfmtp.decoding.chunk_view import render_html
 
         Path(args.html).write_text(
-            render_html(results, prompts, title=f"{args.model} / {strategy.name}"), encoding="utf-8"
+            render_html(results, prompts, title=f"{args.model} / {strategy.name}", tokenizer=mtp.tokenizer),
+            encoding="utf-8",
         )
     if not args.json and len(results) > 1:
         summary = summarize(results)
         print(
-            f"{summary['generations']} generations: acceleration {summary['acceleration_mean']:.2f} +- "
-            f"{summary['acceleration_std']:.2f}, {summary['tokens_per_second_mean']:.1f} tokens/s on average"
+            f"{summary['generations']} generations: {summary['tokens_per_pass_pooled']:.2f} tokens/pass pooled, "
+            f"{summary['acceleration_mean']:.2f} +- {summary['acceleration_std']:.2f} per-generation mean, "
+            f"{summary['tokens_per_second_mean']:.1f} tokens/s on average"
         )
     return 0
 
 
-def _print_generations(prompts, results, args) -> None:
+def _print_generations(prompts, results, args, tokenizer) -> None:
     from selfmtp.decoding.chunk_view import render_terminal
 
     for prompt, result in zip(prompts, results, strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, **result.to_dict()}, ensure_ascii=False))
         elif args.show_chunks:
-            print(render_terminal(result, colour=sys.stdout.isatty()))
+            print(render_terminal(result, colour=sys.stdout.isatty(), tokenizer=tokenizer))
         else:
             print(result.text)
             print(

@@ -1,7 +1,8 @@
 """Decoding: the KV-cached multi-token loop and the strategies that say how many proposals to keep.
 
 `loop.generate_batch` decodes several prompts at once; a strategy (`strategies.parse_strategy`:
-ntp, static:K, confadapt:TAU...) answers how many of a pass's proposals to accept; `kv_cache` is the
+ntp, static:K, confadapt:TAU...) answers how many of a pass's proposals to accept, and the exact
+`verify:K[:tree]` checks the masks' drafts in the next pass (`verify`); `kv_cache` is the
 croppable cache the loop runs on; `chunk_view` shows which tokens each forward pass produced.
 """
 
@@ -13,6 +14,7 @@ from selfmtp.decoding.strategies import (
     ConfAdapt,
     Static,
     Strategy,
+    Verify,
     parse_strategy,
 )
 
@@ -25,6 +27,7 @@ __all__ = [
     "GenerationResult",
     "Static",
     "Strategy",
+    "Verify",
     "generate_batch",
     "parse_strategy",
     "summarize",

@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from selfmtp.decoding.kv_cache import has_plain_cache, preallocated_cache
-from selfmtp.decoding.strategies import Strategy, next_proposals
+from selfmtp.decoding.strategies import Strategy, Verify, next_proposals, with_model_defaults
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import mtp_token_id
 
@@ -38,6 +38,7 @@ class Chunk:
     token_ids: list[int]
     text: str
     confidences: list[float]
+    drafted: int = 0  # exact decoding: how many leading tokens were accepted drafts (the rest: the pass's own)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class GenerationResult:
     strategy: str
     first_token_seconds: float = 0.0  # from the start of the call until the first pass's tokens
     tokens_fed: list[int] = field(default_factory=list)  # per pass: real tokens + masks fed for this row
+    draft_offered: list[int] = field(default_factory=list)  # exact decoding: drafts fed, by draft position
+    draft_accepted: list[int] = field(default_factory=list)  # ... and how many of those were accepted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +100,14 @@ def generate_batch(
         raise ValueError("stop strings need a tokenizer to decode the text")
     if max_new_tokens < 1:
         raise SelfMTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    strategy = with_model_defaults(strategy, model)
+    if isinstance(strategy, Verify):  # exact decoding feeds drafts too: its own loop, same helpers
+        from selfmtp.decoding.verify import generate_verified
+
+        return generate_verified(
+            model, prompts, strategy, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings, tokenizer=tokenizer, pad_token_id=pad_token_id,
+        )  # fmt: skip
     n_masks = strategy.k_max - 1
     _mask_token_id(model, n_masks)
     _croppable_cache(model, n_masks, batched=len(prompts) > 1)  # refuse before any work
@@ -111,6 +122,23 @@ def generate_batch(
     while decoder.active:
         decoder.step()
     return [row.result(tokenizer) for row in rows]
+
+
+def _timestamp(row: _Row, now: float) -> None:
+    if row.passes == 1:
+        row.first_token_seconds = now
+    if row.stop_reason is not None:
+        row.seconds = now
+
+
+def _drop_finished(active: list[_Row], cache, key_is_real: torch.Tensor, real_count: torch.Tensor):
+    """Finished rows leave the batch (and the cache): -> (active, key_is_real, real_count)."""
+    keep = [i for i, row in enumerate(active) if row.stop_reason is None]
+    if len(keep) == len(active):
+        return active, key_is_real, real_count
+    index = torch.tensor(keep, dtype=torch.long, device=key_is_real.device)
+    cache.batch_select_indices(index)
+    return [active[i] for i in keep], key_is_real[index], real_count[index]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,20 +163,25 @@ def step_inputs(
     return input_ids, position_ids, fed
 
 
-def attention_mask(key_is_real: torch.Tensor, fed: torch.Tensor) -> torch.Tensor | None:
-    """4-D bool mask (batch, 1, fed, cache+fed), True = may attend; None when there are no pads.
+def attention_mask(
+    key_is_real: torch.Tensor, fed: torch.Tensor, within: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """4-D bool mask (batch, 1, fed, cache+fed), True = may attend; None for plain causal without pads.
 
-    Causal over cache columns, pads hidden as keys. A pad query attends to itself only, so its
-    (masked, never read) KV stay finite: a NaN there would poison every row that multiplies it by 0.
+    Every query sees the real cache columns (pads and holes hidden); among the fed columns it sees
+    those `within` (batch, fed, fed) allows, causal when None (a draft tree gives each mask block its
+    own prefix only), and never a pad. Every query attends to itself, so a pad's (masked, never read)
+    KV stay finite: a NaN there would poison every row that multiplies it by 0.
     """
-    if bool(fed.all()) and bool(key_is_real.all()):
+    if within is None and bool(fed.all()) and bool(key_is_real.all()):
         return None  # no pads anywhere: let the model build its own causal mask
-    past, width = key_is_real.shape[1], fed.shape[1]
-    keys = torch.cat([key_is_real, fed], dim=1)
-    query_column = torch.arange(width, device=fed.device)[:, None] + past
-    key_column = torch.arange(past + width, device=fed.device)[None, :]
-    allowed = ((key_column <= query_column)[None] & keys[:, None, :]) | (key_column == query_column)[None]
-    return allowed[:, None]
+    batch, width = fed.shape
+    itself = torch.eye(width, dtype=torch.bool, device=fed.device)
+    if within is None:
+        within = torch.ones(width, width, dtype=torch.bool, device=fed.device).tril()
+    new_keys = (within & fed[:, None, :]) | itself
+    past_keys = key_is_real[:, None, :].expand(batch, width, key_is_real.shape[1])
+    return torch.cat([past_keys, new_keys.expand(batch, width, width)], dim=2)[:, None]
 
 
 def greedy_readout(logits: torch.Tensor, mask_id: int | None):
@@ -235,8 +268,13 @@ def _accept(
     if not 1 <= wanted <= proposed:  # 0 would stall the loop forever
         raise ValueError(f"{strategy.name}: accept() returned {wanted}, expected 1..{proposed}")
     row.k = next_proposals(strategy, proposed, wanted)
-    wanted = min(wanted, row.budget - len(row.token_ids))
-    tokens, confidences = proposals.tolist()[:wanted], confidences.tolist()[:wanted]
+    take_tokens(row, proposals.tolist()[:wanted], confidences.tolist()[:wanted], stops)
+
+
+def take_tokens(row: _Row, tokens: list[int], confidences: list[float], stops: _StopRules) -> None:
+    """Append one pass's accepted tokens to `row`, cut by the budget and every stop rule; set `pending`."""
+    wanted = min(len(tokens), row.budget - len(row.token_ids))
+    tokens, confidences = tokens[:wanted], confidences[:wanted]
     for i, token in enumerate(tokens):
         if token in stops.token_ids:  # keep the stop token itself, drop what follows
             tokens, confidences = tokens[: i + 1], confidences[: i + 1]
@@ -298,7 +336,11 @@ def _result(row: _Row, tokenizer, strategy_name: str) -> GenerationResult:
 
 
 def summarize(results: list[GenerationResult]) -> dict:
-    """Aggregates over generations: acceleration and tokens/s as mean and std, plus totals."""
+    """Aggregates over generations: acceleration and tokens/s as mean and std, plus totals.
+
+    Two accelerations: `acceleration_mean` is the mean of per-generation tokens/passes ratios;
+    `tokens_per_pass_pooled` is all tokens / all passes, the paper's "effective k" (compare with that).
+    """
 
     def mean_std(values: list[float]) -> tuple[float, float]:
         if not values:
@@ -317,6 +359,25 @@ def summarize(results: list[GenerationResult]) -> dict:
         "tokens_per_second_std": tps_std,
         "total_tokens": total_tokens,
         "total_forward_passes": total_passes,
-        "tokens_per_pass_overall": total_tokens / total_passes if total_passes else 0.0,
+        "tokens_per_pass_pooled": total_tokens / total_passes if total_passes else 0.0,
+        "tokens_fed_per_pass": sum(sum(r.tokens_fed) for r in results) / total_passes if total_passes else 0.0,
+        **_draft_acceptance(results),
         "total_seconds": sum(r.seconds for r in results),
+    }
+
+
+def _draft_acceptance(results: list[GenerationResult]) -> dict:
+    """Exact decoding only: accepted / offered drafts by draft position, pooled over generations."""
+    width = max((len(r.draft_offered) for r in results), default=0)
+    if not width:
+        return {}
+    offered, accepted = [0] * width, [0] * width
+    for r in results:
+        for j, (o, a) in enumerate(zip(r.draft_offered, r.draft_accepted, strict=True)):
+            offered[j] += o
+            accepted[j] += a
+    return {
+        "draft_offered": offered,
+        "draft_accepted": accepted,
+        "draft_acceptance": [a / o if o else 0.0 for a, o in zip(accepted, offered, strict=True)],
     }

@@ -19,7 +19,12 @@ import torch
 
 from selfmtp.errors import SelfMTPError
 
-STRATEGY_HELP = "ntp, static:K or confadapt:TAU[:KMAX[:adaptive]] (e.g. confadapt:0.9:16)"
+STRATEGY_HELP = (
+    "ntp, static:K, confadapt:TAU[:KMAX[:adaptive]] (e.g. confadapt:0.9:16), or the exact verify[:K[:tree]] "
+    "(output identical to greedy ntp; K defaults to the model's trained k_max)"
+)
+DEFAULT_VERIFY_K = 8  # proposals per pass for `verify` when the model does not record its trained k_max
+K_MAX_CONFIG_KEY = "selfmtp_k_max"  # the trained k_max, written into a checkpoint's config at export
 
 
 @runtime_checkable
@@ -115,6 +120,55 @@ class AdaptiveConfAdapt(ConfAdapt):
         return accepted
 
 
+@dataclass(frozen=True)
+class Verify:
+    """Exact self-speculative decoding: drafts from the `<mtp>` masks, checked by the same pass's greedy choice.
+
+    A pass feeds the last accepted token, the drafts d_1..d_m as real tokens and K-1 masks; it keeps
+    the longest run of drafts equal to the model's own greedy token at the previous position, plus
+    the model's own next token (so the output is greedy NTP, token for token). Merged (Stern et al.
+    2018): the masks after d_m give the next drafts, used only when every draft was accepted.
+    `tree` (BiTA): a block of K-1 masks after the last token and after every draft, each seeing its
+    own prefix only, so the block after the last accepted draft always gives the next drafts.
+    `k=None` takes the model's trained k_max (`with_model_defaults`). The loop is decoding/verify.py.
+    """
+
+    k: int | None = None
+    tree: bool = False
+
+    def __post_init__(self):
+        if self.k is not None and (not isinstance(self.k, int) or self.k < 2):
+            raise SelfMTPError(f"verify K must be an integer >= 2 (one token plus at least one draft), got {self.k!r}")
+
+    @property
+    def k_max(self) -> int:
+        return self.k if self.k is not None else DEFAULT_VERIFY_K
+
+    @property
+    def name(self) -> str:
+        k = "" if self.k is None else f":{self.k}"
+        return f"verify{k}{':tree' if self.tree else ''}"
+
+    @staticmethod
+    def accepted_drafts(drafts: list[int], greedy: list[int]) -> int:
+        """Length of the leading run of drafts equal to greedy (greedy[i] = the model's token where d_i goes)."""
+        run = 0
+        for draft, own in zip(drafts, greedy, strict=False):  # greedy has one more (the bonus)
+            if draft != own:
+                break
+            run += 1
+        return run
+
+
+def with_model_defaults(strategy: Strategy, model) -> Strategy:
+    """`verify` without K -> verify:K with the model's trained k_max (DEFAULT_VERIFY_K if not recorded)."""
+    if isinstance(strategy, Verify) and strategy.k is None:
+        trained = getattr(model.config, K_MAX_CONFIG_KEY, None)
+        k = trained if isinstance(trained, int) and trained >= 2 else DEFAULT_VERIFY_K
+        return Verify(k, strategy.tree)
+    return strategy
+
+
 def next_proposals(strategy: Strategy, proposed: int, accepted: int) -> int:
     """Tokens the next pass proposes (1..k_max) after one that proposed `proposed` and kept `accepted`."""
     next_k = getattr(strategy, "next_k", None)  # optional: strategies without it always propose k_max
@@ -127,7 +181,9 @@ def next_proposals(strategy: Strategy, proposed: int, accepted: int) -> int:
 
 
 def parse_strategy(text: str) -> Strategy:
-    """'ntp' | 'static:K' | 'confadapt:TAU[:KMAX[:adaptive]]' -> a strategy; SelfMTPError for anything else."""
+    """'ntp' | 'static:K' | 'confadapt:TAU[:KMAX[:adaptive]]' | 'verify[:K][:tree]' -> a strategy.
+
+    SelfMTPError for anything else."""
     parts = (text or "").strip().lower().split(":")
     kind, args = parts[0], parts[1:]
     if kind == "ntp" and not args:
@@ -141,6 +197,11 @@ def parse_strategy(text: str) -> Strategy:
     if kind == "confadapt" and len(args) == 3 and args[2] == "adaptive":
         tau = _parse_float(args[0], "confadapt tau", text)
         return AdaptiveConfAdapt(tau, _parse_int(args[1], "confadapt k_max", text))
+    if kind == "verify" and len(args) <= 2:
+        tree = bool(args) and args[-1] == "tree"
+        k_args = args[:-1] if tree else args
+        if len(k_args) <= 1:
+            return Verify(_parse_int(k_args[0], "verify K", text) if k_args else None, tree)
     raise SelfMTPError(f"unknown strategy {text!r}: use {STRATEGY_HELP}")
 
 

@@ -99,7 +99,8 @@ def _passes(own: list[Sample]) -> dict:
     tokens, passes = sum(len(s.tokens) for s in own), sum(s.passes for s in own)
     later = [fed for s in own for fed in s.tokens_fed[1:]]  # passes after the prompt's
     return {
-        "acceleration": tokens / passes if passes else 0.0,
+        "acceleration": tokens / passes if passes else 0.0,  # pooled: the paper's effective k
+        "tokens_per_pass_mean": statistics.fmean(len(s.tokens) / s.passes for s in own if s.passes),
         "tokens_fed_per_pass": statistics.fmean(later) if later else None,
     }
 
@@ -145,7 +146,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def format_markdown(result: dict) -> str:
     config, machine = result["config"], result["machine"]
     references = [r for r in REFERENCES if any(row["engine"] == r for row in result["engines"])]
-    header = ["engine", "decode tok/s", "ms/token", "TTFT ms", "tokens/pass", "fed/pass"]
+    header = ["engine", "decode tok/s", "ms/token", "TTFT ms", "tokens/pass pooled", "tokens/pass mean", "fed/pass",
+              "same tokens as ntp"]
     header += [f"vs {r}" for r in references]
     lines = [
         f"# selfmtp bench: {config['model']}",
@@ -167,7 +169,9 @@ def format_markdown(result: dict) -> str:
             _f(row["ms_per_token"]["median"], 1),
             _f(row["ttft_ms"]["median"], 0),
             _f(row.get("acceleration"), 2),
+            _f(row.get("tokens_per_pass_mean"), 2),
             _f(row.get("tokens_fed_per_pass"), 1),
+            f"{sum(m['identical_to_ntp'][row['engine']] for m in result['tokens_match'])}/{len(result['tokens_match'])}",
         ]
         for reference in references:
             ratio = row.get(f"speedup_vs_{reference.replace('-', '_')}")
@@ -177,8 +181,9 @@ def format_markdown(result: dict) -> str:
     lines += [
         "",
         "decode tok/s: tokens after the first pass / seconds after it; median (min-max) over runs. "
-        "TTFT: time to the first pass's tokens (the prompt's pass). tokens/pass: acceleration; fed/pass: tokens "
-        "fed per pass after the prompt's (accepted tokens + masks). vs X: median (min-max) over (run, prompt) "
+        "TTFT: time to the first pass's tokens (the prompt's pass). tokens/pass pooled: all tokens / all passes "
+        "(the paper's effective k); mean: of the per-generation ratios. fed/pass: tokens "
+        "fed per pass after the prompt's (accepted tokens, drafts and masks). same tokens as ntp: prompts (first run). vs X: median (min-max) over (run, prompt) "
         "pairs of the ratio of decode tok/s, both measured on the same prompt in the same run.",
     ]
     if any(m is not None for m in matches):

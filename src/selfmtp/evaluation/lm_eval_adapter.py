@@ -10,7 +10,7 @@ hands the arguments to lm-eval's own CLI:
 From Python: `import selfmtp.evaluation.lm_eval_adapter` (registers it), then
 `lm_eval.simple_evaluate(model="selfmtp", model_args="pretrained=DIR,strategy=static:3", ...)`.
 
-- `generate_until`: greedy decoding with the `strategy` model argument (ntp, static:K,
+- `generate_until`: greedy decoding with the `strategy` model argument (ntp, static:K, verify:K[:tree],
   confadapt:TAU[:KMAX]); stop strings from the task's `until`, stop tokens from the model's EOS.
   Acceleration (tokens per forward pass) is logged after every call and, with `stats_file=PATH`,
   written there as JSON (summary + one record per request); `lm.decoding_stats()` returns the same.
@@ -184,8 +184,8 @@ class SelfMTPLM(TemplateLM):
         stats = self.decoding_stats()
         summary = stats["summary"]
         logger.info(
-            "selfmtp %s: %d generations, acceleration %.2f +- %.2f tokens/pass, %.1f tokens/s",
-            self.strategy.name, summary["generations"], summary["acceleration_mean"],
+            "selfmtp %s: %d generations, %.2f tokens/pass pooled, %.2f +- %.2f per-generation mean, %.1f tokens/s",
+            self.strategy.name, summary["generations"], summary["tokens_per_pass_pooled"], summary["acceleration_mean"],
             summary["acceleration_std"], summary["tokens_per_second_mean"],
         )  # fmt: skip
         if self.stats_file:
@@ -195,7 +195,8 @@ class SelfMTPLM(TemplateLM):
 
 
 def _record(result) -> dict:
-    keys = ("num_tokens", "forward_passes", "acceleration", "seconds", "tokens_per_second", "stop_reason")
+    keys = ("num_tokens", "forward_passes", "acceleration", "seconds", "tokens_per_second", "stop_reason",
+            "tokens_fed", "draft_offered", "draft_accepted")
     return {key: getattr(result, key) for key in keys}
 
 

@@ -31,6 +31,13 @@ def answer_agreement(outputs: list[dict], teacher_outputs: list[dict], metric: s
     return accuracy_with_stderr([mine == theirs for mine, theirs in _item_pairs(outputs, teacher_outputs, metric, "extracted")])
 
 
+def identical_outputs(outputs: list[dict], reference_outputs: list[dict]) -> dict:
+    """Items whose generated token ids equal the reference row's (exact decoding: all of them), of shared items."""
+    by_index = {o["index"]: o.get("token_ids") for o in reference_outputs}
+    shared = [o for o in outputs if o["index"] in by_index and by_index[o["index"]] is not None]
+    return {"identical": sum(o.get("token_ids") == by_index[o["index"]] for o in shared), "of": len(shared)}
+
+
 def paired_difference(outputs: list[dict], reference_outputs: list[dict], metric: str) -> dict:
     """Mean over shared items of correct - reference_correct (each 0 or 1), with its standard error
     (sample std of the differences / sqrt(n)); fractions, like accuracy."""

@@ -39,6 +39,11 @@ def write_json_atomic(path: Path, data) -> None:
 # Table
 
 
+def pooled_tokens_per_pass(row: dict) -> float:
+    """All tokens / all passes of a row (the paper's effective k); rows written before it was kept: the mean."""
+    return row.get("tokens_per_pass_pooled", row.get("tokens_per_pass_overall", row["acceleration_mean"]))
+
+
 def display_name(row: dict) -> str:
     kind = row.get("kind")
     if kind == "teacher":
@@ -47,6 +52,8 @@ def display_name(row: dict) -> str:
         return f"static k={row['k_max']}"
     if kind == "confadapt":
         return f"ConfAdapt tau={row['tau']:g} (k_max {row['k_max']})"
+    if kind == "verify":
+        return f"exact {'tree ' if row['strategy'].endswith(':tree') else ''}K={row['k_max']}"
     return row["strategy"]
 
 
@@ -61,7 +68,9 @@ def format_table(results: dict) -> str:
     header = ["strategy", f"{primary} (%)", *[f"{m} (%)" for m in extra]]
     header += [title for _, title in paired]
     header += ["agreement with teacher (%)"] * agreement + ["teacher NLL/token"] * nll
-    header += ["acceleration", "tokens/s", "n"]
+    identical = any("identical_to_static_1" in row for row in rows)
+    header += ["same tokens as static k=1"] * identical
+    header += ["tokens/pass (per-generation mean)", "tokens/pass (pooled)", "tokens/s", "n"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [display_name(row), _percent(row["accuracy"], row["stderr"])]
@@ -71,8 +80,11 @@ def format_table(results: dict) -> str:
             cells.append(_percent(row["answer_agreement"], row["answer_agreement_stderr"]) if "answer_agreement" in row else "-")
         if nll:
             cells.append(f"{row['teacher_nll_per_token']:.3f}" if "teacher_nll_per_token" in row else "-")
+        if identical:
+            cells.append(f"{row['identical_to_static_1']}/{row['identical_of']}" if "identical_to_static_1" in row else "-")
         cells += [
             f"{row['acceleration_mean']:.2f}x +- {row['acceleration_std']:.2f}",
+            f"{pooled_tokens_per_pass(row):.2f}x",
             f"{row['tokens_per_second']:.1f}",
             str(row["n"]),
         ]
@@ -92,8 +104,13 @@ def markdown_report(results: dict) -> str:
     title = f"# {results['task']} - {results['model']}"
     notes = [
         f"Accuracy: {results.get('metrics', ['accuracy'])[0]} with standard error {STDERR_FORMULA}.",
-        "Acceleration: generated tokens / forward passes per generation, mean +- std over generations.",
+        "tokens/pass (per-generation mean): generated tokens / forward passes of each generation, mean +- std.",
+        "tokens/pass (pooled): all generated tokens / all forward passes, the paper's \"effective k\" "
+        "(compare this one with the paper).",
     ]
+    if any(row.get("kind") == "verify" for row in results["rows"]):
+        notes.append("exact K: verify:K, drafts from the masks checked in the next pass; output identical to the "
+                     "model's own greedy k=1 (same tokens as static k=1 counts the items where it is, token for token).")
     if results.get("teacher"):
         notes.append(f"teacher: plain greedy NTP of {results['teacher']} (the step-0 baseline).")
         notes.append("agreement with teacher: share of items whose extracted answer equals the teacher row's.")
@@ -122,25 +139,24 @@ def plot_pareto(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    series = {"static k": ("static", "ntp"), "ConfAdapt": ("confadapt",)}
-    for (label, kinds), marker in zip(series.items(), ("s", "o"), strict=True):
-        rows = sorted(
-            (r for r in results["rows"] if r["kind"] in kinds), key=lambda r: r["acceleration_mean"]
-        )
+    series = {"static k": ("static", "ntp"), "ConfAdapt": ("confadapt",), "exact (verify)": ("verify",)}
+    for (label, kinds), marker in zip(series.items(), ("s", "o", "D"), strict=True):
+        rows = sorted((r for r in results["rows"] if r["kind"] in kinds), key=pooled_tokens_per_pass)
         if not rows:
             continue
-        x = [r["acceleration_mean"] for r in rows]
+        x = [pooled_tokens_per_pass(r) for r in rows]
         y = [100 * r["accuracy"] for r in rows]
         ax.errorbar(x, y, yerr=[100 * r["stderr"] for r in rows], marker=marker, capsize=3, label=label)
         for row, xi, yi in zip(rows, x, y, strict=True):
-            tag = f"k={row['k_max']}" if row["kind"] != "confadapt" else f"{row['tau']:g}"
+            tag = f"{row['tau']:g}" if row["kind"] == "confadapt" else f"k={row['k_max']}"
+            tag += " tree" if row["strategy"].endswith(":tree") else ""
             ax.annotate(tag, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for row in (r for r in results["rows"] if r["kind"] == "teacher"):
         acc, err = 100 * row["accuracy"], 100 * row["stderr"]
         ax.axhline(acc, color="gray", linestyle="--", linewidth=1, label="teacher (step 0)")
         ax.axhspan(acc - err, acc + err, color="gray", alpha=0.15)
-        ax.plot([row["acceleration_mean"]], [acc], marker="*", color="gray", markersize=10)
-    ax.set_xlabel("acceleration (tokens per forward pass)")
+        ax.plot([pooled_tokens_per_pass(row)], [acc], marker="*", color="gray", markersize=10)
+    ax.set_xlabel("tokens per forward pass (pooled over all generations, the paper's effective k)")
     ax.set_ylabel(accuracy_label(results.get("metrics", ["accuracy"])[0]))
     ax.set_title(f"{results['task']}: {results['model']}", fontsize=9)
     ax.grid(alpha=0.3)

@@ -24,7 +24,7 @@ from selfmtp.progress import progress_bar
 
 DEFAULT_STRATEGIES = (
     "static:1,static:2,static:3,static:4,static:5,"
-    "confadapt:0.99,confadapt:0.95,confadapt:0.9,confadapt:0.8,confadapt:0.7,confadapt:0.6"
+    "confadapt:0.99,confadapt:0.95,confadapt:0.9,confadapt:0.8,confadapt:0.7,confadapt:0.6,verify"
 )
 TEACHER = "teacher"
 
@@ -178,7 +178,8 @@ def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: b
         "acceleration_mean": summary["acceleration_mean"], "acceleration_std": summary["acceleration_std"],
         "tokens_per_second": summary["tokens_per_second_mean"],
         "throughput_tokens_per_second": summary["total_tokens"] / wall if wall > 0 else 0.0,
-        "tokens_per_pass_overall": summary["tokens_per_pass_overall"],
+        "tokens_per_pass_pooled": summary["tokens_per_pass_pooled"], "tokens_fed_per_pass": summary["tokens_fed_per_pass"],
+        **({"draft_acceptance": summary["draft_acceptance"]} if "draft_acceptance" in summary else {}),
         "mean_new_tokens": summary["total_tokens"] / max(1, len(results)),
         "n": len(results), "wall_seconds": wall, "batch_size": config.batch_size, "device": config.device,
     }  # fmt: skip
@@ -189,7 +190,7 @@ def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: b
 def _kind(run: PlannedRun) -> str:
     if run.label == TEACHER:
         return TEACHER
-    return run.strategy.name.split(":")[0]  # "ntp" | "static" | "confadapt"
+    return run.strategy.name.split(":")[0]  # "ntp" | "static" | "confadapt" | "verify"
 
 
 def _item_output(item, result, score: dict) -> dict:
@@ -234,7 +235,7 @@ PAIRED_REFERENCES = (("vs_static_1", "static:1"), ("vs_teacher", TEACHER))
 
 
 def _results(config: SweepConfig, task, runs: list[PlannedRun], finished: dict) -> dict:
-    from selfmtp.evaluation.reference import answer_agreement, paired_difference
+    from selfmtp.evaluation.reference import answer_agreement, identical_outputs, paired_difference
 
     teacher, metric = finished.get(TEACHER), task.metrics[0]
     rows = []
@@ -250,6 +251,9 @@ def _results(config: SweepConfig, task, runs: list[PlannedRun], finished: dict) 
             if finished.get(label) is not None and label != run.label:
                 diff = paired_difference(record["outputs"], finished[label]["outputs"], metric)
                 row[key], row[f"{key}_stderr"] = diff["difference"], diff["stderr"]
+        if finished.get("static:1") is not None and run.label != "static:1":
+            same = identical_outputs(record["outputs"], finished["static:1"]["outputs"])
+            row["identical_to_static_1"], row["identical_of"] = same["identical"], same["of"]
         rows.append(row)
     return {
         "model": config.model,

@@ -8,6 +8,8 @@ prompt, computed once at the first evaluation:
     decode_acceleration    tokens per forward pass, mean over prompts (METHOD.md's acceleration)
     decode_prefix_match    share of the reference tokens reproduced before the first difference (mean)
     decode_exact_match     share of prompts whose continuation equals the reference exactly
+    decode_verify_tokens_per_pass   exact decoding (verify:k_max, the student's own greedy output):
+                           tokens per pass pooled over the prompts, the lossless speed-up so far
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from selfmtp.decoding.loop import generate_batch
-from selfmtp.decoding.strategies import NTP, parse_strategy
+from selfmtp.decoding.loop import generate_batch, summarize
+from selfmtp.decoding.strategies import NTP, Verify, parse_strategy
 from selfmtp.training.data import TokenRows
 
 
@@ -31,6 +33,7 @@ class DecodeEval:
     max_new_tokens: int
     stop_token_ids: frozenset[int]
     pad_token_id: int
+    k_max: int = 0  # >= 2: also decode exactly with verify:k_max
 
 
 def prompt_ids(rows: TokenRows, n: int) -> list[list[int]]:
@@ -46,7 +49,7 @@ def build_decode_eval(rows: TokenRows, n: int, reference_model, *, tau: float, k
     settings = {"max_new_tokens": max_new_tokens, "stop_token_ids": frozenset(stop_token_ids),
                 "pad_token_id": pad_token_id}
     reference = [r.token_ids for r in generate_batch(reference_model, prompts, NTP(), **settings)]
-    return DecodeEval(prompts, reference, f"confadapt:{tau}:{k_max}", **settings)
+    return DecodeEval(prompts, reference, f"confadapt:{tau}:{k_max}", k_max=k_max, **settings)
 
 
 def prefix_match(tokens: list[int], reference: list[int]) -> float:
@@ -63,10 +66,14 @@ def prefix_match(tokens: list[int], reference: list[int]) -> float:
 def decode_metrics(model, de: DecodeEval) -> dict:
     """Decode the prompts with ConfAdapt from `model` and compare with the reference."""
     started = time.perf_counter()
-    results = generate_batch(model, de.prompts, parse_strategy(de.strategy_name), max_new_tokens=de.max_new_tokens,
-                      stop_token_ids=de.stop_token_ids, pad_token_id=de.pad_token_id)
+    settings = {"max_new_tokens": de.max_new_tokens, "stop_token_ids": de.stop_token_ids, "pad_token_id": de.pad_token_id}
+    results = generate_batch(model, de.prompts, parse_strategy(de.strategy_name), **settings)
     seconds = time.perf_counter() - started
     accelerations = [r.acceleration for r in results]
+    exact = {}
+    if de.k_max >= 2:
+        verified = generate_batch(model, de.prompts, Verify(de.k_max), **settings)
+        exact["decode_verify_tokens_per_pass"] = summarize(verified)["tokens_per_pass_pooled"]
     return {
         "decode_strategy": de.strategy_name,
         "decode_acceleration": statistics.fmean(accelerations),
@@ -75,4 +82,5 @@ def decode_metrics(model, de: DecodeEval) -> dict:
         "decode_exact_match": statistics.fmean(float(r.token_ids == ref) for r, ref in zip(results, de.reference, strict=True)),
         "decode_tokens": sum(r.num_tokens for r in results),
         "decode_seconds": round(seconds, 2),
+        **exact,
     }

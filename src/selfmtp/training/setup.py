@@ -152,7 +152,12 @@ def build_student_and_teacher(student, teacher_model, config):
 
 def export_final(student, tokenizer, final_dir: Path, config) -> Path:
     """Full model: a standard checkpoint. LoRA: merged weights (default) or the adapter alone. Gated: the
-    gated weights beside a record of the base spec (models/gated.py)."""
+    gated weights beside a record of the base spec (models/gated.py).
+
+    The config records the trained k_max, the default K of the exact `verify` strategy."""
+    from selfmtp.decoding.strategies import K_MAX_CONFIG_KEY
+
+    setattr(student.config, K_MAX_CONFIG_KEY, config.k_max)
     if config.gated:
         from selfmtp.models.gated import save_gated_dir
 

@@ -1,0 +1,357 @@
+"""Exact decoding (`verify:K`, `verify:K:tree`) against independent references: our own greedy k=1
+loop and transformers `generate` (token for token), a fresh prefill of the accepted tokens (the cache
+after every pass), hand-written attention layouts; on a random model (drafts mostly rejected) and on
+a briefly MTP-trained tiny-gsm student (drafts mostly accepted), alone and batched, with stops and
+at the context limit.
+
+Token-for-token equality must not hinge on float noise: every comparison first checks that the
+greedy choices it covers have a clear logit margin (`assert_clear_margins`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfmtp.api import MTPModel
+from selfmtp.decoding.loop import attention_mask, generate_batch, summarize
+from selfmtp.decoding.strategies import Verify, parse_strategy, with_model_defaults
+from selfmtp.decoding.verify import ExactDecoder, _layout, _Plan
+from selfmtp.errors import SelfMTPError
+from selfmtp.models.loading import load_model
+
+# Top-1 minus top-2 logit of every greedy choice a test compares. float32 logits of the same tokens
+# computed in passes of different widths differ here by ~1e-5; 1e-3 leaves 100x headroom.
+CLEAR_MARGIN = 1e-3
+# Cached keys/values against a fresh prefill: float32 sums in another order (one pass of many tokens
+# vs many passes) differ by ~1e-6 on entries of size ~1; a wrong token, position or hole changes them
+# by O(0.1), so 1e-4 separates the two by orders of magnitude.
+KV_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """The packaged tiny-gsm teacher after 60 steps of MTP training (k_max 4): drafts are often right."""
+    from selfmtp.tasks.tiny_gsm import generate_problems, write_jsonl
+    from selfmtp.training.trainer import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("student")
+    data = write_jsonl(folder / "train.jsonl", generate_problems(200, seed=1))
+    summary = train(TrainConfig(
+        data=str(data), output=str(folder / "run"), model="tiny-gsm-teacher", template="plain", seq_len=160,
+        k_max=4, prefix_loss=5.0, supervision="offline", prefix_target="ground-truth", lr=1e-2, warmup=5,
+        steps=60, batch_size=8, eval_every=0, save_every=0, seed=0, progress=False,
+    ))  # fmt: skip
+    return MTPModel.from_pretrained(summary["final_dir"])
+
+
+@pytest.fixture(scope="module")
+def gsm_prompts(student):
+    """The first 6 tiny-gsm test prompts whose 60-token greedy continuation has clear margins."""
+    from selfmtp.evaluation.tasks import load_task
+
+    task = load_task("tiny-gsm", limit=24)
+    chosen = []
+    for item in task.items:
+        prompt = student.encode(task.prompt(item, student.tokenizer), chat=False)
+        try:
+            assert_clear_margins(student.model, prompt, greedy(student, [prompt], 60)[0].token_ids)
+        except AssertionError:
+            continue  # a near tie somewhere: token equality there would hinge on float noise
+        chosen.append(prompt)
+        if len(chosen) == 6:
+            return chosen
+    raise AssertionError("fewer than 6 prompts with clear margins")
+
+
+@pytest.fixture(scope="module")
+def random_mtp(peaked):
+    """The random tiny model, sharpened (conftest): clear greedy margins, drafts almost never right."""
+    return peaked
+
+
+def assert_clear_margins(model, prompt: list[int], output: list[int]) -> None:
+    """Every greedy choice in `output` beats the runner-up by CLEAR_MARGIN (uncached, one pass)."""
+    if len(output) < 1:
+        return
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1].float()
+    mask_id = model.config.mtp_mask_token_id
+    if mask_id is not None:
+        logits[:, mask_id] = float("-inf")
+    top = logits.topk(2, dim=-1).values
+    assert (top[:, 0] - top[:, 1]).min() > CLEAR_MARGIN, "a near tie: pick another prompt or model"
+    assert logits.argmax(-1).tolist() == output  # and the output is the uncached greedy choice
+
+
+def greedy(mtp: MTPModel, prompts: list[list[int]], max_new_tokens: int, **stops) -> list:
+    return [generate_batch(mtp.model, [p], parse_strategy("static:1"), max_new_tokens=max_new_tokens,
+                           tokenizer=mtp.tokenizer, **stops)[0] for p in prompts]  # fmt: skip
+
+
+def hf_greedy(mtp: MTPModel, prompt: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = mtp.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=mtp.tokenizer.pad_token_id, eos_token_id=None)  # fmt: skip
+    return out[0, ids.shape[1] :].tolist()
+
+
+def decode(mtp: MTPModel, prompts, strategy: str, max_new_tokens: int, **stops):
+    return generate_batch(mtp.model, prompts, parse_strategy(strategy), max_new_tokens=max_new_tokens,
+                          tokenizer=mtp.tokenizer, pad_token_id=mtp.tokenizer.pad_token_id, **stops)  # fmt: skip
+
+
+def pooled_tokens_per_pass(results) -> float:
+    return sum(r.num_tokens for r in results) / sum(r.forward_passes for r in results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and defaults
+
+
+def test_parse_verify_strategies():
+    assert parse_strategy("verify") == Verify(None, False) and parse_strategy("verify").k_max == 8
+    assert parse_strategy("verify:6") == Verify(6, False) and parse_strategy("verify:6").name == "verify:6"
+    assert parse_strategy("verify:6:tree") == Verify(6, True) and parse_strategy("verify:tree") == Verify(None, True)
+    for bad, message in [("verify:1", "K must be an integer >= 2"), ("verify:x", "must be an integer"),
+                         ("verify:4:bush", "unknown strategy"), ("verify:4:tree:x", "unknown strategy")]:  # fmt: skip
+        with pytest.raises(SelfMTPError, match=message):
+            parse_strategy(bad)
+
+
+def test_verify_takes_k_from_the_trained_checkpoint(student, random_mtp):
+    assert student.model.config.selfmtp_k_max == 4  # written at export by the trainer
+    assert with_model_defaults(parse_strategy("verify:tree"), student.model) == Verify(4, True)
+    assert with_model_defaults(parse_strategy("verify"), random_mtp.model) == Verify(8, False)  # nothing recorded
+    result = student.generate("Tom has 3 apples.", strategy="verify", max_new_tokens=8, chat=False)
+    assert result.strategy == "verify:4"
+
+
+def test_verify_refuses_a_model_without_mtp():
+    model, tokenizer = load_model("tiny", seed=0, add_mtp=False)
+    with pytest.raises(SelfMTPError, match="no <mtp> token"):
+        MTPModel(model, tokenizer).generate("hello", strategy="verify:4", max_new_tokens=4, chat=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure layout and mask functions against hand-written expectations
+
+
+def brute_force_mask(key_is_real: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+    batch, past = key_is_real.shape
+    width = fed.shape[1]
+    out = torch.zeros(batch, 1, width, past + width, dtype=torch.bool)
+    for b in range(batch):
+        for q in range(width):
+            for k in range(past + width):
+                real = bool(key_is_real[b, k]) if k < past else bool(fed[b, k - past])
+                out[b, 0, q, k] = (k <= past + q and real) or k == past + q
+    return out
+
+
+def test_attention_mask_default_is_causal_with_pads_and_holes_hidden():
+    key_is_real = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    fed = torch.tensor([[True, True, True], [False, True, True]])
+    assert torch.equal(attention_mask(key_is_real, fed), brute_force_mask(key_is_real, fed))
+    assert attention_mask(torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)) is None
+
+
+def test_tree_layout_gives_each_mask_block_its_own_prefix_and_positions():
+    # One row, 5 tokens cached: fed [last, d1, d2] then a block of 2 masks after each of the three.
+    plan = _Plan(real=[10, 11, 12], drafts=2, blocks=3, n_masks=2)
+    input_ids, position_ids, fed, within = _layout([plan], torch.tensor([5]), 3, 6, 0, 99, tree=True)
+    assert input_ids.tolist() == [[10, 11, 12, 99, 99, 99, 99, 99, 99]]
+    assert position_ids.tolist() == [[5, 6, 7, 6, 7, 7, 8, 8, 9]]
+    sees = {q: {k for k in range(9) if within[0, q, k]} for q in range(9)}
+    assert sees == {0: {0}, 1: {0, 1}, 2: {0, 1, 2},
+                    3: {0, 3}, 4: {0, 3, 4},  # block after `last`
+                    5: {0, 1, 5}, 6: {0, 1, 5, 6},  # after d1
+                    7: {0, 1, 2, 7}, 8: {0, 1, 2, 7, 8}}  # after d2  # fmt: skip
+    mask = attention_mask(torch.ones(1, 5, dtype=torch.bool), fed, within)
+    assert mask[0, 0, :, :5].all() and torch.equal(mask[0, 0, :, 5:], within[0])
+
+
+def test_batched_layout_right_aligns_real_tokens_and_fills_unused_mask_columns():
+    plans = [_Plan([7, 8, 9], drafts=2, blocks=1, n_masks=3), _Plan([4], drafts=0, blocks=1, n_masks=1)]
+    input_ids, position_ids, fed, within = _layout(plans, torch.tensor([2, 6]), 3, 3, 0, 99, tree=False)
+    assert within is None
+    assert input_ids.tolist() == [[7, 8, 9, 99, 99, 99], [0, 0, 4, 99, 0, 0]]
+    assert fed.tolist() == [[True] * 6, [False, False, True, True, False, False]]
+    assert position_ids[0].tolist() == [2, 3, 4, 5, 6, 7] and position_ids[1, 2:4].tolist() == [6, 7]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness: identical to greedy k=1
+
+
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:3:tree"])
+def test_random_model_output_equals_greedy_and_transformers(random_mtp, strategy):
+    prompts = [random_mtp.encode(p, chat=False) for p in ["The capital of France is", "Once upon a time"]]
+    reference = greedy(random_mtp, prompts, 16)
+    for prompt, ref in zip(prompts, reference, strict=True):
+        assert_clear_margins(random_mtp.model, prompt, ref.token_ids)
+        assert hf_greedy(random_mtp, prompt, 16) == ref.token_ids
+    alone = [decode(random_mtp, [p], strategy, 16)[0] for p in prompts]
+    batched = decode(random_mtp, prompts, strategy, 16)
+    assert [r.token_ids for r in alone] == [r.token_ids for r in batched] == [r.token_ids for r in reference]
+
+
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+def test_drafts_that_keep_failing_back_off_to_plain_ntp_passes(random_mtp, strategy):
+    """Untrained masks: after two wrong first drafts a row feeds no masks, with ever longer waits
+    between tries (a pass fed one token costs what an NTP pass costs), and the output stays greedy."""
+    prompt = random_mtp.encode("The capital of France is", chat=False)
+    result = decode(random_mtp, [prompt], strategy, 48)[0]
+    assert result.token_ids == greedy(random_mtp, [prompt], 48)[0].token_ids
+    assert sum(result.draft_accepted) == 0  # the premise: drafts of a random model fail
+    plain = sum(fed == 1 for fed in result.tokens_fed)
+    assert plain >= 0.6 * result.forward_passes and result.draft_offered[0] <= 8
+
+
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+def test_trained_student_accepts_many_drafts_and_equals_greedy(student, gsm_prompts, strategy):
+    reference = greedy(student, gsm_prompts, 60)
+    for prompt, ref in zip(gsm_prompts, reference, strict=True):
+        assert_clear_margins(student.model, prompt, ref.token_ids)
+    assert hf_greedy(student, gsm_prompts[0], 60)[: reference[0].num_tokens] == reference[0].token_ids
+    alone = [decode(student, [p], strategy, 60)[0] for p in gsm_prompts]
+    batched = decode(student, gsm_prompts, strategy, 60)
+    assert [r.token_ids for r in alone] == [r.token_ids for r in batched] == [r.token_ids for r in reference]
+    multi = sum(len(c.token_ids) > 1 for r in alone for c in r.chunks)
+    assert multi >= 20 and pooled_tokens_per_pass(alone) > 1.3  # the accept path is exercised, often
+    for r in alone:  # every pass emits its accepted drafts plus one token of its own
+        assert sum(r.draft_accepted) == sum(c.drafted for c in r.chunks) == r.num_tokens - r.forward_passes
+        assert all(a <= o for a, o in zip(r.draft_accepted, r.draft_offered, strict=True))
+
+
+def test_tree_accepts_at_least_as_much_as_merged(student, gsm_prompts):
+    merged = decode(student, gsm_prompts, "verify:4", 60)
+    tree = decode(student, gsm_prompts, "verify:4:tree", 60)
+    assert pooled_tokens_per_pass(tree) >= pooled_tokens_per_pass(merged)
+    # merged offers drafts only after a pass that accepted all of its own; the tree after every pass
+    assert sum(r.draft_offered[0] for r in tree) > sum(r.draft_offered[0] for r in merged)
+
+
+def test_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts):
+    """Batched rows reject at different positions, so rejected drafts become holes; the cached real
+    columns must equal what a fresh prefill of each row's accepted tokens computes."""
+    rejections = []
+    with torch.inference_mode():
+        decoder = ExactDecoder(student.model, gsm_prompts[:4], Verify(4), max_new_tokens=40,
+                               pad_token_id=student.tokenizer.pad_token_id)  # fmt: skip
+        keep_accepted = decoder._keep_accepted
+        decoder._keep_accepted = lambda fed, plans, rejected, width: (
+            rejections.append(list(rejected)), keep_accepted(fed, plans, rejected, width))
+        while decoder.active:
+            decoder.step()
+            for i, row in enumerate(decoder.active):
+                prompt = gsm_prompts[next(j for j, r in enumerate(decoder.rows) if r is row)]
+                cached_tokens = prompt + row.token_ids[:-1]  # the last token is pending, not cached
+                real = decoder.key_is_real[i]
+                assert int(real.sum()) == int(decoder.real_count[i]) == len(cached_tokens)
+                fresh = student.model(torch.tensor([cached_tokens]), use_cache=True).past_key_values
+                for layer, reference in zip(decoder.cache.layers, fresh.layers, strict=True):
+                    assert torch.allclose(layer.keys[i][:, real], reference.keys[0], atol=KV_TOLERANCE)
+                    assert torch.allclose(layer.values[i][:, real], reference.values[0], atol=KV_TOLERANCE)
+    # the test exercised passes whose rows rejected different numbers of drafts (holes, not a crop)
+    assert sum(len(set(r)) > 1 for r in rejections) >= 3
+
+
+def test_tree_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts):
+    with torch.inference_mode():
+        decoder = ExactDecoder(student.model, gsm_prompts[:1], Verify(4, tree=True), max_new_tokens=40)
+        while decoder.active:
+            decoder.step()
+            if decoder.active:
+                row = decoder.rows[0]
+                tokens = gsm_prompts[0] + row.token_ids[:-1]
+                assert decoder.cache.get_seq_length() == len(tokens)  # alone: rejected drafts are cropped
+                fresh = student.model(torch.tensor([tokens]), use_cache=True).past_key_values
+                for layer, reference in zip(decoder.cache.layers, fresh.layers, strict=True):
+                    assert torch.allclose(layer.keys, reference.keys, atol=KV_TOLERANCE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping inside an accepted run, budgets and the context limit
+
+
+def _token_inside_a_run(result) -> tuple[int, int]:
+    """(index in the output, token) of an accepted draft that is not the last token of its pass."""
+    start = 0
+    for chunk in result.chunks:
+        if chunk.drafted >= 2:
+            return start + 1, chunk.token_ids[1]
+        start += len(chunk.token_ids)
+    raise AssertionError("no pass accepted two drafts")
+
+
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+def test_eos_inside_an_accepted_run_cuts_where_greedy_does(student, gsm_prompts, strategy):
+    free = decode(student, gsm_prompts[:1], strategy, 60)[0]
+    index, token = _token_inside_a_run(free)
+    first = free.token_ids.index(token)  # greedy stops at the first occurrence
+    stopped = decode(student, gsm_prompts[:1], strategy, 60, stop_token_ids={token})[0]
+    reference = greedy(student, gsm_prompts[:1], 60, stop_token_ids={token})[0]
+    assert stopped.token_ids == reference.token_ids == free.token_ids[: first + 1]
+    assert stopped.stop_reason == "eos" and first <= index
+
+
+def test_stop_string_inside_an_accepted_run_cuts_where_greedy_does(student, gsm_prompts):
+    free = decode(student, gsm_prompts[:1], "verify:4", 60)[0]
+    index, _ = _token_inside_a_run(free)
+    stop = student.tokenizer.decode(free.token_ids[: index + 1])[-2:]
+    assert stop.strip(), "pick a visible stop string"
+    stopped = decode(student, gsm_prompts[:1], "verify:4", 60, stop_strings=[stop])[0]
+    reference = greedy(student, gsm_prompts[:1], 60, stop_strings=[stop])[0]
+    assert stopped.token_ids == reference.token_ids and stopped.text == reference.text
+    assert stopped.stop_reason == "stop_string" and stop not in stopped.text
+
+
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+def test_budget_and_context_limit_are_never_exceeded(student, gsm_prompts, strategy):
+    context = student.model.config.max_position_embeddings
+    seen = []
+    hook = student.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int(kwargs["position_ids"].max())) if "position_ids" in kwargs else None,
+        with_kwargs=True,
+    )
+    try:
+        for n in (1, 2, 5, 13):
+            assert decode(student, gsm_prompts[:2], strategy, n)[0].token_ids == greedy(student, gsm_prompts[:1], n)[0].token_ids
+        long_prompt = (gsm_prompts[0] * 10)[: context - 9]  # exactly 9 positions left
+        reference = greedy(student, [long_prompt], 50)[0]
+        assert_clear_margins(student.model, long_prompt, reference.token_ids)
+        result = decode(student, [long_prompt], strategy, 50)[0]
+    finally:
+        hook.remove()
+    assert result.token_ids == reference.token_ids and result.num_tokens == 9 and result.stop_reason == "context"
+    assert max(seen) < context
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_summarize_pools_tokens_per_pass_and_drafts(student, gsm_prompts):
+    results = decode(student, gsm_prompts, "verify:4", 40)
+    summary = summarize(results)
+    assert summary["tokens_per_pass_pooled"] == pytest.approx(pooled_tokens_per_pass(results))
+    mean = sum(r.num_tokens / r.forward_passes for r in results) / len(results)
+    assert summary["acceleration_mean"] == pytest.approx(mean)
+    fed = sum(sum(r.tokens_fed) for r in results) / sum(r.forward_passes for r in results)
+    assert summary["tokens_fed_per_pass"] == pytest.approx(fed)
+    offered = [sum(r.draft_offered[j] for r in results) for j in range(3)]
+    accepted = [sum(r.draft_accepted[j] for r in results) for j in range(3)]
+    assert summary["draft_offered"] == offered and summary["draft_accepted"] == accepted
+    assert summary["draft_acceptance"] == pytest.approx([a / o for a, o in zip(accepted, offered, strict=True)])
+    assert "draft_offered" not in summarize(decode(student, gsm_prompts[:1], "static:1", 4))
+
+
+def test_chunk_view_marks_the_pass_s_own_token(student, gsm_prompts):
+    from selfmtp.decoding.chunk_view import render_html, render_terminal
+
+    result = decode(student, gsm_prompts[:1], "verify:4", 40)[0]
+    plain = render_terminal(result, colour=False, tokenizer=student.tokenizer)
+    drafted = [c for c in result.chunks if c.drafted and c.drafted < len(c.token_ids)]
+    assert drafted and plain.count("|") >= len(drafted)
+    assert "<u>" in render_html([result], tokenizer=student.tokenizer)
