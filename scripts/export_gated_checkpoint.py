@@ -1,7 +1,7 @@
 """Turn a checkpoint of a `selfmtp train --gated` run into a gated model directory (a `--model` spec), e.g.
 to evaluate or commit a run that is still going or was stopped early.
 
-    PYTHONPATH=src python scripts/export_gated_checkpoint.py runs/gated/train --output runs/gated/step-300 [--step 300]
+    PYTHONPATH=src python scripts/export_gated_checkpoint.py runs/gated/train --output runs/gated/step-300 [--step 300] [--bf16]
 
 Reads the run's `run_config.json` (base model, seed, rank, alpha), loads the base, applies the gate, loads the
 checkpoint's `trainable.safetensors` (which holds exactly the gated weights) and writes the directory that the
@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from selfmtp.errors import SelfMTPError
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("run", help="the training output directory")
     parser.add_argument("--output", required=True)
     parser.add_argument("--step", type=int, help="default: the newest checkpoint")
+    parser.add_argument("--bf16", action="store_true", help="store the gated weights in bfloat16 (half the size)")
     args = parser.parse_args()
     run = Path(args.run)
     settings = json.loads((run / RUN_SETTINGS).read_text())
@@ -40,7 +42,8 @@ def main() -> None:
     model, tokenizer = load_model(settings["model"], seed=settings["seed"])
     apply_gate(model, mtp_token_id=mtp_token_id(model), rank=settings["lora_rank"], alpha=settings["lora_alpha"])
     load_gated_state(model, load_file(str(checkpoints[-1] / "trainable.safetensors")), where=str(checkpoints[-1]))
-    save_gated_dir(model, tokenizer, args.output, base_spec=settings["model"], seed=settings["seed"])
+    save_gated_dir(model, tokenizer, args.output, base_spec=settings["model"], seed=settings["seed"],
+                   dtype=torch.bfloat16 if args.bf16 else None)
     print(f"{checkpoints[-1]} -> {args.output}")
 
 

@@ -8,6 +8,7 @@ that the test left them as it found them: tests pass in any order (`-p random_or
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -84,8 +85,11 @@ FILLED_IN_BY_SAVE_PRETRAINED = {"architectures", "dtype", "transformers_version"
 
 def _fingerprint(model, tokenizer) -> tuple:
     """What a test could change on a shared model: weights, requires_grad, train/eval mode, vocab."""
+    # The bytes themselves, hashed: a float sum would depend on the thread count that reduces it (a test
+    # may change torch's threads), and would miss changes that cancel out.
     with torch.no_grad():
-        weights = tuple(float(p.double().sum()) for p in model.parameters())
+        weights = tuple(hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                        for p in model.parameters())
     flags = tuple(p.requires_grad for p in model.parameters())
     modes = tuple(m.training for m in model.modules())
     config = {k: v for k, v in model.config.to_dict().items() if k not in FILLED_IN_BY_SAVE_PRETRAINED}

@@ -319,7 +319,9 @@ def test_cli_eval_runs_and_prints(tmp_path, capsys):
             "--max-new-tokens", "6", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"\| static k=3 \| \d+\.\d \+- \d+\.\d \| [+-]\d+\.\d \+- \d+\.\d \| [123]\.\d\dx", printed)
+    # accuracy, paired difference vs k=1, same tokens as k=1, tokens/pass per-generation mean and pooled
+    assert re.search(r"\| static k=3 \| \d+\.\d \+- \d+\.\d \| [+-]\d+\.\d \+- \d+\.\d \| [0-2]/2 \| [123]\.\d\dx \+- \d\.\d\d \| "
+                     r"[123]\.\d\dx \|", printed)
     assert main([*argv, "--json"]) == 0  # resumed: both strategies already finished
     results = json.loads(capsys.readouterr().out)
     assert [r["strategy"] for r in results["rows"]] == ["static:1", "static:3"]

@@ -5,7 +5,6 @@ gated final/ directory as a model spec (round trip, resume, DDP, clear errors)."
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,9 +16,9 @@ from conftest import gsm8k_style_lines
 from selfmtp.decoding.loop import generate_batch
 from selfmtp.decoding.strategies import Static
 from selfmtp.errors import SelfMTPError
-from selfmtp.models.gated import GATED_WEIGHTS, apply_gate, gated_state
+from selfmtp.models.gated import GATED_WEIGHTS, apply_gate, gated_state, save_gated_dir
 from selfmtp.models.loading import load_model, mtp_token_id
-from selfmtp.training.layout import build_mtp_layout, fill_rollout, model_attention_mask
+from selfmtp.training.layout import fill_rollout, model_attention_mask
 from selfmtp.training.objective import (
     SelectedLogits,
     frozen_teacher,
@@ -28,6 +27,8 @@ from selfmtp.training.objective import (
     teacher_next_tokens,
 )
 from selfmtp.training.trainer import TrainConfig, train
+from test_objective import make_layout
+from test_train import _ddp_worker, _free_port
 
 
 def gated_tiny(rank: int, *, seed: int = 1):
@@ -43,19 +44,10 @@ def gated_tiny(rank: int, *, seed: int = 1):
     return base, gated, tokenizer
 
 
-def layout_batch(tokenizer, *, k_max=5, regions=3, seed=0, relabel=None):
-    """Two GT rows (one padded after EOS) and a layout over them; `relabel(ids, lengths)` gives its targets."""
-    generator = torch.Generator().manual_seed(seed)
-    n = 40
-    ids = torch.randint(10, 3000, (2, n), generator=generator)
-    lengths = torch.tensor([n, 30])
-    ids[1, 29] = tokenizer.eos_token_id
-    ids[1, 30:] = 0
-    return ids, lengths, build_mtp_layout(
-        ids, torch.tensor([6, 4]), lengths, k_max=k_max, regions=regions, generator=generator,
-        mtp_token_id=mtp_token_id_of(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
-        targets=relabel(ids, lengths) if relabel is not None else None,
-    )
+def layout_batch(tokenizer, *, relabel=None):
+    """(ids, lengths, layout): test_objective's two GT rows (one padded after EOS) and a layout over them."""
+    ids, layout = make_layout(tokenizer, relabel=relabel)
+    return ids, torch.tensor([ids.shape[1], 30]), layout
 
 
 def mtp_token_id_of(tokenizer) -> int:
@@ -257,21 +249,6 @@ def test_gated_training_lowers_the_loss(data, tmp_path):
     assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3])
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    train(cfg)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
     ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
@@ -323,3 +300,29 @@ def test_cli_user_errors(data, tmp_path, capsys, flags, message):
     assert main(["train", "--data", data, "--model", "tiny", "--output", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("selfmtp: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_bf16_export_stores_the_gated_weights_rounded_and_loads_them(tmp_path):
+    """What a committed checkpoint holds (`save_gated_dir(dtype=bfloat16)`): the deltas rounded to bf16,
+    loaded back into float32 parameters exactly; the base's <mtp> surgery rows are kept in float32."""
+    _, gated, tokenizer = gated_tiny(rank=4)
+    save_gated_dir(gated, tokenizer, tmp_path / "bf16", base_spec="tiny", seed=0, dtype=torch.bfloat16)
+    stored = load_file(str(tmp_path / "bf16" / GATED_WEIGHTS))
+    deltas = gated_state(gated)
+    assert all(stored[name].dtype == torch.bfloat16 for name in deltas)
+    assert {t.dtype for name, t in stored.items() if name not in deltas} == {torch.float32}
+    loaded, _ = load_model(str(tmp_path / "bf16"))
+    for name, tensor in gated_state(loaded).items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, deltas[name].to(torch.bfloat16).float())
+    assert any(not torch.equal(deltas[n], deltas[n].to(torch.bfloat16).float()) for n in deltas)  # it did round
+
+
+def test_smollm2_mtp_alias_names_a_packaged_gated_dir_on_the_smollm2_base():
+    from selfmtp.models.adapters import base_spec
+    from selfmtp.models.gated import is_gated_dir
+    from selfmtp.models.loading import ALIASES, parse_model_spec
+
+    assert parse_model_spec("smollm2-135m-mtp").kind == "alias"
+    path = ALIASES["smollm2-135m-mtp"]()
+    assert is_gated_dir(path) and base_spec(path) == "smollm2-135m"
+    assert (path / GATED_WEIGHTS).stat().st_size < 20e6  # committed to git: bf16 LoRA deltas only

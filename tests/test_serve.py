@@ -20,7 +20,10 @@ CHAT = [{"role": "user", "content": "Tell me about the weather"}]
 
 
 @pytest.fixture(scope="module")
-def server(peaked):
+def server(_peaked_session):
+    """One live server for the module, on the session's sharpened tiny model (serving never changes weights;
+    each test's `peaked` fixture checks that)."""
+    peaked, _ = _peaked_session
     running = start_server(
         peaked, ServeConfig(model_name=MODEL, strategy="confadapt:0.6:4", port=0, api_key=KEY, max_batch=4,
                             max_tokens_limit=512)

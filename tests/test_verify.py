@@ -64,7 +64,7 @@ def gsm_prompts(student):
     raise AssertionError("fewer than 6 prompts with clear margins")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def random_mtp(peaked):
     """The random tiny model, sharpened (conftest): clear greedy margins, drafts almost never right."""
     return peaked

@@ -221,11 +221,12 @@ def is_gated_dir(path) -> bool:
     return (Path(path) / GATED_WEIGHTS).is_file()
 
 
-def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed: int):
+def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed: int, dtype: torch.dtype | None = None):
     """Write `out_dir` atomically: the gated weights (safetensors), the base's `<mtp>` surgery rows (so
     loading does not depend on the seed it is loaded with), the tokenizer, and `selfmtp.json` naming the
     base spec and the seed it was loaded with (`tiny` weights depend on it), the gate settings and a
-    fingerprint of the base weights."""
+    fingerprint of the base weights. `dtype` (e.g. bfloat16, to commit a small file) stores the gated
+    weights rounded to it; the surgery rows stay as they are, since they belong to the base model."""
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -235,7 +236,7 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
     from selfmtp.models.loading import mtp_token_id
 
     token = mtp_token_id(model)
-    tensors = gated_state(model) | _surgery_rows(model, token)
+    tensors = {name: t.to(dtype or t.dtype) for name, t in gated_state(model).items()} | _surgery_rows(model, token)
     record = {"base_seed": seed, "gated": {"rank": model.gated.rank, "alpha": model.gated.alpha, "targets": list(GATED_TARGETS),
                         "mtp_token_id": token, "base_fingerprint": base_weights_fingerprint(model)}}
 

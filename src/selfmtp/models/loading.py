@@ -270,7 +270,16 @@ def tiny_gsm_teacher_dir() -> Path:
     return path
 
 
-ALIASES = {"smollm2-135m": _smollm2_dir, "tiny-gsm-teacher": tiny_gsm_teacher_dir}
+def smollm2_mtp_dir() -> Path:
+    """SmolLM2-135M-Instruct with gated MTP weights trained by this project on a CPU (recipe and curve:
+    docs/measurements/smollm2-135m-mtp-cpu/); at real tokens it computes exactly `smollm2-135m`."""
+    path = Path(__file__).parents[1] / "assets" / "smollm2-135m-mtp"
+    if not (path / "selfmtp.json").exists():
+        raise SelfMTPError(f"the packaged smollm2-135m-mtp weights are missing at {path}: reinstall selfmtp")
+    return path
+
+
+ALIASES = {"smollm2-135m": _smollm2_dir, "smollm2-135m-mtp": smollm2_mtp_dir, "tiny-gsm-teacher": tiny_gsm_teacher_dir}
 
 
 # ---------------------------------------------------------------------------------------------
