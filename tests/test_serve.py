@@ -259,6 +259,7 @@ def test_bounded_load(peaked, server, client):
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--strategy", "bogus"], "unknown strategy 'bogus'"),
         (["--strategy", "auto:2"], "confadapt tau must be in (0, 1]"),
+        (["--strategy", "verify:4"], "not yet supported by the server"),
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):

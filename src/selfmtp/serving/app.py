@@ -187,10 +187,7 @@ def create_app(engine: Engine, *, model_name: str, default_strategy: str, max_to
         try:
             strategy, load_aware = resolve_strategy(strategy_name)
         except SelfMTPError as error:
-            message = str(error)
-            if strategy_name.strip().lower().startswith("verify"):
-                message = f"strategy {strategy_name!r} is not yet supported by the server"
-            raise APIError(400, message, "invalid_strategy") from None
+            raise APIError(400, str(error), "invalid_strategy") from None
         if load_aware and engine.pass_cost is None:
             raise APIError(400, "this server was started without a pass-cost probe: 'auto' is off", "invalid_strategy")
         return EngineRequest(prompt_ids, strategy, load_aware, max_tokens, stops, asyncio.get_running_loop())
