@@ -326,3 +326,20 @@ def test_smollm2_mtp_alias_names_a_packaged_gated_dir_on_the_smollm2_base():
     path = ALIASES["smollm2-135m-mtp"]()
     assert is_gated_dir(path) and base_spec(path) == "smollm2-135m"
     assert (path / GATED_WEIGHTS).stat().st_size < 20e6  # committed to git: bf16 LoRA deltas only
+
+
+def test_a_run_continues_from_a_saved_gated_directory(data, tmp_path):
+    """The next session of a long run: `--model DIR --gated` trains DIR's deltas further (no second gate),
+    and its final/ still names the original base."""
+    train(config(data, tmp_path / "first", steps=2))
+    first = gated_weights(tmp_path / "first")
+    with pytest.raises(SelfMTPError, match="rank 4 deltas but --lora-rank is 8"):
+        train(config(data, tmp_path / "bad", model=str(tmp_path / "first" / "final"), lora_rank=8, steps=1))
+    train(config(data, tmp_path / "second", model=str(tmp_path / "first" / "final"), steps=1, lr=1e-6))
+    second = gated_weights(tmp_path / "second")
+    assert set(second) == set(first)
+    # one step at lr 1e-6 moves each weight by ~1e-6 (Adam's first step is lr-sized): it started from `first`
+    assert all(float((second[k] - first[k]).abs().max()) < 1e-5 for k in first)
+    assert any(not torch.equal(second[k], first[k]) for k in first)
+    record = json.loads((tmp_path / "second" / "final" / "selfmtp.json").read_text())
+    assert record["base_model"] == "tiny"

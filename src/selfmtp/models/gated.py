@@ -169,6 +169,29 @@ def is_gated(model: nn.Module) -> bool:
     return isinstance(getattr(model, "gated", None), GatedModel)
 
 
+def continue_gated(model: nn.Module, *, rank: int) -> None:
+    """Make a loaded gated model's deltas trainable again (a run that starts from a saved gated directory,
+    e.g. the next session of a long run); everything else stays frozen."""
+    if model.gated.rank != rank:
+        raise SelfMTPError(f"the gated model has rank {model.gated.rank} deltas but --lora-rank is {rank}: "
+                           "pass the rank it was trained with")
+    model.requires_grad_(False)
+    params = dict(model.named_parameters())
+    for name in gated_state(model):
+        params[name].requires_grad_(True)
+
+
+def gated_base_spec(spec: str) -> str:
+    """The base model spec of `spec`: its recorded base when `spec` is a gated directory (or alias of one)."""
+    from pathlib import Path
+
+    from selfmtp.models.adapters import base_spec
+    from selfmtp.models.loading import ALIASES
+
+    path = ALIASES[spec]() if spec in ALIASES else Path(spec)
+    return base_spec(path) if path.is_dir() and is_gated_dir(path) else spec
+
+
 def gated_token_id(model: nn.Module) -> int | None:
     """The `<mtp>` id a gated model gates on; None for a model without a gate."""
     return model.gated.gate.mtp_token_id if is_gated(model) else None

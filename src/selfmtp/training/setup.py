@@ -120,11 +120,17 @@ def holds_out_eval_rows(config) -> bool:
 def build_student_and_teacher(student, teacher_model, config):
     """Returns (student module to train, teacher callable or None). With LoRA and no `teacher_model`
     the teacher is the adapter-disabled student; without LoRA, None means no teacher (ground truth)."""
+    from selfmtp.models.gated import is_gated
+
     teacher = None
     if config.gated:  # gated deltas, models/gated.py: the teacher is the same module with the gate closed
-        from selfmtp.models.gated import apply_gate
+        from selfmtp.models.gated import apply_gate, continue_gated
 
-        student = apply_gate(student, mtp_token_id=mtp_token_id(student), rank=config.lora_rank, alpha=config.lora_alpha)
+        if is_gated(student):  # --model names a gated directory: train its deltas further
+            continue_gated(student, rank=config.lora_rank)
+        else:
+            student = apply_gate(student, mtp_token_id=mtp_token_id(student), rank=config.lora_rank,
+                                 alpha=config.lora_alpha)
         return student, (gated_teacher(student) if config.supervision == "online" else None)
     if teacher_model is not None:
         if teacher_model.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
@@ -159,9 +165,9 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
 
     setattr(student.config, K_MAX_CONFIG_KEY, config.k_max)
     if config.gated:
-        from selfmtp.models.gated import save_gated_dir
+        from selfmtp.models.gated import gated_base_spec, save_gated_dir
 
-        return save_gated_dir(student, tokenizer, final_dir, base_spec=config.model, seed=config.seed)
+        return save_gated_dir(student, tokenizer, final_dir, base_spec=gated_base_spec(config.model), seed=config.seed)
     if not config.lora_rank:
         return save_checkpoint(student, tokenizer, final_dir)
     if config.lora_export == "adapter":
