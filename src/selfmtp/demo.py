@@ -56,6 +56,10 @@ class DemoConfig:
     seed: int = 0
     threads: int | None = 2  # torch threads: 2 train 1.45x faster than 1 here; more gain nothing this small
     progress: bool = True
+    # `--real`: also decode a few GSM8K dev questions with the shipped real model (demo_real.py)
+    real: bool = False
+    real_model: str = "smollm2-135m-mtp"
+    real_prompts: int = 4
 
     def validate(self) -> None:
         checks = [
@@ -64,6 +68,7 @@ class DemoConfig:
             (self.steps >= 1, "--steps must be >= 1"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+            (1 <= self.real_prompts <= 8, "--real-prompts must be between 1 and 8 (the shipped sample)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -142,10 +147,39 @@ def run_demo(config: DemoConfig, log=print) -> dict:
         "files": {name: str(out / name) for name in ("results.json", "results.md", "pareto.png", "chunks.html")},
         "checkpoint": str(final),
     }
+    if config.real:
+        start = time.perf_counter()
+        summary["real"] = _run_real(config, out / "real", log)
+        seconds["real"] = time.perf_counter() - start
     from selfmtp.evaluation.report import write_json_atomic
 
     write_json_atomic(out / "demo.json", summary)
     return {**summary, "results": results}
+
+
+def _run_real(config: DemoConfig, out: Path, log) -> dict:
+    from selfmtp.demo_real import RealDemoConfig, run_real_demo
+
+    real = RealDemoConfig(model=config.real_model, prompts=config.real_prompts, seed=config.seed,
+                          progress=config.progress)  # fmt: skip
+    try:
+        found = run_real_demo(real, out, log)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped; the finished strategies in {out} are kept: run the same command to continue") from None
+    return {"results": found["results"], "targets": found["targets"], "files": {"results.md": str(out / "results.md")}}
+
+
+def format_demo(summary: dict) -> str:
+    """The demo's text report: the tiny-gsm table and targets, then the real model's (with --real)."""
+    from selfmtp.evaluation.report import format_table
+
+    parts = [format_table(summary["results"]), "targets:", format_targets(summary["targets"])]
+    if "real" in summary:
+        parts += ["", format_table(summary["real"]["results"]), "targets (real model, a few prompts: the direction only):",
+                  format_targets(summary["real"]["targets"])]  # fmt: skip
+    files = [*summary["files"].values(), *summary.get("real", {}).get("files", {}).values()]
+    parts.append(f"done in {sum(summary['seconds'].values()) / 60:.1f} min; wrote " + ", ".join(files))
+    return "\n".join(parts)
 
 
 def write_training_problems(config: DemoConfig, folder: Path) -> Path:
@@ -209,26 +243,26 @@ def check_targets(rows: list[dict]) -> list[dict]:
         return []
     tau9_k = pooled_tokens_per_pass(tau9)
     targets = [
-        _target("ConfAdapt tau=0.9 tokens/pass (pooled) >= 2.5", tau9_k, tau9_k >= 2.5),
-        _target("ConfAdapt tau=0.9 accuracy within 3 points of static k=1",
+        graded_target("ConfAdapt tau=0.9 tokens/pass (pooled) >= 2.5", tau9_k, tau9_k >= 2.5),
+        graded_target("ConfAdapt tau=0.9 accuracy within 3 points of static k=1",
                 tau9["accuracy"] - k1["accuracy"], tau9["accuracy"] >= k1["accuracy"] - 0.03, tau9.get("vs_static_1_stderr")),
-        _target("ConfAdapt tau=0.9 accuracy within 5 points of the teacher",
+        graded_target("ConfAdapt tau=0.9 accuracy within 5 points of the teacher",
                 tau9["accuracy"] - teacher["accuracy"], tau9["accuracy"] >= teacher["accuracy"] - 0.05, tau9.get("vs_teacher_stderr")),
     ]  # fmt: skip
     for row in rows:
         if row.get("kind") == "verify":
             goal = 4.5 if row["strategy"].endswith(":tree") else 3.5
             k = pooled_tokens_per_pass(row)
-            targets.append(_target(f"exact {row['strategy']} tokens/pass (pooled) >= {goal}", k, k >= goal))
+            targets.append(graded_target(f"exact {row['strategy']} tokens/pass (pooled) >= {goal}", k, k >= goal))
             if "identical_to_static_1" in row:
                 same, of = row["identical_to_static_1"], row["identical_of"]
-                targets.append(_target(f"exact {row['strategy']} output identical to static k=1 on every item",
+                targets.append(graded_target(f"exact {row['strategy']} output identical to static k=1 on every item",
                                        f"{same}/{of}", same == of))
     confadapt = [row for row in rows if row.get("kind") == "confadapt"]
     for row in rows:
         if row.get("kind") == "static" and 2 <= row["k_max"] <= 4:
             dominated = any(_dominates(c, row) for c in confadapt)
-            targets.append(_target(f"a ConfAdapt point Pareto-dominates static k={row['k_max']}", None, dominated))
+            targets.append(graded_target(f"a ConfAdapt point Pareto-dominates static k={row['k_max']}", None, dominated))
     return targets
 
 
@@ -239,7 +273,7 @@ def _dominates(a: dict, b: dict) -> bool:
     return at_least and (a["accuracy"] > b["accuracy"] or speed_a > speed_b)
 
 
-def _target(name: str, value, met: bool, stderr: float | None = None) -> dict:
+def graded_target(name: str, value, met: bool, stderr: float | None = None) -> dict:
     """`stderr`: of a difference in accuracy, paired over the same problems (evaluation/reference.py)."""
     return {"target": name, "value": value, "met": bool(met)} | ({"stderr": stderr} if stderr is not None else {})
 

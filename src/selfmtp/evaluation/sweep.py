@@ -254,6 +254,8 @@ def _results(config: SweepConfig, task, runs: list[PlannedRun], finished: dict) 
         if finished.get("static:1") is not None and run.label != "static:1":
             same = identical_outputs(record["outputs"], finished["static:1"]["outputs"])
             row["identical_to_static_1"], row["identical_of"] = same["identical"], same["of"]
+            agreement = answer_agreement(record["outputs"], finished["static:1"]["outputs"], metric)
+            row["answer_agreement_static_1"] = agreement["accuracy"]  # same extracted answer as k=1
         rows.append(row)
     return {
         "model": config.model,
