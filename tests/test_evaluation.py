@@ -244,6 +244,8 @@ def test_sweep_writes_results(tiny_mtp, tmp_path):
     assert rows["static:2"]["tokens_per_pass_pooled"] == pytest.approx(pooled)
     same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(static2, static1, strict=True))
     assert (rows["static:2"]["identical_to_static_1"], rows["static:2"]["identical_of"]) == (same, 3)
+    agree = [a["scores"]["accuracy"]["extracted"] == b["scores"]["accuracy"]["extracted"] for a, b in zip(static2, static1, strict=True)]
+    assert rows["static:2"]["answer_agreement_static_1"] == pytest.approx(sum(agree) / 3)
     assert "identical_to_static_1" not in rows["static:1"] and "| same tokens as static k=1 |" in markdown
     assert "tokens/pass (pooled)" in markdown and "effective k" in markdown
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
