@@ -141,6 +141,16 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
+def config_from_sources(overrides: dict, config_file: str | Path | None = None, *,
+                        defaults: dict | None = None) -> TrainConfig:
+    """TrainConfig from its own defaults, then `defaults`, then a JSON config file (a recipe), then
+    `overrides` (e.g. the flags given on a command line): each source wins over the ones before it."""
+    values = {**(defaults or {}), **(load_config_file(config_file) if config_file is not None else {}), **overrides}
+    if not values.get("data"):
+        raise SelfMTPError("--data is required (on the command line or in the --config file)")
+    return TrainConfig(**values)
+
+
 def validate(config: TrainConfig, *, check_files: bool = True) -> None:
     """Raise SelfMTPError for a bad setting; `check_files=False` for data that is still to be written."""
     checks = [
@@ -408,6 +418,15 @@ def _train(config: TrainConfig) -> dict:
     if owns_group:
         dist.destroy_process_group()
     return summary
+
+
+def describe_summary(summary: dict) -> str:
+    """Two lines for a person: steps, time and last loss; where the final checkpoint is."""
+    last = summary["last"] or {}
+    return (
+        f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; last loss {last.get('loss', float('nan')):.4f}\n"
+        f"final checkpoint: {summary['final_dir']}"
+    )
 
 
 def _save_state(run: _Run, root: Path, step: int) -> None:
