@@ -68,7 +68,7 @@ class DemoConfig:
         for ok, message in checks:
             if not ok:
                 raise SelfMTPError(message)
-        from selfmtp.training.trainer import validate
+        from selfmtp.training.config import validate
 
         out = Path(self.output)  # the training settings too, before the data is written
         validate(train_config(self, out / "data" / "train.jsonl", out / "train"), check_files=False)
@@ -76,7 +76,7 @@ class DemoConfig:
 
 def train_config(config: DemoConfig, data: Path, output: Path, **overrides):
     """The demo's training recipe; `overrides` (TrainConfig fields) make the ablations' variants."""
-    from selfmtp.training.trainer import TrainConfig
+    from selfmtp.training.config import TrainConfig
 
     recipe = TrainConfig(
         data=str(data), output=str(output), model=config.teacher, template="plain", seq_len=160,

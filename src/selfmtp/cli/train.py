@@ -11,9 +11,6 @@ CLI_ONLY = ("run", "command", "config", "json")
 
 
 def add_parser(subparsers) -> None:
-    from selfmtp.training.layout import BLOCK_ATTENTION, K_SAMPLING
-    from selfmtp.training.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES
-
     parser = subparsers.add_parser(
         "train",
         help="turn a causal LM into a multi-token predictor by online self-distillation",
@@ -29,6 +26,26 @@ def add_parser(subparsers) -> None:
         help="jsonl: question/answer, query/response, prompt/response or messages (required here or in --config)",
     )
     add("--output", help="output directory (default: runs/train)")
+    for add_flags in (
+        _add_objective_flags,
+        _add_schedule_flags,
+        _add_eval_and_checkpoint_flags,
+        _add_setup_flags,
+    ):
+        add_flags(add)
+    add("--no-progress", action="store_true")
+    add("--json", action="store_true", help="print the summary as JSON")
+    for action in parser._actions:  # absent unless given: TrainConfig and --config supply the defaults
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    parser.set_defaults(run=run)
+
+
+def _add_objective_flags(add) -> None:
+    """What is learned: teacher, targets, layout of the <mtp> blocks, sequence shape."""
+    from selfmtp.training.layout import BLOCK_ATTENTION, K_SAMPLING
+    from selfmtp.training.objective import PREFIX_TARGETS, SUPERVISION, TEACHER_MODES
+
     add(
         "--teacher-model",
         dest="teacher",
@@ -57,6 +74,10 @@ def add_parser(subparsers) -> None:
     add("--prefix-target", choices=PREFIX_TARGETS, help=f"{PREFIX_TARGET_HELP} (default: ground-truth)")
     add("--template", choices=["chat", "plain"], help="default: chat")
     add("--seq-len", type=int, help="default: 160")
+
+
+def _add_schedule_flags(add) -> None:
+    """The optimizer and its schedule, the batch."""
     add("--lr", type=float, help="default: 1e-5")
     add("--warmup", type=int, help="linear warm-up steps (default: 2000)")
     add(
@@ -69,6 +90,10 @@ def add_parser(subparsers) -> None:
     add("--steps", type=int, help="default: 100")
     add("--batch-size", type=int, help="sequences per process and micro-batch (default: 8)")
     add("--grad-accum", type=int, help="default: 1")
+
+
+def _add_eval_and_checkpoint_flags(add) -> None:
+    """Held-out evaluation, checkpoints, resuming."""
     add("--eval-every", type=int, help="held-out loss/agreement every N steps, 0: off (default: 50)")
     add("--eval-size", type=int, help="default: 64")
     add("--eval-data", help="held-out jsonl (default: carve --eval-size examples from --data)")
@@ -88,6 +113,10 @@ def add_parser(subparsers) -> None:
         help="continue from the newest checkpoint in OUTPUT/checkpoints; the settings "
         "that shape training must be the ones the run started with (OUTPUT/run_config.json)",
     )
+
+
+def _add_setup_flags(add) -> None:
+    """LoRA and gating, attention and parallelism, data reading, output."""
     add("--lora-rank", type=int, help="LoRA rank, 0: full fine-tuning (default: 0)")
     add("--lora-alpha", type=float, help="default: 2 x rank")
     add("--lora-export", choices=["merged", "adapter"], help="default: merged")
@@ -121,18 +150,12 @@ def add_parser(subparsers) -> None:
         help="keep GSM8K <<a*b=c>> annotations",
     )
     add("--max-examples", type=int)
-    add("--no-progress", action="store_true")
-    add("--json", action="store_true", help="print the summary as JSON")
-    for action in parser._actions:  # absent unless given: TrainConfig and --config supply the defaults
-        if action.dest != "help":
-            action.default = argparse.SUPPRESS
-    parser.set_defaults(run=run)
 
 
 def train_config(args):
     """TrainConfig: its defaults (but --model's is the CLI's), then --config FILE, then the flags given."""
     from selfmtp.models.loading import DEFAULT_MODEL
-    from selfmtp.training.trainer import config_from_sources
+    from selfmtp.training.config import config_from_sources
 
     flags = {dest: value for dest, value in vars(args).items() if dest not in CLI_ONLY}
     if "no_progress" in flags:
