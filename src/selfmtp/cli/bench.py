@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfmtp.cli.common import add_model_args, print_json
+from selfmtp.cli.common import add_model_args, add_no_progress, print_json
 
 
 def add_parser(subparsers) -> None:
@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
         help="wrap prompts in the chat template (default: iff the tokenizer has one)",
     )  # fmt: skip
     parser.add_argument("--output", required=True, help="folder for bench.json and bench.md")
-    parser.add_argument("--no-progress", action="store_true")
+    add_no_progress(parser)
     parser.add_argument("--json", action="store_true", help="print bench.json instead of the table")
     parser.set_defaults(run=run)
 

@@ -17,6 +17,15 @@ PREFIX_TARGET_HELP = (
 )
 
 
+def add_no_progress(parser: argparse.ArgumentParser) -> None:
+    """--no-progress: for every subcommand that draws progress bars or loads a model (main() acts on it)."""
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: neither selfmtp's nor those of transformers and huggingface_hub while loading",
+    )
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --seed, --dtype, --device: what every subcommand that loads a model takes."""
     from selfmtp.models.loading import DEFAULT_MODEL

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfmtp.cli.common import PREFIX_TARGET_HELP, SUPERVISION_HELP, print_json
+from selfmtp.cli.common import PREFIX_TARGET_HELP, SUPERVISION_HELP, add_no_progress, print_json
 
 
 def add_parser(subparsers) -> None:
@@ -68,7 +68,7 @@ def add_parser(subparsers) -> None:
     )
     add("--threads", type=int, default=d.threads, help=f"torch threads (default: {d.threads})")
     add("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
-    add("--no-progress", action="store_true")
+    add_no_progress(parser)
     add("--json", action="store_true", help="print demo.json's content instead of the table")
     parser.set_defaults(run=run)
 

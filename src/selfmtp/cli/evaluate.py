@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfmtp.cli.common import add_model_args, print_json
+from selfmtp.cli.common import add_model_args, add_no_progress, print_json
 
 
 def add_parser(subparsers) -> None:
@@ -44,6 +44,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     parser.add_argument("--output", required=True, help="folder for results.json, results.md, pareto.png")
+    add_no_progress(parser)
     parser.add_argument("--json", action="store_true", help="print results.json instead of the table")
     parser.set_defaults(run=run)
 
@@ -58,7 +59,7 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
         device=args.device, coherence=args.coherence,
     )  # fmt: skip
-    results = run_sweep(config, args.output)
+    results = run_sweep(config, args.output, progress=not args.no_progress)
     if args.json:
         print_json(results)
     else:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from selfmtp.cli.common import add_model_args
+from selfmtp.cli.common import add_model_args, add_no_progress
 
 
 def add_parser(subparsers) -> None:
@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
         help="stop strings (text is cut before them)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+    add_no_progress(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.add_argument(
         "--show-chunks", action="store_true", help="colour each forward pass's tokens as one block"

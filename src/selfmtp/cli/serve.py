@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfmtp.cli.common import add_model_args
+from selfmtp.cli.common import add_model_args, add_no_progress
 
 
 def add_parser(subparsers) -> None:
@@ -46,6 +46,7 @@ def add_parser(subparsers) -> None:
         help=f"largest max_tokens a request may ask for, and the default (default: {c.max_tokens_limit})",
     )
     add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_no_progress(parser)
     parser.set_defaults(run=run)
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from selfmtp.cli.common import PREFIX_TARGET_HELP, SUPERVISION_HELP, add_model_args, print_json
+from selfmtp.cli.common import (
+    PREFIX_TARGET_HELP,
+    SUPERVISION_HELP,
+    add_model_args,
+    add_no_progress,
+    print_json,
+)
 
 # Parsed flags that are not TrainConfig fields.
 CLI_ONLY = ("run", "command", "config", "json")
@@ -33,7 +39,7 @@ def add_parser(subparsers) -> None:
         _add_setup_flags,
     ):
         add_flags(add)
-    add("--no-progress", action="store_true")
+    add_no_progress(parser)
     add("--json", action="store_true", help="print the summary as JSON")
     for action in parser._actions:  # absent unless given: TrainConfig and --config supply the defaults
         if action.dest != "help":
