@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import selfmtp.training.step as training_step
 import selfmtp.training.trainer as trainer
 from selfmtp.training.plan import activation_bytes, plan_memory, shape_for_model
 
@@ -40,7 +41,7 @@ def _nbytes(tensors) -> int:
 def measure(cfg: trainer.TrainConfig, measured_step: int = 1) -> dict:
     """Run `cfg` and measure step `measured_step` (0-based; 1: AdamW's states already exist)."""
     found: dict = {}
-    real_step, real_layout = trainer.train_step, trainer._layout
+    real_step, real_layout = trainer.train_step, training_step._layout
 
     def layout(run, rows, plan):
         out = real_layout(run, rows, plan)
@@ -76,11 +77,11 @@ def measure(cfg: trainer.TrainConfig, measured_step: int = 1) -> dict:
         found["teacher"] = _nbytes(run.teacher_model.parameters()) if run.teacher_model is not None else 0
         return stats
 
-    trainer.train_step, trainer._layout = step, layout
+    trainer.train_step, training_step._layout = step, layout  # the loop calls the first, the step the second
     try:
         trainer.train(cfg)
     finally:
-        trainer.train_step, trainer._layout = real_step, real_layout
+        trainer.train_step, training_step._layout = real_step, real_layout
     return found
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import gsm8k_style_lines
-from selfmtp.cli import _train_config, build_parser, main
+from selfmtp.cli import build_parser, main
+from selfmtp.cli.train import train_config
 from selfmtp.training.decode_eval import prefix_match
 from selfmtp.training.trainer import TrainConfig, train
 
@@ -30,7 +31,7 @@ def write_config(tmp_path: Path, values: dict) -> str:
 
 
 def config_from(argv: list[str]) -> TrainConfig:
-    return _train_config(build_parser().parse_args(["train", *argv]))
+    return train_config(build_parser().parse_args(["train", *argv]))
 
 
 def test_file_values_fill_in_and_flags_given_win(tmp_path, data):

@@ -16,6 +16,7 @@ from selfmtp.decoding.kv_cache import has_plain_cache
 from selfmtp.decoding.loop import GenerationResult, generate_batch
 from selfmtp.decoding.strategies import Strategy, parse_strategy
 from selfmtp.errors import SelfMTPError
+from selfmtp.files import write_bytes_atomic
 from selfmtp.jsonl import numbered_lines, parse_json_line
 
 
@@ -104,6 +105,16 @@ class MTPModel:
         return results[0] if single else results
 
 
+def check_generate_args(prompts: list[str], *, max_new_tokens: int, batch_size: int) -> None:
+    """The checks on a generate request that need no model: run them before minutes of loading one."""
+    if max_new_tokens < 1:
+        raise SelfMTPError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise SelfMTPError(f"--batch-size must be >= 1, got {batch_size}")
+    if any(not p.strip() for p in prompts):
+        raise SelfMTPError("empty prompt: give some text to continue")
+
+
 def _check_messages(messages) -> list[dict]:
     ok = (
         isinstance(messages, (list, tuple))
@@ -145,3 +156,41 @@ def read_prompts(path: str | Path) -> list[str]:
             raise SelfMTPError(f"{path}:{n}: expected an object with a 'prompt' or 'question' string")
         prompts.append(text)
     return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting generations (what `selfmtp generate` prints and writes)
+
+
+def format_result(result: GenerationResult, tokenizer, *, chunks: bool = False, colour: bool = False) -> str:
+    """The generated text and a line of its figures; `chunks`: each forward pass's tokens as one block."""
+    if chunks:
+        from selfmtp.decoding.chunk_view import render_terminal
+
+        return render_terminal(result, colour=colour, tokenizer=tokenizer)
+    return (
+        f"{result.text}\n[{result.num_tokens} tokens, {result.forward_passes} passes, {result.acceleration:.2f} "
+        f"tokens/pass, {result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason}]"
+    )
+
+
+def format_results_summary(results: list[GenerationResult]) -> str:
+    """One line over several generations: pooled and per-generation acceleration, mean speed."""
+    from selfmtp.decoding.loop import summarize
+
+    summary = summarize(results)
+    return (
+        f"{summary['generations']} generations: {summary['tokens_per_pass_pooled']:.2f} tokens/pass pooled, "
+        f"{summary['acceleration_mean']:.2f} +- {summary['acceleration_std']:.2f} per-generation mean, "
+        f"{summary['tokens_per_second_mean']:.1f} tokens/s on average"
+    )
+
+
+def write_chunk_view(
+    path: str | Path, results: list[GenerationResult], prompts: list[str], *, title: str, tokenizer
+) -> None:
+    """The chunk view of `results` as a standalone HTML page, written atomically."""
+    from selfmtp.decoding.chunk_view import render_html
+
+    page = render_html(results, prompts, title=title, tokenizer=tokenizer)
+    write_bytes_atomic(Path(path), page.encode("utf-8"))

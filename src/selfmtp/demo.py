@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from selfmtp.errors import Interrupted, SelfMTPError
-from selfmtp.evaluation.report import pooled_tokens_per_pass
+from selfmtp.evaluation.report import format_table, pooled_tokens_per_pass
 
 DEFAULT_STRATEGIES = (
     "teacher,static:1,static:2,static:3,static:4,"
@@ -73,7 +73,7 @@ class DemoConfig:
         for ok, message in checks:
             if not ok:
                 raise SelfMTPError(message)
-        from selfmtp.training.trainer import validate
+        from selfmtp.training.config import validate
 
         out = Path(self.output)  # the training settings too, before the data is written
         validate(train_config(self, out / "data" / "train.jsonl", out / "train"), check_files=False)
@@ -81,7 +81,7 @@ class DemoConfig:
 
 def train_config(config: DemoConfig, data: Path, output: Path, **overrides):
     """The demo's training recipe; `overrides` (TrainConfig fields) make the ablations' variants."""
-    from selfmtp.training.trainer import TrainConfig
+    from selfmtp.training.config import TrainConfig
 
     recipe = TrainConfig(
         data=str(data), output=str(output), model=config.teacher, template="plain", seq_len=160,
@@ -217,9 +217,7 @@ def _recipe(fields: dict) -> dict:
 
 def _write_chunk_view(config: DemoConfig, model: Path, path: Path) -> None:
     """One test answer decoded with ConfAdapt tau=0.9 and exactly (verify), one coloured block per forward pass."""
-    from selfmtp.api import MTPModel
-    from selfmtp.decoding.chunk_view import render_html
-    from selfmtp.evaluation.report import write_text_atomic
+    from selfmtp.api import MTPModel, write_chunk_view
     from selfmtp.evaluation.tasks import load_task
 
     mtp = MTPModel.from_pretrained(str(model), seed=config.seed)
@@ -228,7 +226,7 @@ def _write_chunk_view(config: DemoConfig, model: Path, path: Path) -> None:
     results = [mtp.generate(task.prompt(item, mtp.tokenizer), strategy=strategy, max_new_tokens=config.max_new_tokens,
                             chat=False) for strategy in (f"confadapt:0.9:{config.k_max}", f"verify:{max(config.k_max, 2)}")]  # fmt: skip
     title = "selfmtp demo: ConfAdapt tau=0.9, then exact (verify)"
-    write_text_atomic(path, render_html(results, [item.question] * 2, title=title, tokenizer=mtp.tokenizer))
+    write_chunk_view(path, results, [item.question] * 2, title=title, tokenizer=mtp.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,3 +290,19 @@ def format_targets(targets: list[dict]) -> str:
             value = f" ({t['value']:.2f})"
         lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}{value}")
     return "\n".join(lines)
+
+
+def summary_json(summary: dict) -> dict:
+    """What `selfmtp demo --json` prints: demo.json's content with the sweep's rows beside it."""
+    return {k: v for k, v in summary.items() if k != "results"} | {"rows": summary["results"]["rows"]}
+
+
+def format_summary(summary: dict) -> str:
+    """The demo's closing report: the sweep table, the targets, the time taken and the files written."""
+    total = sum(summary["seconds"].values())
+    return "\n".join([
+        format_table(summary["results"]),
+        "targets:",
+        format_targets(summary["targets"]),
+        f"done in {total / 60:.1f} min; wrote " + ", ".join(summary["files"].values()),
+    ])  # fmt: skip
