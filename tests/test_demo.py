@@ -30,9 +30,14 @@ def test_demo_pipeline_writes_everything_and_resumes(tmp_path, capsys):
     assert within_k1["stderr"] == rows["confadapt:0.9:8"]["vs_static_1_stderr"]
     assert re.search(r"within 3 points of static k=1 \([+-]\d+\.\d \+- \d+\.\d points\)", first)
 
-    assert main(["demo", "--output", str(out), *TOY]) == 0  # rerun: nothing is trained or decoded again
+    # rerun: nothing is trained or decoded again; --real then adds the real-model section (the random
+    # `tiny` stands in for smollm2-135m-mtp: the same code path, in seconds)
+    assert main(["demo", "--output", str(out), *TOY, "--real", "--real-model", "tiny", "--real-prompts", "1"]) == 0
     second = capsys.readouterr().out
     assert "reusing the finished run" in second
+    assert "targets (real model" in second and "[met] verify:8 output identical to static k=1 on every item (1/1)" in second
+    real = json.loads((out / "demo.json").read_text())["real"]
+    assert [row["strategy"] for row in real["results"]["rows"]] == ["static:1", "verify:8", "confadapt:0.9:8"]
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(list(rows.values())))
 
 

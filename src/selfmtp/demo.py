@@ -169,19 +169,6 @@ def _run_real(config: DemoConfig, out: Path, log) -> dict:
     return {"results": found["results"], "targets": found["targets"], "files": {"results.md": str(out / "results.md")}}
 
 
-def format_demo(summary: dict) -> str:
-    """The demo's text report: the tiny-gsm table and targets, then the real model's (with --real)."""
-    from selfmtp.evaluation.report import format_table
-
-    parts = [format_table(summary["results"]), "targets:", format_targets(summary["targets"])]
-    if "real" in summary:
-        parts += ["", format_table(summary["real"]["results"]), "targets (real model, a few prompts: the direction only):",
-                  format_targets(summary["real"]["targets"])]  # fmt: skip
-    files = [*summary["files"].values(), *summary.get("real", {}).get("files", {}).values()]
-    parts.append(f"done in {sum(summary['seconds'].values()) / 60:.1f} min; wrote " + ", ".join(files))
-    return "\n".join(parts)
-
-
 def write_training_problems(config: DemoConfig, folder: Path) -> Path:
     from selfmtp.tasks.tiny_gsm import generate_problems, write_jsonl
 
@@ -298,11 +285,11 @@ def summary_json(summary: dict) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """The demo's closing report: the sweep table, the targets, the time taken and the files written."""
-    total = sum(summary["seconds"].values())
-    return "\n".join([
-        format_table(summary["results"]),
-        "targets:",
-        format_targets(summary["targets"]),
-        f"done in {total / 60:.1f} min; wrote " + ", ".join(summary["files"].values()),
-    ])  # fmt: skip
+    """The demo's closing report: the sweep table and targets, the real model's (with --real), the time and files."""
+    parts = [format_table(summary["results"]), "targets:", format_targets(summary["targets"])]
+    if "real" in summary:
+        parts += ["", format_table(summary["real"]["results"]), "targets (real model, a few prompts: the direction only):",
+                  format_targets(summary["real"]["targets"])]  # fmt: skip
+    files = [*summary["files"].values(), *summary.get("real", {}).get("files", {}).values()]
+    parts.append(f"done in {sum(summary['seconds'].values()) / 60:.1f} min; wrote " + ", ".join(files))
+    return "\n".join(parts)
