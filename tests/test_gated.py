@@ -215,6 +215,33 @@ def test_gated_run_saves_a_model_spec_that_loads_with_the_gate(data, tmp_path, s
     assert torch.equal(ours[~is_mask], theirs[~is_mask]) and not torch.equal(ours[is_mask], theirs[is_mask])
     # The base itself is untouched: stock transformers still loads and decodes it (no gate, no deltas).
     assert not (out / "final" / "config.json").exists()
+    assert loaded.config.selfmtp_k_max == 4  # the trained k_max: bare `verify` takes it
+
+
+def _export_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "export_gated_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("export_gated_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_line(data, tmp_path, capsys):
+    export = _export_script().main
+    out = tmp_path / "run"
+    train(config(data, out, steps=2, save_every=1, k_max=3))
+    assert export([str(out), "--step", "1", "--output", str(tmp_path / "step1")]) == 0
+    loaded, _ = load_model(str(tmp_path / "step1"))
+    step1 = load_file(str(out / "checkpoints" / "step-0000001" / "trainable.safetensors"))
+    assert all(torch.equal(tensor, step1[name]) for name, tensor in gated_state(loaded).items())
+    assert loaded.config.selfmtp_k_max == 3
+    capsys.readouterr()
+    for run in (out, tmp_path / "none"):  # no checkpoint at that step; no run at all
+        assert export([str(run), "--step", "7", "--output", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("selfmtp: error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_gated_dir_with_a_missing_or_other_base_is_a_clean_error(data, tmp_path):

@@ -244,11 +244,12 @@ def is_gated_dir(path) -> bool:
     return (Path(path) / GATED_WEIGHTS).is_file()
 
 
-def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed: int, dtype: torch.dtype | None = None):
+def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed: int, k_max: int | None = None,
+                   dtype: torch.dtype | None = None):
     """Write `out_dir` atomically: the gated weights (safetensors), the base's `<mtp>` surgery rows (so
     loading does not depend on the seed it is loaded with), the tokenizer, and `selfmtp.json` naming the
-    base spec and the seed it was loaded with (`tiny` weights depend on it), the gate settings and a
-    fingerprint of the base weights. `dtype` (e.g. bfloat16, to commit a small file) stores the gated
+    base spec and the seed it was loaded with (`tiny` weights depend on it), the gate settings, the trained
+    `k_max` (loading puts it in the config, where bare `verify` reads it) and a fingerprint of the base weights. `dtype` (e.g. bfloat16, to commit a small file) stores the gated
     weights rounded to it; the surgery rows stay as they are, since they belong to the base model."""
     from pathlib import Path
 
@@ -262,6 +263,8 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
     tensors = {name: t.to(dtype or t.dtype) for name, t in gated_state(model).items()} | _surgery_rows(model, token)
     record = {"base_seed": seed, "gated": {"rank": model.gated.rank, "alpha": model.gated.alpha, "targets": list(GATED_TARGETS),
                         "mtp_token_id": token, "base_fingerprint": base_weights_fingerprint(model)}}
+    if k_max is not None:
+        record["gated"]["k_max"] = int(k_max)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / GATED_WEIGHTS), metadata={"format": "selfmtp-gated"})
@@ -287,6 +290,7 @@ def load_gated_dir(directory, *, seed: int, attn_implementation: str):
 
     from safetensors.torch import load_file
 
+    from selfmtp.decoding.strategies import K_MAX_CONFIG_KEY
     from selfmtp.models.adapters import BASE_RECORD, base_spec
     from selfmtp.models.loading import load_model, mtp_token_id
 
@@ -316,5 +320,7 @@ def load_gated_dir(directory, *, seed: int, attn_implementation: str):
     if base_weights_fingerprint(model) != settings.get("base_fingerprint"):
         raise SelfMTPError(f"{directory}: its base {spec!r} holds other weights than the ones it was trained on "
                            "(fingerprint mismatch)")
+    if isinstance(settings.get("k_max"), int):
+        setattr(model.config, K_MAX_CONFIG_KEY, settings["k_max"])
     model.eval()
     return model, tokenizer
