@@ -287,8 +287,12 @@ def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
 
 
 def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
-    """Reference: every row computes base + gate * delta with plain autograd (no detaching, no row selection)."""
+    """Reference: every row computes base + gate * delta with plain autograd (no detaching, no row selection),
+    attention runs once over every query with a graph, and the head runs on every position with one."""
+    from contextlib import nullcontext
+
     from selfmtp.models import gated as gated_module
+    from selfmtp.training import objective
 
     _, model, tokenizer = gated_tiny(4)
     _, _, layout = layout_batch(tokenizer)
@@ -309,6 +313,8 @@ def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
         return self.base(x) + gate.view(*x.shape[:-1], 1) * self.delta_of(x)
 
     monkeypatch.setattr(gated_module.GatedLinear, "forward", naive_forward)
+    monkeypatch.setattr(objective, "mask_query_attention", lambda model: nullcontext())
+    monkeypatch.setattr(objective, "_gated_head", lambda head, hidden, is_mask, rows, cols: head(hidden[rows, cols]))
     reference = grads()
     for name, grad in reference.items():
         assert grad.abs().max() > 0
