@@ -59,8 +59,14 @@ def run_children(commands: dict[str, list[str]], env: dict[str, dict], logs: Pat
 
 
 def child_env(args, cache: Path) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "SELFMTP_CACHE": str(cache),
-            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "SELFMTP_CACHE": str(cache),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
 
 
 def train_command(recipe, path: Path) -> list[str]:
@@ -73,9 +79,15 @@ def recipes(args, data: Path, out: Path) -> dict:
     demo = DemoConfig(seed=args.seed, progress=False)
     gated = replace(demo, gated=True, lr=args.gated_lr)
     overrides = {"masks_per_row": args.masks_per_row} if args.masks_per_row else {}
-    return {"demo": train_config(demo, data, out / "demo"),
-            "gated": replace(train_config(gated, data, out / "gated"), output=str(out / "gated"),
-                             lora_rank=args.gated_rank, **overrides)}
+    return {
+        "demo": train_config(demo, data, out / "demo"),
+        "gated": replace(
+            train_config(gated, data, out / "gated"),
+            output=str(out / "gated"),
+            lora_rank=args.gated_rank,
+            **overrides,
+        ),
+    }
 
 
 def measure_costs(args, base: dict, out: Path) -> dict:
@@ -101,10 +113,30 @@ def measure_costs(args, base: dict, out: Path) -> dict:
 def evaluate(args, finals: dict[str, Path], out: Path) -> None:
     commands, envs = {}, {}
     for name, final in finals.items():
-        commands[name] = [sys.executable, "-m", "selfmtp", "eval", "--model", str(final), "--teacher", args.teacher,
-                          "--task", "tiny-gsm", "--limit", str(args.eval_problems), "--strategies", STRATEGIES,
-                          "--max-new-tokens", "120", "--batch-size", "16", "--seed", str(args.seed),
-                          "--output", str(out / f"eval-{name}")]
+        commands[name] = [
+            sys.executable,
+            "-m",
+            "selfmtp",
+            "eval",
+            "--model",
+            str(final),
+            "--teacher",
+            args.teacher,
+            "--task",
+            "tiny-gsm",
+            "--limit",
+            str(args.eval_problems),
+            "--strategies",
+            STRATEGIES,
+            "--max-new-tokens",
+            "120",
+            "--batch-size",
+            "16",
+            "--seed",
+            str(args.seed),
+            "--output",
+            str(out / f"eval-{name}"),
+        ]
         envs[name] = child_env(args, out / f"cache-eval-{name}")
     run_children(commands, envs, out / "logs-eval")
 
@@ -125,9 +157,14 @@ def strategy_rows(folder: Path) -> dict[str, dict]:
 
 def table(summary: dict) -> str:
     names = list(summary["results"]["gated"])
-    lines = [f"# tiny-gsm at equal CPU time: demo recipe vs gated ({summary['cpu_budget_s']:.0f} CPU s each)", "",
-             "| strategy | " + " | ".join(f"{r}: accuracy, vs teacher, same tokens as teacher, tokens/pass" for r in RECIPES) + " |",
-             "|---|" + "---|" * len(RECIPES)]
+    lines = [
+        f"# tiny-gsm at equal CPU time: demo recipe vs gated ({summary['cpu_budget_s']:.0f} CPU s each)",
+        "",
+        "| strategy | "
+        + " | ".join(f"{r}: accuracy, vs teacher, same tokens as teacher, tokens/pass" for r in RECIPES)
+        + " |",
+        "|---|" + "---|" * len(RECIPES),
+    ]
     for strategy in names:
         cells = []
         for recipe in RECIPES:
@@ -138,36 +175,58 @@ def table(summary: dict) -> str:
             same = row["same_as_teacher"]
             vs = row.get("vs_teacher")
             vs_text = "-" if vs is None or strategy == "teacher" else f"{100 * vs:+.1f}"
-            cells.append(f"{100 * row['accuracy']:.1f} ± {100 * row['stderr']:.1f}, {vs_text}, "
-                         f"{same['identical']}/{same['of']}, {pooled_tokens_per_pass(row):.2f}")
+            cells.append(
+                f"{100 * row['accuracy']:.1f} ± {100 * row['stderr']:.1f}, {vs_text}, "
+                f"{same['identical']}/{same['of']}, {pooled_tokens_per_pass(row):.2f}"
+            )
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
-    lines += ["", "| recipe | steps | set-up CPU s (pilot) | CPU s/step (pilot) | CPU s used (final run) |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| recipe | steps | set-up CPU s (pilot) | CPU s/step (pilot) | CPU s used (final run) |",
+        "|---|---|---|---|---|",
+    ]
     for recipe in RECIPES:
         t = summary["training"][recipe]
-        lines.append(f"| {recipe} | {t['steps']} | {t['setup_cpu_s']:.1f} | {t['step_cpu_s']:.3f} | {t['cpu_s']:.1f} |")
-    lines += ["", "Targets (issue 15): gated verify:8 token for token the teacher's on every item at >= 3.0 tokens/pass; "
-              "gated ConfAdapt 0.9 within 2 points of the teacher at >= 3.5 tokens/pass.", "",
-              f"Command: `{summary['command']}`; wall {summary['wall_s']:.0f} s on {summary['machine']}."]
+        lines.append(
+            f"| {recipe} | {t['steps']} | {t['setup_cpu_s']:.1f} | {t['step_cpu_s']:.3f} | {t['cpu_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "Targets (issue 15): gated verify:8 token for token the teacher's on every item at >= 3.0 tokens/pass; "
+        "gated ConfAdapt 0.9 within 2 points of the teacher at >= 3.5 tokens/pass.",
+        "",
+        f"Command: `{summary['command']}`; wall {summary['wall_s']:.0f} s on {summary['machine']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", default="runs/gated-vs-demo")
     parser.add_argument("--table", help="also write the table here (e.g. docs/measurements/.../results.md)")
-    parser.add_argument("--cpu-budget", type=float, default=540.0, help="CPU seconds per recipe, set-up included")
+    parser.add_argument(
+        "--cpu-budget", type=float, default=540.0, help="CPU seconds per recipe, set-up included"
+    )
     parser.add_argument("--pilot-steps", type=int, default=20)
     parser.add_argument("--eval-problems", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per child (two children run at once)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per child (two children run at once)"
+    )
     parser.add_argument("--gated-lr", type=float, default=1e-3)
     parser.add_argument("--gated-rank", type=int, default=0, help="0: full deltas; R: gated LoRA of rank R")
-    parser.add_argument("--masks-per-row", type=int, help="gated only: the dense layout (default: the demo's regions)")
+    parser.add_argument(
+        "--masks-per-row", type=int, help="gated only: the dense layout (default: the demo's regions)"
+    )
     parser.add_argument("--train-problems", type=int, default=10000)
     parser.add_argument("--teacher", default="tiny-gsm-teacher")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start, out = time.perf_counter(), Path(args.output)
-    data = write_training_problems(DemoConfig(train_problems=args.train_problems, seed=args.seed), out / "data")
+    data = write_training_problems(
+        DemoConfig(train_problems=args.train_problems, seed=args.seed), out / "data"
+    )
     base = recipes(args, data, out)
     costs = measure_costs(args, base, out)
     final_recipes, training = {}, {}
@@ -177,17 +236,25 @@ def main() -> None:
         final_recipes[name] = replace(recipe, steps=steps, save_every=0)
         training[name] = {"steps": steps, "setup_cpu_s": setup, "step_cpu_s": per_step}
         print(f"{name}: set-up {setup:.1f} CPU s, {per_step:.3f} CPU s/step -> {steps} steps", flush=True)
-    used = run_children({n: train_command(r, out / f"{n}.json") for n, r in final_recipes.items()},
-                        {n: child_env(args, out / f"cache-{n}") for n in final_recipes}, out / "logs-train")
+    used = run_children(
+        {n: train_command(r, out / f"{n}.json") for n, r in final_recipes.items()},
+        {n: child_env(args, out / f"cache-{n}") for n in final_recipes},
+        out / "logs-train",
+    )
     for name, seconds in used.items():
         training[name]["cpu_s"] = seconds
         print(f"{name}: trained {training[name]['steps']} steps in {seconds:.1f} CPU s", flush=True)
     evaluate(args, {n: Path(r.output) / "final" for n, r in final_recipes.items()}, out)
-    summary = {"cpu_budget_s": args.cpu_budget, "training": training, "machine": f"{os.cpu_count()} CPUs",
-               "recipes": {n: asdict(r) for n, r in final_recipes.items()},
-               "results": {n: strategy_rows(out / f"eval-{n}") for n in RECIPES},
-               "command": " ".join(["python", *sys.argv]), "wall_s": time.perf_counter() - start,
-               "load_average_at_end": os.getloadavg()}
+    summary = {
+        "cpu_budget_s": args.cpu_budget,
+        "training": training,
+        "machine": f"{os.cpu_count()} CPUs",
+        "recipes": {n: asdict(r) for n, r in final_recipes.items()},
+        "results": {n: strategy_rows(out / f"eval-{n}") for n in RECIPES},
+        "command": " ".join(["python", *sys.argv]),
+        "wall_s": time.perf_counter() - start,
+        "load_average_at_end": os.getloadavg(),
+    }
     text = table(summary)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / "results.md", text)
