@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -23,16 +24,19 @@ from selfmtp.models.loading import load_model, mtp_token_id
 from selfmtp.training.state import RUN_SETTINGS, STEP_DIR, list_checkpoints
 
 
-def main() -> None:
+def export(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="the training output directory")
     parser.add_argument("--output", required=True)
     parser.add_argument("--step", type=int, help="default: the newest checkpoint")
     parser.add_argument("--bf16", action="store_true", help="store the gated weights in bfloat16 (half the size)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     run = Path(args.run)
-    settings = json.loads((run / RUN_SETTINGS).read_text())
-    if not settings.get("gated"):
+    try:
+        settings = json.loads((run / RUN_SETTINGS).read_text())
+    except (OSError, ValueError) as exc:
+        raise SelfMTPError(f"{run} is not a readable training run ({run / RUN_SETTINGS}: {exc.__class__.__name__})") from None
+    if not isinstance(settings, dict) or not settings.get("gated"):
         raise SelfMTPError(f"{run} is not a --gated run")
     checkpoints = list_checkpoints(run / "checkpoints")
     if args.step is not None:
@@ -43,9 +47,19 @@ def main() -> None:
     apply_gate(model, mtp_token_id=mtp_token_id(model), rank=settings["lora_rank"], alpha=settings["lora_alpha"])
     load_gated_state(model, load_file(str(checkpoints[-1] / "trainable.safetensors")), where=str(checkpoints[-1]))
     save_gated_dir(model, tokenizer, args.output, base_spec=settings["model"], seed=settings["seed"],
-                   dtype=torch.bfloat16 if args.bf16 else None)
+                   k_max=settings.get("k_max"), dtype=torch.bfloat16 if args.bf16 else None)
     print(f"{checkpoints[-1]} -> {args.output}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """A user mistake (no such run, no checkpoint) is one `selfmtp: error:` line and exit status 2."""
+    try:
+        export(argv)
+    except SelfMTPError as exc:
+        print(f"selfmtp: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

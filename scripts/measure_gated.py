@@ -10,7 +10,8 @@ Settings, each a full optimizer step (forward, backward, AdamW) with offline tar
 - `*-dense`         the same with --dense-factor times the default regions per row (more masks per row).
 Steps go round-robin over the settings after one warm-up each, so background load hits all alike; the
 median wall and process-CPU time per step are reported (CPU time is robust to other jobs on a shared
-machine), with supervised positions (and mask positions, j >= 2) per CPU second.
+machine), with supervised positions (and mask positions, j >= 2) per CPU second, and each setting's step
+over the plain LoRA step of the same round (`median_paired_over_lora_cpu`: the figure to read under load).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def main() -> None:
         for row in result["settings"].values():
             row["step_over_lora"] = row["median_step_s"] / lora["median_step_s"]
             row["step_over_lora_cpu"] = row["median_step_cpu_s"] / lora["median_step_cpu_s"]
+            # paired: each repeat's step against the LoRA step of the same round (same batch, same load)
+            row["paired_over_lora_cpu"] = [a / b for a, b in zip(row["step_cpu_s"], lora["step_cpu_s"], strict=True)]
+            row["median_paired_over_lora_cpu"] = statistics.median(row["paired_over_lora_cpu"])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: {kk: round(vv, 4) for kk, vv in v.items() if not isinstance(vv, list)}

@@ -215,6 +215,33 @@ def test_gated_run_saves_a_model_spec_that_loads_with_the_gate(data, tmp_path, s
     assert torch.equal(ours[~is_mask], theirs[~is_mask]) and not torch.equal(ours[is_mask], theirs[is_mask])
     # The base itself is untouched: stock transformers still loads and decodes it (no gate, no deltas).
     assert not (out / "final" / "config.json").exists()
+    assert loaded.config.selfmtp_k_max == 4  # the trained k_max: bare `verify` takes it
+
+
+def _export_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "export_gated_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("export_gated_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_line(data, tmp_path, capsys):
+    export = _export_script().main
+    out = tmp_path / "run"
+    train(config(data, out, steps=2, save_every=1, k_max=3))
+    assert export([str(out), "--step", "1", "--output", str(tmp_path / "step1")]) == 0
+    loaded, _ = load_model(str(tmp_path / "step1"))
+    step1 = load_file(str(out / "checkpoints" / "step-0000001" / "trainable.safetensors"))
+    assert all(torch.equal(tensor, step1[name]) for name, tensor in gated_state(loaded).items())
+    assert loaded.config.selfmtp_k_max == 3
+    capsys.readouterr()
+    for run in (out, tmp_path / "none"):  # no checkpoint at that step; no run at all
+        assert export([str(run), "--step", "7", "--output", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("selfmtp: error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_gated_dir_with_a_missing_or_other_base_is_a_clean_error(data, tmp_path):
@@ -260,8 +287,12 @@ def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
 
 
 def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
-    """Reference: every row computes base + gate * delta with plain autograd (no detaching, no row selection)."""
+    """Reference: every row computes base + gate * delta with plain autograd (no detaching, no row selection),
+    attention runs once over every query with a graph, and the head runs on every position with one."""
+    from contextlib import nullcontext
+
     from selfmtp.models import gated as gated_module
+    from selfmtp.training import objective
 
     _, model, tokenizer = gated_tiny(4)
     _, _, layout = layout_batch(tokenizer)
@@ -282,6 +313,8 @@ def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
         return self.base(x) + gate.view(*x.shape[:-1], 1) * self.delta_of(x)
 
     monkeypatch.setattr(gated_module.GatedLinear, "forward", naive_forward)
+    monkeypatch.setattr(objective, "mask_query_attention", lambda model: nullcontext())
+    monkeypatch.setattr(objective, "_gated_head", lambda head, hidden, is_mask, rows, cols: head(hidden[rows, cols]))
     reference = grads()
     for name, grad in reference.items():
         assert grad.abs().max() > 0

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -48,9 +50,21 @@ class Gate:
         self.is_mask = input_ids == self.mtp_token_id
         self.rows = self.is_mask.reshape(-1).nonzero().squeeze(1)
         self.numel = input_ids.numel()
+        self._query_index = None
 
     def clear(self) -> None:
-        self.rows = self.is_mask = None
+        self.rows = self.is_mask = self._query_index = None
+
+    def query_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions (B, M), valid (B, M)): each row's mask positions in order, padded to the most masks in
+        a row (padding repeats a position and is not valid). `valid` picks them in the order of `rows`."""
+        if self._query_index is None:
+            counts = self.is_mask.sum(dim=1)
+            order = torch.argsort((~self.is_mask).to(torch.int8), dim=1, stable=True)  # mask positions first
+            width = max(int(counts.max()), 1)
+            valid = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+            self._query_index = (order[:, :width], valid)
+        return self._query_index
 
 
 class GatedLinear(nn.Module):
@@ -96,7 +110,7 @@ class GatedLinear(nn.Module):
         flat_out = out.reshape(-1, out.shape[-1])
         masked_in = flat_in[rows]
         masked_out = _BaseRows.apply(masked_in, flat_out[rows], self.base.weight) + self.delta_of(masked_in)
-        return flat_out.index_copy(0, rows, masked_out.to(out.dtype)).view(out.shape)
+        return flat_out.index_copy_(0, rows, masked_out.to(out.dtype)).view(out.shape)  # in place: no full copy
 
 
 class _BaseRows(torch.autograd.Function):
@@ -112,6 +126,51 @@ class _BaseRows(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         return grad @ weight.to(grad.dtype), None, None
+
+
+def _mask_query_attention(inner, module, query, key, value, attention_mask, **kwargs):
+    """Attention for a grad-enabled gated forward: every query without a graph (real rows are the base model's,
+    constants), then the mask queries again with one, copied into their rows. The backward then covers the
+    mask queries only (M x L instead of L x L). Real queries never attend to mask keys (layouts and decoding
+    both), so nothing trainable reaches them and their gradient is zero either way."""
+    gate = getattr(module, "_selfmtp_gate", None)
+    if (gate is None or gate.is_mask is None or not torch.is_grad_enabled() or attention_mask is None
+            or tuple(query.shape[::2]) != tuple(gate.is_mask.shape) or not gate.rows.numel()):
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    with torch.no_grad():
+        out, _ = inner(module, query, key, value, attention_mask, **kwargs)  # (B, L, heads, head_dim)
+    positions, valid = gate.query_index()
+    batch, heads, _, head_dim = query.shape
+    mask_queries = query.gather(2, positions[:, None, :, None].expand(batch, heads, -1, head_dim))
+    mask = attention_mask.expand(batch, -1, -1, -1)
+    mask = mask.gather(2, positions[:, None, :, None].expand(batch, mask.shape[1], -1, mask.shape[3]))
+    out_masks, _ = inner(module, mask_queries, key, value, mask, **kwargs)  # (B, M, heads, head_dim)
+    flat = out.reshape(-1, *out.shape[2:])
+    return flat.index_copy(0, gate.rows, out_masks[valid]).view(out.shape), None
+
+
+@contextmanager
+def mask_query_attention(model: nn.Module):
+    """While a gated model trains: attention backward over mask queries only (`_mask_query_attention`), for
+    the sdpa implementation (others run as they are). The model's attention implementation is switched to a
+    registered wrapper of itself for the duration; masks passed in stay in the original's format."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    config = model.config
+    original = config._attn_implementation
+    if original != "sdpa" or not is_gated(model):
+        yield
+        return
+    name = "selfmtp_gated_sdpa"
+    AttentionInterface.register(name, partial(_mask_query_attention, sdpa_attention_forward))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
 
 
 class GatedModel(nn.Module):
@@ -137,6 +196,9 @@ def apply_gate(model: nn.Module, *, mtp_token_id: int, rank: int = 0, alpha: flo
             if child_name in GATED_TARGETS and isinstance(child, nn.Linear):
                 setattr(module, child_name, GatedLinear(child, gate, rank=rank, alpha=alpha))
                 wrapped += 1
+    for module in model.get_decoder().modules():
+        if isinstance(getattr(module, "q_proj", None), GatedLinear):  # an attention: `_mask_query_attention`
+            module._selfmtp_gate = gate
     if not wrapped:
         raise SelfMTPError(f"no decoder linear layer named {', '.join(GATED_TARGETS)} found: cannot gate this model")
 
@@ -244,11 +306,12 @@ def is_gated_dir(path) -> bool:
     return (Path(path) / GATED_WEIGHTS).is_file()
 
 
-def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed: int, dtype: torch.dtype | None = None):
+def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed: int, k_max: int | None = None,
+                   dtype: torch.dtype | None = None):
     """Write `out_dir` atomically: the gated weights (safetensors), the base's `<mtp>` surgery rows (so
     loading does not depend on the seed it is loaded with), the tokenizer, and `selfmtp.json` naming the
-    base spec and the seed it was loaded with (`tiny` weights depend on it), the gate settings and a
-    fingerprint of the base weights. `dtype` (e.g. bfloat16, to commit a small file) stores the gated
+    base spec and the seed it was loaded with (`tiny` weights depend on it), the gate settings, the trained
+    `k_max` (loading puts it in the config, where bare `verify` reads it) and a fingerprint of the base weights. `dtype` (e.g. bfloat16, to commit a small file) stores the gated
     weights rounded to it; the surgery rows stay as they are, since they belong to the base model."""
     from pathlib import Path
 
@@ -262,6 +325,8 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
     tensors = {name: t.to(dtype or t.dtype) for name, t in gated_state(model).items()} | _surgery_rows(model, token)
     record = {"base_seed": seed, "gated": {"rank": model.gated.rank, "alpha": model.gated.alpha, "targets": list(GATED_TARGETS),
                         "mtp_token_id": token, "base_fingerprint": base_weights_fingerprint(model)}}
+    if k_max is not None:
+        record["gated"]["k_max"] = int(k_max)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / GATED_WEIGHTS), metadata={"format": "selfmtp-gated"})
@@ -287,6 +352,7 @@ def load_gated_dir(directory, *, seed: int, attn_implementation: str):
 
     from safetensors.torch import load_file
 
+    from selfmtp.decoding.strategies import K_MAX_CONFIG_KEY
     from selfmtp.models.adapters import BASE_RECORD, base_spec
     from selfmtp.models.loading import load_model, mtp_token_id
 
@@ -316,5 +382,7 @@ def load_gated_dir(directory, *, seed: int, attn_implementation: str):
     if base_weights_fingerprint(model) != settings.get("base_fingerprint"):
         raise SelfMTPError(f"{directory}: its base {spec!r} holds other weights than the ones it was trained on "
                            "(fingerprint mismatch)")
+    if isinstance(settings.get("k_max"), int):
+        setattr(model.config, K_MAX_CONFIG_KEY, settings["k_max"])
     model.eval()
     return model, tokenizer

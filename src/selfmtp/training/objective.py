@@ -16,13 +16,14 @@ Targets past the ground-truth EOS are EOS in every mode (the sequence is over th
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmtp.models.gated import gated_token_id
+from selfmtp.models.gated import gated_token_id, mask_query_attention
 from selfmtp.training.layout import MTPLayout, fill_rollout, model_attention_mask, padded_causal_attention
 
 TEACHER_MODES = ("hard", "soft")
@@ -43,6 +44,10 @@ class SelectedLogits(nn.Module):
     The output head over a 49k vocabulary is a large part of a small model's cost; supervised
     positions are a fraction of the layout, so we run the decoder on everything and the head on
     those positions only. It is an nn.Module so DistributedDataParallel can wrap it.
+
+    A gated model (models/gated.py) trains with its attention backward over mask queries only, and its
+    real positions are the original model's, constants: the head runs on them without a graph, once per
+    distinct position (a region's j = 1 position is also the context of its first target).
     """
 
     def __init__(self, lm: nn.Module):
@@ -54,11 +59,26 @@ class SelectedLogits(nn.Module):
         implementation = getattr(decoder.config, "_attn_implementation", "sdpa")
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else decoder.dtype
         mask = model_attention_mask(attention_mask, implementation, dtype)
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
-        hidden = hidden[rows, cols]
-        if gated_token_id(self.lm) is not None:  # real rows are the original model's: no gradient there
-            hidden = torch.where((input_ids[rows, cols] == gated_token_id(self.lm))[:, None], hidden, hidden.detach())
-        return self.lm.get_output_embeddings()(hidden)
+        gated = gated_token_id(self.lm) is not None and torch.is_grad_enabled()
+        with mask_query_attention(self.lm) if gated else nullcontext():
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
+        head = self.lm.get_output_embeddings()
+        if not gated:
+            return head(hidden[rows, cols])
+        return _gated_head(head, hidden, input_ids[rows, cols] == gated_token_id(self.lm), rows, cols)
+
+
+def _gated_head(head: nn.Module, hidden: torch.Tensor, is_mask: torch.Tensor, rows, cols) -> torch.Tensor:
+    """Logits at (rows, cols) of a gated forward: with a graph at mask positions, without one (each distinct
+    real position once) elsewhere; in the order asked."""
+    where_mask, where_real = is_mask.nonzero().squeeze(1), (~is_mask).nonzero().squeeze(1)
+    flat = rows[where_real] * hidden.shape[1] + cols[where_real]
+    distinct, inverse = torch.unique(flat, return_inverse=True)
+    with torch.no_grad():
+        real = head(hidden.reshape(-1, hidden.shape[-1])[distinct])[inverse]
+    masked = head(hidden[rows[where_mask], cols[where_mask]])
+    order = torch.cat([where_mask, where_real]).argsort()
+    return torch.cat([masked, real.to(masked.dtype)])[order]
 
 
 def frozen_teacher(model: nn.Module, wrap=None):

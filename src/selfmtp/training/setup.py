@@ -167,7 +167,8 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
     if config.gated:
         from selfmtp.models.gated import gated_base_spec, save_gated_dir
 
-        return save_gated_dir(student, tokenizer, final_dir, base_spec=gated_base_spec(config.model), seed=config.seed)
+        return save_gated_dir(student, tokenizer, final_dir, base_spec=gated_base_spec(config.model), seed=config.seed,
+                              k_max=config.k_max)
     if not config.lora_rank:
         return save_checkpoint(student, tokenizer, final_dir)
     if config.lora_export == "adapter":
