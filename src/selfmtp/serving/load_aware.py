@@ -30,6 +30,7 @@ Measured on this 2-core CPU (docs/measurements/serve-*): see the README's serve 
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -50,17 +51,17 @@ class PassCost:
     points: list[tuple[int, float]]  # (tokens fed, seconds), ascending in tokens
 
     def __call__(self, tokens: int) -> float:
-        xs = [x for x, _ in self.points]
-        ys = [y for _, y in self.points]
-        if tokens <= xs[0]:
-            return ys[0]
-        for (x0, y0), (x1, y1) in zip(self.points, self.points[1:], strict=False):
-            if tokens <= x1:
-                return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
-        if len(xs) == 1:
-            return ys[0] * tokens / xs[0]
-        slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))  # beyond the probe: the last slope
-        return ys[-1] + slope * (tokens - xs[-1])
+        (x0, y0), last = self.points[0], len(self.points) - 1
+        if tokens <= x0:
+            return y0
+        i = bisect.bisect_left(self.points, (tokens,))  # the first point at or beyond `tokens`
+        if i > last:  # beyond the probe: the last slope
+            if last == 0:
+                return y0 * tokens / x0
+            (xa, ya), (xb, yb) = self.points[-2], self.points[-1]
+            return yb + max(0.0, (yb - ya) / (xb - xa)) * (tokens - xb)
+        (xa, ya), (xb, yb) = self.points[i - 1], self.points[i]
+        return ya + (yb - ya) * (tokens - xa) / (xb - xa)
 
     @classmethod
     def measure(cls, model, *, max_rows: int = 8, repeats: int = 3, seed: int = 0) -> PassCost:
@@ -146,6 +147,7 @@ class ProposalRule:
     seconds: float = 0.0  # all chosen passes, by the probed curve
     explored: float = 0.0  # what exploration passes cost beyond the exploit choice, by the curve
     explorations: int = 0
+    _seconds: dict = field(default_factory=dict, repr=False)
 
     def choose(self, *, rows: int, fed_per_row: int, least: int = 1) -> int:
         """Tokens to propose this pass (1 = NTP) for `rows` rows feeding up to `fed_per_row` real tokens.
@@ -155,20 +157,21 @@ class ProposalRule:
         """
         k_max = self.stats.k_max
         least = min(max(1, least), k_max)
-
-        def seconds(k: int) -> float:
-            return self.cost(rows * (fed_per_row + k - 1))
-
+        seconds = self._seconds.get((rows, fed_per_row))  # by k
+        if seconds is None:
+            seconds = [0.0] + [self.cost(rows * (fed_per_row + k - 1)) for k in range(1, k_max + 1)]
+            if fed_per_row <= k_max:  # decode passes: the same few (rows, fed) come back pass after pass
+                self._seconds[rows, fed_per_row] = seconds
         cautious = self.stats.expected_tokens()
         # ties go to fewer masks: the same speed for less compute
-        exploit = max(range(least, k_max + 1), key=lambda k: (cautious[k] / seconds(k), -k))
+        exploit = max(range(least, k_max + 1), key=lambda k: (cautious[k] / seconds[k], -k))
         chosen = exploit
         if exploit < k_max:
             probe, optimistic = exploit + 1, self.stats.expected_tokens(optimistic=True)
-            extra = seconds(probe) - seconds(exploit)
-            worth = optimistic[probe] / seconds(probe) > cautious[exploit] / seconds(exploit)
-            affordable = self.explored + extra <= self.explore_share * (self.seconds + seconds(probe))
+            extra = seconds[probe] - seconds[exploit]
+            worth = optimistic[probe] / seconds[probe] > cautious[exploit] / seconds[exploit]
+            affordable = self.explored + extra <= self.explore_share * (self.seconds + seconds[probe])
             if worth and affordable:
                 chosen, self.explored, self.explorations = probe, self.explored + extra, self.explorations + 1
-        self.seconds += seconds(chosen)
+        self.seconds += seconds[chosen]
         return chosen
