@@ -6,12 +6,14 @@ stand in for the model, and a pass's cost is the curve's (the budget is stated i
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 
 import pytest
 
 from selfmtp.serving.config import resolve_strategy
+from selfmtp.serving.engine import Engine, Request
 from selfmtp.serving.load_aware import EXPLORE_SHARE, AcceptanceStats, PassCost, ProposalRule
 
 FLAT = PassCost([(1, 0.010), (128, 0.010)])  # an overhead-bound engine: any pass costs the same
@@ -134,3 +136,37 @@ def test_auto_strategy_names():
     assert load_aware and strategy.name == "confadapt:0.9:16"
     assert resolve_strategy("auto:0.7:8")[0].name == "confadapt:0.7:8"
     assert resolve_strategy("ntp") == (resolve_strategy("ntp")[0], False)
+
+
+def run_engine(
+    mtp, pass_cost: PassCost, prompts: list[str], max_tokens: int = 16
+) -> tuple[Engine, list[list[int]]]:
+    """Decode `prompts` with `auto:0.6:4` on an engine stepped in this thread; (engine, token ids per prompt)."""
+    engine = Engine(mtp, max_batch=4, pass_cost=pass_cost, auto_k_max=4)
+    strategy, load_aware = resolve_strategy("auto:0.6:4")
+    loop = asyncio.new_event_loop()  # never run: the events the engine sends stay queued
+    requests = [
+        Request(mtp.encode(p, chat=False), strategy, load_aware, max_tokens, [], loop) for p in prompts
+    ]
+    for request in requests:
+        engine.submit(request)
+    while engine.waiting or engine.decoder.active:
+        engine._admit()
+        engine._step()
+    loop.close()
+    return engine, [request.row.token_ids for request in requests]
+
+
+def test_engine_stays_at_ntp_where_masks_cost_a_pass_each_and_then_decodes_as_ntp(peaked):
+    prompt = "Tell me about the weather"
+    engine, (tokens,) = run_engine(peaked, LINEAR, [prompt])
+    assert engine.snapshot()["proposals_chosen"] == {1: engine.snapshot()["passes"]}
+    assert tokens == peaked.generate(prompt, strategy="ntp", max_new_tokens=16, chat=False).token_ids
+
+
+def test_engine_learns_masks_that_are_kept_where_they_are_free(peaked):
+    """The sharpened tiny model keeps tokens at tau 0.6 (see test_serve): on a flat curve the rule goes to k_max."""
+    engine, _ = run_engine(peaked, FLAT, ["Tell me about the weather", "Request 1 asks about"], max_tokens=40)
+    chosen = engine.snapshot()["proposals_chosen"]
+    assert max(chosen) == 4 and chosen[4] > sum(chosen.values()) / 2
+    assert engine.rule.stats.kept[2] > 0
