@@ -1,8 +1,8 @@
 """Benchmark `selfmtp serve`: throughput and latency by concurrency and strategy, and memory over many requests.
 
 Starts `selfmtp serve` as a subprocess on a free loopback port, then for each concurrency level runs
-a fixed number of requests per strategy (strategies interleaved, so machine load hits them alike)
-from that many client threads with the `openai` client. Server throughput = completion tokens of
+a fixed number of requests per strategy (strategies interleaved, in --rounds rounds, so machine load
+hits them alike) from that many client threads with the `openai` client. Server throughput = completion tokens of
 the level / its wall time. Then sends --memory-requests more and samples the server's RSS.
 Writes bench_serve.json, README.md (table) and bench_serve.png into --output. With several --model
 (each with its --prompts) the models run one after another and share one table file and plot, led
@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument(
         "--requests", type=int, default=16, help="per strategy and concurrency level (>= the level)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="each cell's requests in this many interleaved rounds"
     )
     parser.add_argument("--max-tokens", type=int, default=120)
     parser.add_argument("--memory-requests", type=int, default=500, help="0: no memory run")
@@ -87,9 +90,15 @@ def bench_model(
         )
         rows, rss = [], [("start", psutil.Process(server.pid).memory_info().rss)]
         for level in levels:
+            walls, done = dict.fromkeys(strategies, 0.0), {strategy: [] for strategy in strategies}
+            for _ in range(args.rounds):  # strategies interleaved round by round: load drifts hit them alike
+                for strategy in strategies:
+                    wall, answers = run_requests(client, prompts, strategy, level, max(args.requests, level),
+                                                 args.max_tokens)  # fmt: skip
+                    walls[strategy] += wall
+                    done[strategy] += answers
             for strategy in strategies:
-                requests = max(args.requests, level)
-                rows.append(run_level(client, prompts, strategy, level, requests, args.max_tokens))
+                rows.append(cell(strategy, level, walls[strategy], done[strategy]))
                 print(json.dumps({"model": model, **rows[-1]}), flush=True)
             rss.append((f"after concurrency {level}", psutil.Process(server.pid).memory_info().rss))
         memory = memory_run(client, prompts, args.memory_requests, max(levels), server.pid)
@@ -128,7 +137,9 @@ def wait_healthy(port: int, server: subprocess.Popen) -> dict:
     raise SystemExit("the server did not come up")
 
 
-def run_level(client, prompts, strategy: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+def run_requests(client, prompts, strategy: str, concurrency: int, requests: int, max_tokens: int):
+    """(wall seconds, one dict per request) for `requests` requests from `concurrency` client threads."""
+
     def one(i: int) -> dict:
         start = time.perf_counter()
         try:
@@ -142,12 +153,16 @@ def run_level(client, prompts, strategy: str, concurrency: int, requests: int, m
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         done = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - start
+    return time.perf_counter() - start, done
+
+
+def cell(strategy: str, concurrency: int, wall: float, done: list[dict]) -> dict:
+    """One table cell from every round's requests: server throughput = their tokens / the rounds' wall time."""
     ok_rows = [d for d in done if "failed" not in d]
     tokens = sum(d["tokens"] for d in ok_rows)
     latencies = sorted(d["seconds"] for d in ok_rows)
     return {
-        "strategy": strategy, "concurrency": concurrency, "requests": requests, "failed": requests - len(ok_rows),
+        "strategy": strategy, "concurrency": concurrency, "requests": len(done), "failed": len(done) - len(ok_rows),
         "tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall,
         "latency_median": statistics.median(latencies) if latencies else None,
         "latency_max": latencies[-1] if latencies else None,
