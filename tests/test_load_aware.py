@@ -14,7 +14,13 @@ import pytest
 
 from selfmtp.serving.config import resolve_strategy
 from selfmtp.serving.engine import Engine, Request
-from selfmtp.serving.load_aware import EXPLORE_SHARE, AcceptanceStats, PassCost, ProposalRule
+from selfmtp.serving.load_aware import (
+    EXPLORE_SHARE,
+    AcceptanceStats,
+    PassCost,
+    ProposalRule,
+    monotone_from_above,
+)
 
 FLAT = PassCost([(1, 0.010), (128, 0.010)])  # an overhead-bound engine: any pass costs the same
 LINEAR = PassCost([(1, 0.010), (128, 1.280)])  # compute-bound: cost grows with every token fed
@@ -170,3 +176,17 @@ def test_engine_learns_masks_that_are_kept_where_they_are_free(peaked):
     chosen = engine.snapshot()["proposals_chosen"]
     assert max(chosen) == 4 and chosen[4] > sum(chosen.values()) / 2
     assert engine.rule.stats.kept[2] > 0
+
+
+def test_probe_smoothing_pulls_slow_outliers_down():
+    """Noise only adds time: a slow outlier at 4 tokens must not raise the cost of 8 and 16 tokens."""
+    measured = [(1, 1.0), (2, 1.1), (4, 9.0), (8, 1.3), (16, 1.2), (32, 2.0)]
+    assert monotone_from_above(measured) == [(1, 1.0), (2, 1.1), (4, 1.2), (8, 1.2), (16, 1.2), (32, 2.0)]
+
+
+def test_probe_measures_a_monotone_curve_over_every_size(tiny):
+    model, _ = tiny
+    cost = PassCost.measure(model, max_rows=2, rounds=1)
+    assert [tokens for tokens, _ in cost.points] == [1, 2, 4, 8, 16, 32]  # 1-2 rows x 1-16 tokens
+    seconds = [s for _, s in cost.points]
+    assert all(0 < a <= b for a, b in zip(seconds, seconds[1:], strict=False))

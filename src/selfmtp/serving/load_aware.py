@@ -10,12 +10,13 @@ says something when j - 1 was kept).
 - Exploit: the k that maximises `B * E(k) / cost(B * (w + k - 1))` with the cautious estimate
   `q_j = kept_j / (seen_j + 1)`. An untried position counts as one rejection, so the server starts
   at NTP and only uses masks it has seen kept. k = 1 (NTP) is always a candidate.
-- Explore: one position more than the exploit choice (the cheapest pass that can learn something
-  new), and only when both hold: (a) it is worth trying under the optimistic estimate
-  `q_j = (kept_j + 1) / (seen_j + 1)` (its expected tokens/s beats the exploit choice's; the gap
-  between the two estimates is 1 / (seen_j + 1), so a position seen rejected a few times is no
-  longer tried where masks cost time), and (b) the seconds spent on exploration beyond the exploit
-  choice, by the probed curve, stay within `explore_share` (3%) of the seconds of all passes so far.
+- Explore: the k in (exploit, 2 x exploit] with the best expected tokens/s under the optimistic
+  estimate `q_j = (kept_j + 1) / (seen_j + 1)` (from NTP that is one mask, the cheapest pass that
+  can learn something new; where masks are kept the choice climbs 1, 2, 4, 8 in a few passes), and
+  only when both hold: (a) that optimistic rate beats the exploit choice's (the gap between the two
+  estimates is 1 / (seen_j + 1), so a position seen rejected a few times is no longer tried where
+  masks cost time), and (b) the seconds spent on exploration beyond the exploit choice, by the
+  probed curve, stay within `explore_share` (3%) of the seconds of all passes so far.
 
 So when masks are never kept the exploit choice is NTP on every pass and the exploration is capped:
 the passes cost at most 1 / (1 - explore_share) of NTP's (<= 3.1% more), and in practice stop after
@@ -31,6 +32,8 @@ Measured on this 2-core CPU (docs/measurements/serve-*): see the README's serve 
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -64,34 +67,44 @@ class PassCost:
         return ya + (yb - ya) * (tokens - xa) / (xb - xa)
 
     @classmethod
-    def measure(cls, model, *, max_rows: int = 8, repeats: int = 3, seed: int = 0) -> PassCost:
-        """Time cached passes of the loaded model for a few batch widths and tokens per row."""
+    def measure(cls, model, *, max_rows: int = 8, rounds: int = 5, seed: int = 0) -> PassCost:
+        """Time cached passes of the loaded model for a few batch widths and tokens per row.
+
+        Every size is timed once per round and keeps its fastest time: a burst of load from other
+        processes slows one round, not every try of one size.
+        """
         generator = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
-        timings: dict[int, list[float]] = {}
+        fastest: dict[tuple[int, int], float] = {}
         with torch.inference_mode():
+            caches = {}
             for rows in [r for r in PROBE_ROWS if r <= max(1, max_rows)]:
-                cache = preallocated_cache(model)
-                prefix = torch.randint(0, vocab, (rows, PROBE_PREFIX), generator=generator)
-                model(
-                    input_ids=prefix.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1
-                )
-                for fed in PROBE_TOKENS:
+                caches[rows] = preallocated_cache(model)
+                prefix = torch.randint(0, vocab, (rows, PROBE_PREFIX), generator=generator).to(model.device)
+                model(input_ids=prefix, past_key_values=caches[rows], use_cache=True, logits_to_keep=1)
+            for _ in range(rounds):
+                for (rows, cache), fed in itertools.product(caches.items(), PROBE_TOKENS):
                     ids = torch.randint(0, vocab, (rows, fed), generator=generator).to(model.device)
-                    seconds = []
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=fed)
-                        _synchronize(model.device)
-                        seconds.append(time.perf_counter() - start)
-                        cache.crop(-fed)
-                    timings.setdefault(rows * fed, []).append(min(seconds))  # min: least disturbed by others
-        points = sorted((tokens, sum(s) / len(s)) for tokens, s in timings.items())
-        monotone, most = [], 0.0
-        for tokens, seconds in points:  # feeding more never costs less: smooth out timing noise
-            most = max(most, seconds)
-            monotone.append((tokens, most))
-        return cls(monotone)
+                    start = time.perf_counter()
+                    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=fed)
+                    _synchronize(model.device)
+                    seconds = time.perf_counter() - start
+                    cache.crop(-fed)
+                    fastest[rows, fed] = min(seconds, fastest.get((rows, fed), math.inf))
+        by_tokens: dict[int, list[float]] = {}
+        for (rows, fed), seconds in fastest.items():
+            by_tokens.setdefault(rows * fed, []).append(seconds)
+        return cls(monotone_from_above(sorted((tokens, sum(s) / len(s)) for tokens, s in by_tokens.items())))
+
+
+def monotone_from_above(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Feeding more never costs less, and timing noise only ever adds time: so a size costs at most
+    what any larger size was measured at (a slow outlier is pulled down, never pushed up the curve)."""
+    smoothed, least = [], math.inf
+    for tokens, seconds in reversed(points):
+        least = min(least, seconds)
+        smoothed.append((tokens, least))
+    return smoothed[::-1]
 
 
 def _synchronize(device) -> None:
@@ -167,7 +180,11 @@ class ProposalRule:
         exploit = max(range(least, k_max + 1), key=lambda k: (cautious[k] / seconds[k], -k))
         chosen = exploit
         if exploit < k_max:
-            probe, optimistic = exploit + 1, self.stats.expected_tokens(optimistic=True)
+            optimistic = self.stats.expected_tokens(optimistic=True)
+            tries = range(
+                exploit + 1, min(k_max, 2 * exploit) + 1
+            )  # up to twice as many: a climb in log steps
+            probe = max(tries, key=lambda k: (optimistic[k] / seconds[k], -k))
             extra = seconds[probe] - seconds[exploit]
             worth = optimistic[probe] / seconds[probe] > cautious[exploit] / seconds[exploit]
             affordable = self.explored + extra <= self.explore_share * (self.seconds + seconds[probe])
