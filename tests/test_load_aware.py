@@ -73,6 +73,8 @@ def test_masks_always_kept_converge_to_k_max(curve):
     rule = ProposalRule(AcceptanceStats(8), curve)
     chosen = simulate(rule, dict.fromkeys(range(2, 9), 1.0), 300)
     assert set(chosen[-100:]) == {8}
+    if curve is not SMOLLM2_CPU:  # masks (nearly) free: explorations are free too, and double each pass
+        assert chosen[:3] == [2, 4, 8]
     cost = cost_of(chosen, curve) / sum(chosen)  # seconds per token; NTP's is curve(1)
     assert cost < curve(1) / 3 if curve is not SMOLLM2_CPU else cost < curve(1) / 2
 

@@ -181,9 +181,7 @@ class ProposalRule:
         chosen = exploit
         if exploit < k_max:
             optimistic = self.stats.expected_tokens(optimistic=True)
-            tries = range(
-                exploit + 1, min(k_max, 2 * exploit) + 1
-            )  # up to twice as many: a climb in log steps
+            tries = range(exploit + 1, min(k_max, 2 * exploit) + 1)  # up to twice as many: log steps
             probe = max(tries, key=lambda k: (optimistic[k] / seconds[k], -k))
             extra = seconds[probe] - seconds[exploit]
             worth = optimistic[probe] / seconds[probe] > cautious[exploit] / seconds[exploit]
