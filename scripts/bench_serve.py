@@ -251,7 +251,7 @@ def plot(runs: list[dict], strategies: list[str], levels: list[int], path: Path)
             right.plot(
                 levels, [by[(strategy, c)]["latency_median"] for c in levels], marker="o", label=strategy
             )
-        name = Path(run.get("model", "")).name or run.get("model", "")
+        name = "/".join(Path(run.get("model", "")).parts[-3:])  # a run's folder: the last parts say which
         left.set(xlabel="concurrent requests", ylabel="server tokens/s", title=name)
         right.set(xlabel="concurrent requests", ylabel="median request latency (s)", title=name)
         for axis in (left, right):

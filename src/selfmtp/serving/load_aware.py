@@ -26,7 +26,18 @@ same whatever it is fed (one request, a GPU at small batch), NTP once compute is
 (many requests on a CPU), the break-even in between. Evidence fades over `window` observations
 per position, so the choice follows a change of workload.
 
-Measured on this 2-core CPU (docs/measurements/serve-*): see the README's serve section.
+Measured on the 2-core CPU under load (docs/measurements/serve-loadaware-cpu-loaded/, concurrency 1
+and 4): on SmolLM2-135M, whose masks are never kept, `auto` ran NTP passes on 61 of 67 passes and
+tried one mask on 6 (fixed ConfAdapt k_max 8: 0.52x NTP); on the demo student it climbed to 8
+proposals within its first request, 2.73x NTP at concurrency 1. The figures for the targets
+(concurrency 1-8, three models, about 6 minutes on a quiet 2-core machine):
+
+    python scripts/bench_serve.py \
+      --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
+      --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
+      --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
+      --concurrency 1,2,4,8 --requests 8 --rounds 2 --max-tokens 48 --memory-requests 0 \
+      --output docs/measurements/serve-loadaware-cpu
 """
 
 from __future__ import annotations
