@@ -1,10 +1,12 @@
 """Benchmark `selfmtp serve`: throughput and latency by concurrency and strategy, and memory over many requests.
 
 Starts `selfmtp serve` as a subprocess on a free loopback port, then for each concurrency level runs
-a fixed number of requests per strategy (strategies interleaved, so machine load hits them alike)
-from that many client threads with the `openai` client. Server throughput = completion tokens of
+a fixed number of requests per strategy (strategies interleaved, in --rounds rounds, so machine load
+hits them alike) from that many client threads with the `openai` client. Server throughput = completion tokens of
 the level / its wall time. Then sends --memory-requests more and samples the server's RSS.
-Writes bench_serve.json, README.md (table) and bench_serve.png into --output.
+Writes bench_serve.json, README.md (table) and bench_serve.png into --output. With several --model
+(each with its --prompts) the models run one after another and share one table file and plot, led
+by a summary of each strategy's throughput over NTP's.
 
     python scripts/bench_serve.py --model runs/demo/train/final \
       --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl --output docs/measurements/serve-tiny-gsm-cpu
@@ -34,42 +36,70 @@ from selfmtp.serving.server import free_port
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--model", action="append", default=[], help="repeat: several models, one at a time")
+    parser.add_argument("--prompts", action="append", default=[], help="one per --model, in the same order")
     parser.add_argument("--output", required=True)
     parser.add_argument("--strategies", default="ntp,confadapt:0.9:8,auto:0.9:8")
     parser.add_argument("--concurrency", default="1,2,4,8")
-    parser.add_argument("--requests", type=int, default=16, help="per strategy and concurrency level")
+    parser.add_argument(
+        "--requests", type=int, default=16, help="per strategy and concurrency level (>= the level)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="each cell's requests in this many interleaved rounds"
+    )
     parser.add_argument("--max-tokens", type=int, default=120)
-    parser.add_argument("--memory-requests", type=int, default=500)
+    parser.add_argument("--memory-requests", type=int, default=500, help="0: no memory run")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replot", action="store_true", help="redraw --output's table and plot from its json")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw --output's table and plot from its json"
+    )
     args = parser.parse_args()
+    if not args.replot and (not args.model or len(args.prompts) != len(args.model)):
+        parser.error("give one --prompts per --model")
     out = Path(args.output)
     strategies, levels = args.strategies.split(","), [int(c) for c in args.concurrency.split(",")]
     if args.replot:
-        result = json.loads((out / "bench_serve.json").read_text())
-        write_bytes_atomic(out / "README.md", report(result, strategies, levels).encode())
-        return plot(result, strategies, levels, out / "bench_serve.png")
+        return write_report(json.loads((out / "bench_serve.json").read_text()), strategies, levels, out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompts(args.prompts)
-    strategies = args.strategies.split(",")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    runs = [
+        bench_model(model, prompts, args, strategies, levels, out)
+        for model, prompts in zip(args.model, args.prompts, strict=True)
+    ]
+    result = runs[0] if len(runs) == 1 else {"command": runs[0]["command"], "models": runs}
+    write_bytes_atomic(out / "bench_serve.json", json.dumps(result, indent=2).encode())
+    print(write_report(result, strategies, levels, out))
+
+
+def bench_model(
+    model: str, prompt_file: str, args, strategies: list[str], levels: list[int], out: Path
+) -> dict:
+    """Start a server for `model`, run every (level, strategy) cell, then the memory run; the result."""
+    prompts = read_prompts(prompt_file)
     port = free_port()
-    command = [sys.executable, "-m", "selfmtp", "serve", "--model", args.model, "--port", str(port), "--served-name",
+    command = [sys.executable, "-m", "selfmtp", "serve", "--model", model, "--port", str(port), "--served-name",
                "bench", "--max-batch", str(max(levels)), "--max-queue", "256", "--threads", str(args.threads),
                "--seed", str(args.seed), "--strategy", "auto:0.9:8"]  # fmt: skip
-    log = open(out / "server.log", "w")  # noqa: SIM115 - kept open for the server's lifetime
+    log_path = out / f"server-{Path(model).name}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - kept open for the server's lifetime
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         health = wait_healthy(port, server)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600
+        )
         rows, rss = [], [("start", psutil.Process(server.pid).memory_info().rss)]
         for level in levels:
+            walls, done = dict.fromkeys(strategies, 0.0), {strategy: [] for strategy in strategies}
+            for _ in range(args.rounds):  # strategies interleaved round by round: load drifts hit them alike
+                for strategy in strategies:
+                    wall, answers = run_requests(client, prompts, strategy, level, max(args.requests, level),
+                                                 args.max_tokens)  # fmt: skip
+                    walls[strategy] += wall
+                    done[strategy] += answers
             for strategy in strategies:
-                rows.append(run_level(client, prompts, strategy, level, args.requests, args.max_tokens))
-                print(json.dumps(rows[-1]), flush=True)
+                rows.append(cell(strategy, level, walls[strategy], done[strategy]))
+                print(json.dumps({"model": model, **rows[-1]}), flush=True)
             rss.append((f"after concurrency {level}", psutil.Process(server.pid).memory_info().rss))
         memory = memory_run(client, prompts, args.memory_requests, max(levels), server.pid)
         final_health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())
@@ -77,15 +107,22 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
         log.close()
-    result = {
-        "command": " ".join(["python", *sys.argv]), "server_command": " ".join(command[1:]),
-        "load_average_end": os.getloadavg(), "pass_cost_log": pass_cost_line(out / "server.log"),
+    return {
+        "model": model, "command": " ".join(["python", *sys.argv]), "server_command": " ".join(command[1:]),
+        "load_average_end": os.getloadavg(), "pass_cost_log": pass_cost_line(log_path),
         "rows": rows, "rss": rss, "memory": memory, "engine_start": health, "engine_end": final_health,
     }  # fmt: skip
-    write_bytes_atomic(out / "bench_serve.json", json.dumps(result, indent=2).encode())
-    write_bytes_atomic(out / "README.md", report(result, strategies, levels).encode())
-    plot(result, strategies, levels, out / "bench_serve.png")
-    print(report(result, strategies, levels))
+
+
+def write_report(result: dict, strategies: list[str], levels: list[int], out: Path) -> str:
+    """README.md (tables) and bench_serve.png (one row of panels per model) from a result; the table text."""
+    runs = result.get("models", [result])
+    text = "\n".join(report(run, strategies, levels) for run in runs)
+    if len(runs) > 1:
+        text = summary(runs, strategies, levels) + "\n" + text
+    write_bytes_atomic(out / "README.md", text.encode())
+    plot(runs, strategies, levels, out / "bench_serve.png")
+    return text
 
 
 def wait_healthy(port: int, server: subprocess.Popen) -> dict:
@@ -100,7 +137,9 @@ def wait_healthy(port: int, server: subprocess.Popen) -> dict:
     raise SystemExit("the server did not come up")
 
 
-def run_level(client, prompts, strategy: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+def run_requests(client, prompts, strategy: str, concurrency: int, requests: int, max_tokens: int):
+    """(wall seconds, one dict per request) for `requests` requests from `concurrency` client threads."""
+
     def one(i: int) -> dict:
         start = time.perf_counter()
         try:
@@ -114,12 +153,16 @@ def run_level(client, prompts, strategy: str, concurrency: int, requests: int, m
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         done = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - start
+    return time.perf_counter() - start, done
+
+
+def cell(strategy: str, concurrency: int, wall: float, done: list[dict]) -> dict:
+    """One table cell from every round's requests: server throughput = their tokens / the rounds' wall time."""
     ok_rows = [d for d in done if "failed" not in d]
     tokens = sum(d["tokens"] for d in ok_rows)
     latencies = sorted(d["seconds"] for d in ok_rows)
     return {
-        "strategy": strategy, "concurrency": concurrency, "requests": requests, "failed": requests - len(ok_rows),
+        "strategy": strategy, "concurrency": concurrency, "requests": len(done), "failed": len(done) - len(ok_rows),
         "tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall,
         "latency_median": statistics.median(latencies) if latencies else None,
         "latency_max": latencies[-1] if latencies else None,
@@ -154,7 +197,7 @@ def pass_cost_line(log: Path) -> str:
 def report(result: dict, strategies: list[str], levels: list[int]) -> str:
     by = {(r["strategy"], r["concurrency"]): r for r in result["rows"]}
     lines = [
-        "# `selfmtp serve`: throughput and latency by concurrency (CPU)", "",
+        f"# `selfmtp serve` on {result.get('model', 'the model')}: throughput and latency by concurrency (CPU)", "",
         f"    {result['command']}", f"    # server: {result['server_command']}", "",
         f"Start-up probe ({result['pass_cost_log']}).", "",
         "| concurrency | strategy | tokens/s | vs ntp | median latency s | max latency s | tokens/pass | failed |",
@@ -169,30 +212,52 @@ def report(result: dict, strategies: list[str], levels: list[int]) -> str:
                          f"{r['latency_max']:.2f} | {r['tokens_per_pass']:.2f} | {r['failed']} |")  # fmt: skip
     mem = result["memory"]
     rss = [f"{n}: {b / 2**20:.0f} MiB" for n, b in mem["rss_by_requests"]]
-    lines += ["", f"Memory over {mem['requests']} more requests (24 tokens each, strategies mixed, "
-              f"{mem['failed']} failed), server RSS: " + ", ".join(rss) + ".",
-              f"Engine at the end: {json.dumps(result['engine_end']['engine'])}.",
+    if mem["requests"]:
+        lines += ["", f"Memory over {mem['requests']} more requests (24 tokens each, strategies mixed, "
+                  f"{mem['failed']} failed), server RSS: " + ", ".join(rss) + "."]  # fmt: skip
+    lines += ["", f"Engine at the end: {json.dumps(result['engine_end']['engine'])}.",
               f"Load average at the end: {', '.join(f'{x:.2f}' for x in result['load_average_end'])}.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
-def plot(result: dict, strategies: list[str], levels: list[int], path: Path) -> None:
+def summary(runs: list[dict], strategies: list[str], levels: list[int]) -> str:
+    """One line per model: each strategy's server throughput over NTP's at every concurrency level."""
+    others = [s for s in strategies if s != "ntp"]
+    lines = ["# `selfmtp serve`: server throughput over NTP's by concurrency (CPU)", "",
+             f"    {runs[0]['command']}", "",
+             "| model | strategy | " + " | ".join(f"concurrency {c}" for c in levels) + " |",
+             "|---|---|" + "---|" * len(levels)]  # fmt: skip
+    for run in runs:
+        by = {(r["strategy"], r["concurrency"]): r["tokens_per_second"] for r in run["rows"]}
+        for strategy in others:
+            ratios = [f"{by[strategy, c] / by['ntp', c]:.2f}x" for c in levels]
+            lines.append(f"| {run['model']} | {strategy} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], strategies: list[str], levels: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by = {(r["strategy"], r["concurrency"]): r for r in result["rows"]}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for strategy in strategies:
-        left.plot(levels, [by[(strategy, c)]["tokens_per_second"] for c in levels], marker="o", label=strategy)
-        right.plot(levels, [by[(strategy, c)]["latency_median"] for c in levels], marker="o", label=strategy)
-    left.set(xlabel="concurrent requests", ylabel="server tokens/s", xscale="log", xticks=levels, xticklabels=levels)
-    right.set(xlabel="concurrent requests", ylabel="median request latency (s)", xscale="log", xticks=levels,
-              xticklabels=levels)  # fmt: skip
-    for axis in (left, right):
-        axis.minorticks_off()
-    left.legend()
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 4 * len(runs)), squeeze=False)
+    for run, (left, right) in zip(runs, axes, strict=True):
+        by = {(r["strategy"], r["concurrency"]): r for r in run["rows"]}
+        for strategy in strategies:
+            left.plot(
+                levels, [by[(strategy, c)]["tokens_per_second"] for c in levels], marker="o", label=strategy
+            )
+            right.plot(
+                levels, [by[(strategy, c)]["latency_median"] for c in levels], marker="o", label=strategy
+            )
+        name = "/".join(Path(run.get("model", "")).parts[-3:])  # a run's folder: the last parts say which
+        left.set(xlabel="concurrent requests", ylabel="server tokens/s", title=name)
+        right.set(xlabel="concurrent requests", ylabel="median request latency (s)", title=name)
+        for axis in (left, right):
+            axis.set(xscale="log", xticks=levels, xticklabels=levels)
+            axis.minorticks_off()
+        left.legend()
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)

@@ -8,7 +8,7 @@ FastAPI app (`app.create_app`). `start_server` does the same in a background thr
 from __future__ import annotations
 
 from selfmtp.serving.config import AUTO_HELP, ServeConfig, resolve_strategy
-from selfmtp.serving.load_aware import AcceptanceStats, PassCost, choose_proposals
+from selfmtp.serving.load_aware import AcceptanceStats, PassCost, ProposalRule
 
 
 def serve(mtp, config: ServeConfig, log=print) -> None:
@@ -26,6 +26,6 @@ def start_server(mtp, config: ServeConfig):
 
 
 __all__ = [
-    "AUTO_HELP", "AcceptanceStats", "PassCost", "ServeConfig", "choose_proposals", "resolve_strategy", "serve",
+    "AUTO_HELP", "AcceptanceStats", "PassCost", "ProposalRule", "ServeConfig", "resolve_strategy", "serve",
     "start_server",
 ]  # fmt: skip

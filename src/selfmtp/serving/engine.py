@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from selfmtp.decoding.batch import BatchDecoder, BatchRow, StepEvent
 from selfmtp.decoding.strategies import Strategy
-from selfmtp.serving.load_aware import AcceptanceStats, PassCost, choose_proposals
+from selfmtp.serving.load_aware import AcceptanceStats, PassCost, ProposalRule
 from selfmtp.serving.text import TextDeltas
 
 
@@ -75,13 +75,13 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.pass_cost = pass_cost
-        self.acceptance = AcceptanceStats(auto_k_max)
+        self.rule = ProposalRule(AcceptanceStats(auto_k_max), pass_cost) if pass_cost is not None else None
         self.waiting: deque[Request] = deque()
         self.requests: dict[BatchRow, Request] = {}  # the request of every row in the batch
         self.lock = threading.Condition()
         self.stats = {
             "passes": 0, "row_passes": 0, "completed": 0, "failed": 0, "cancelled": 0, "joined_running_batch": 0,
-            "largest_batch": 0, "proposals_chosen": {},
+            "largest_batch": 0, "proposals_chosen": {}, "exploration_passes": 0,
         }  # fmt: skip
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="selfmtp-engine", daemon=True)
@@ -175,24 +175,24 @@ class Engine:
             if proposals is not None:
                 chosen = self.stats["proposals_chosen"]
                 chosen[proposals] = chosen.get(proposals, 0) + 1
+                self.stats["exploration_passes"] = self.rule.explorations
             for event in events:
                 self._deliver(event)
 
     def _load_aware_proposals(self) -> int | None:
         rows = self.decoder.active
-        if self.pass_cost is None or not any(row.load_aware for row in rows):
+        if self.rule is None or not any(row.load_aware for row in rows):
             return None
         fixed = [row.state.k for row in rows if not row.load_aware]
-        return choose_proposals(
-            self.acceptance, self.pass_cost, rows=len(rows),
-            fed_per_row=max(len(row.state.pending) for row in rows), least=max(fixed, default=1),
-        )  # fmt: skip
+        widest = max(len(row.state.pending) for row in rows)
+        return self.rule.choose(rows=len(rows), fed_per_row=widest, least=max(fixed, default=1))
 
     def _deliver(self, event: StepEvent) -> None:
         row = event.row
         request = self.requests[row]
-        if row.load_aware and row.error is None:
-            self.acceptance.record(event.proposed, len(event.token_ids))
+        # a row's last pass is left out: a stop rule or the budget may have cut what its strategy kept
+        if self.rule and row.load_aware and row.error is None and not event.finished:
+            self.rule.stats.record(event.proposed, len(event.token_ids))
         if row.error is not None:
             traceback.print_exception(row.error)
             del self.requests[row]

@@ -1,17 +1,50 @@
 """Load-aware mask count: per pass, propose as many tokens as the batch can afford (down to NTP).
 
-The rule. A pass over B rows that feeds each row w real tokens plus m masks costs `cost(B * (w + m))`
-seconds (the curve `PassCost` measures at start-up). With m masks a row expects
-`E(m) = 1 + sum_{j=2..m+1} P(run >= j)` accepted tokens, where `P(run >= j)` is the running
-fraction of passes that proposed position j and accepted it (`AcceptanceStats`). The server picks
-the m that maximises its expected throughput `B * E(m) / cost(B * (w + m))`. m = 0 (plain NTP) is
-always a candidate, so the choice never expects fewer tokens/s than NTP: masks are used while a
-pass costs about the same whatever it is fed (one request, a GPU at small batch) and dropped once
-compute is the bottleneck (many requests on a CPU).
+The rule (`ProposalRule.choose`). A pass over B rows that feeds each row w real tokens and proposes
+k tokens (k - 1 masks) costs `cost(B * (w + k - 1))` seconds (the curve `PassCost` measures at
+start-up). With k proposals a row expects `E(k) = 1 + sum_{j=2..k} P(run >= j)` tokens, where
+`P(run >= j) = q_2 * ... * q_j` and `q_j` is the rate at which a row whose accepted run reached
+j - 1 also kept position j (`AcceptanceStats`; a ConfAdapt run is a leading run, so position j only
+says something when j - 1 was kept).
+
+- Exploit: the k that maximises `B * E(k) / cost(B * (w + k - 1))` with the cautious estimate
+  `q_j = kept_j / (seen_j + 1)`. An untried position counts as one rejection, so the server starts
+  at NTP and only uses masks it has seen kept. k = 1 (NTP) is always a candidate.
+- Explore: the k in (exploit, 2 x exploit] with the best expected tokens/s under the optimistic
+  estimate `q_j = (kept_j + 1) / (seen_j + 1)` (from NTP that is one mask, the cheapest pass that
+  can learn something new; where masks are kept the choice climbs 1, 2, 4, 8 in a few passes), and
+  only when both hold: (a) that optimistic rate beats the exploit choice's (the gap between the two
+  estimates is 1 / (seen_j + 1), so a position seen rejected a few times is no longer tried where
+  masks cost time), and (b) the seconds spent on exploration beyond the exploit choice, by the
+  probed curve, stay within `explore_share` (3%) of the seconds of all passes so far.
+
+So when masks are never kept the exploit choice is NTP on every pass and the exploration is capped:
+the passes cost at most 1 / (1 - explore_share) of NTP's (<= 3.1% more), and in practice stop after
+a handful of tries once (a) fails. When masks are kept the cautious estimate approaches the true
+rate and the choice the k with the highest expected tokens/s: k_max where a pass costs about the
+same whatever it is fed (one request, a GPU at small batch), NTP once compute is the bottleneck
+(many requests on a CPU), the break-even in between. Evidence fades over `window` observations
+per position, so the choice follows a change of workload.
+
+Measured on the 2-core CPU under load (docs/measurements/serve-loadaware-cpu-loaded/, concurrency 1
+and 4): on SmolLM2-135M, whose masks are never kept, `auto` ran NTP passes on 61 of 67 passes and
+tried one mask on 6 (fixed ConfAdapt k_max 8: 0.52x NTP); on the demo student it climbed to 8
+proposals within its first request, 2.73x NTP at concurrency 1. The figures for the targets
+(concurrency 1-8, three models, about 6 minutes on a quiet 2-core machine):
+
+    python scripts/bench_serve.py \
+      --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
+      --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
+      --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
+      --concurrency 1,2,4,8 --requests 8 --rounds 2 --max-tokens 48 --memory-requests 0 \
+      --output docs/measurements/serve-loadaware-cpu
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +55,7 @@ from selfmtp.decoding.kv_cache import preallocated_cache
 PROBE_TOKENS = (1, 2, 4, 8, 16)  # tokens fed per row in the start-up probe
 PROBE_ROWS = (1, 2, 4, 8)  # batch widths in the start-up probe
 PROBE_PREFIX = 48  # cached tokens per row before the timed passes (attention is part of the cost)
+EXPLORE_SHARE = 0.03  # the most of all passes' seconds that exploration may add
 
 
 @dataclass
@@ -31,45 +65,57 @@ class PassCost:
     points: list[tuple[int, float]]  # (tokens fed, seconds), ascending in tokens
 
     def __call__(self, tokens: int) -> float:
-        xs = [x for x, _ in self.points]
-        ys = [y for _, y in self.points]
-        if tokens <= xs[0]:
-            return ys[0]
-        for (x0, y0), (x1, y1) in zip(self.points, self.points[1:], strict=False):
-            if tokens <= x1:
-                return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
-        if len(xs) == 1:
-            return ys[0] * tokens / xs[0]
-        slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))  # beyond the probe: the last slope
-        return ys[-1] + slope * (tokens - xs[-1])
+        (x0, y0), last = self.points[0], len(self.points) - 1
+        if tokens <= x0:
+            return y0
+        i = bisect.bisect_left(self.points, (tokens,))  # the first point at or beyond `tokens`
+        if i > last:  # beyond the probe: the last slope
+            if last == 0:
+                return y0 * tokens / x0
+            (xa, ya), (xb, yb) = self.points[-2], self.points[-1]
+            return yb + max(0.0, (yb - ya) / (xb - xa)) * (tokens - xb)
+        (xa, ya), (xb, yb) = self.points[i - 1], self.points[i]
+        return ya + (yb - ya) * (tokens - xa) / (xb - xa)
 
     @classmethod
-    def measure(cls, model, *, max_rows: int = 8, repeats: int = 3, seed: int = 0) -> PassCost:
-        """Time cached passes of the loaded model for a few batch widths and tokens per row."""
+    def measure(cls, model, *, max_rows: int = 8, rounds: int = 5, seed: int = 0) -> PassCost:
+        """Time cached passes of the loaded model for a few batch widths and tokens per row.
+
+        Every size is timed once per round and keeps its fastest time: a burst of load from other
+        processes slows one round, not every try of one size.
+        """
         generator = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
-        timings: dict[int, list[float]] = {}
+        fastest: dict[tuple[int, int], float] = {}
         with torch.inference_mode():
+            caches = {}
             for rows in [r for r in PROBE_ROWS if r <= max(1, max_rows)]:
-                cache = preallocated_cache(model)
-                prefix = torch.randint(0, vocab, (rows, PROBE_PREFIX), generator=generator)
-                model(input_ids=prefix.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-                for fed in PROBE_TOKENS:
+                caches[rows] = preallocated_cache(model)
+                prefix = torch.randint(0, vocab, (rows, PROBE_PREFIX), generator=generator).to(model.device)
+                model(input_ids=prefix, past_key_values=caches[rows], use_cache=True, logits_to_keep=1)
+            for _ in range(rounds):
+                for (rows, cache), fed in itertools.product(caches.items(), PROBE_TOKENS):
                     ids = torch.randint(0, vocab, (rows, fed), generator=generator).to(model.device)
-                    seconds = []
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=fed)
-                        _synchronize(model.device)
-                        seconds.append(time.perf_counter() - start)
-                        cache.crop(-fed)
-                    timings.setdefault(rows * fed, []).append(min(seconds))  # min: least disturbed by others
-        points = sorted((tokens, sum(s) / len(s)) for tokens, s in timings.items())
-        monotone, most = [], 0.0
-        for tokens, seconds in points:  # feeding more never costs less: smooth out timing noise
-            most = max(most, seconds)
-            monotone.append((tokens, most))
-        return cls(monotone)
+                    start = time.perf_counter()
+                    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=fed)
+                    _synchronize(model.device)
+                    seconds = time.perf_counter() - start
+                    cache.crop(-fed)
+                    fastest[rows, fed] = min(seconds, fastest.get((rows, fed), math.inf))
+        by_tokens: dict[int, list[float]] = {}
+        for (rows, fed), seconds in fastest.items():
+            by_tokens.setdefault(rows * fed, []).append(seconds)
+        return cls(monotone_from_above(sorted((tokens, sum(s) / len(s)) for tokens, s in by_tokens.items())))
+
+
+def monotone_from_above(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Feeding more never costs less, and timing noise only ever adds time: so a size costs at most
+    what any larger size was measured at (a slow outlier is pulled down, never pushed up the curve)."""
+    smoothed, least = [], math.inf
+    for tokens, seconds in reversed(points):
+        least = min(least, seconds)
+        smoothed.append((tokens, least))
+    return smoothed[::-1]
 
 
 def _synchronize(device) -> None:
@@ -79,47 +125,79 @@ def _synchronize(device) -> None:
 
 @dataclass
 class AcceptanceStats:
-    """Running P(run >= j) per proposal position j, from what load-aware rows proposed and accepted.
+    """Per proposal position j >= 2: how often a row whose run reached j - 1 also kept position j.
 
-    Starts from a prior of `prior_accepted` / `prior_proposed` per position, so untried positions
-    look worth trying once; evidence outweighs it after a few passes.
+    Counts fade by a factor (1 - 1/window) per new observation of a position, so they weigh about
+    the last `window` observations.
     """
 
     k_max: int
-    prior_accepted: float = 1.0
-    prior_proposed: float = 2.0
-    proposed: list[float] = field(default_factory=list)
-    accepted: list[float] = field(default_factory=list)
+    window: float = 1000.0
+    seen: list[float] = field(default_factory=list)
+    kept: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        self.proposed = [0.0] * (self.k_max + 1)
-        self.accepted = [0.0] * (self.k_max + 1)
+        self.seen = [0.0] * (self.k_max + 1)
+        self.kept = [0.0] * (self.k_max + 1)
 
     def record(self, proposed: int, accepted: int) -> None:
-        for j in range(2, min(proposed, self.k_max) + 1):
-            self.proposed[j] += 1
-            self.accepted[j] += accepted >= j
+        """One row's pass: it proposed `proposed` tokens and its strategy kept the first `accepted`."""
+        fade = 1.0 - 1.0 / self.window
+        for j in range(2, min(proposed, self.k_max, accepted + 1) + 1):  # positions the run reached
+            self.seen[j] = self.seen[j] * fade + 1.0
+            self.kept[j] = self.kept[j] * fade + (accepted >= j)
 
-    def rate(self, j: int) -> float:
-        return (self.accepted[j] + self.prior_accepted) / (self.proposed[j] + self.prior_proposed)
+    def rate(self, j: int, optimistic: bool = False) -> float:
+        """q_j: cautious (an untried position counts as one rejection) or optimistic (as one acceptance)."""
+        return (self.kept[j] + optimistic) / (self.seen[j] + 1.0)
 
-    def expected_tokens(self, proposals: int) -> float:
-        """E(tokens accepted) from a pass proposing `proposals` tokens (position 1 is always kept)."""
-        return 1.0 + sum(self.rate(j) for j in range(2, min(proposals, self.k_max) + 1))
+    def expected_tokens(self, optimistic: bool = False) -> list[float]:
+        """E(k) for k = 0..k_max (E(0) unused): tokens a row expects from a pass proposing k tokens."""
+        expected, run, reach = [0.0, 1.0], 1.0, 1.0
+        for j in range(2, self.k_max + 1):
+            reach *= self.rate(j, optimistic)  # P(run >= j)
+            run += reach
+            expected.append(run)
+        return expected
 
 
-def choose_proposals(
-    stats: AcceptanceStats, cost: PassCost, *, rows: int, fed_per_row: int, least: int = 1
-) -> int:
-    """Tokens to propose this pass (1 = NTP) maximising expected tokens/s of `rows` rows.
+@dataclass
+class ProposalRule:
+    """The per-pass choice of the proposal count (module docstring), with its exploration budget."""
 
-    `fed_per_row` is the widest block of real tokens a row feeds this pass; `least` is the proposal
-    count the pass has anyway (rows with a fixed strategy), which costs nothing extra to use.
-    """
-    best, best_rate = 1, -1.0
-    for k in range(1, stats.k_max + 1):
-        width = fed_per_row + max(k, least) - 1
-        rate = rows * stats.expected_tokens(max(k, least)) / cost(rows * width)
-        if rate > best_rate * (1 + 1e-9):  # ties go to fewer masks: same speed, less compute
-            best, best_rate = max(k, least), rate
-    return best
+    stats: AcceptanceStats
+    cost: PassCost
+    explore_share: float = EXPLORE_SHARE
+    seconds: float = 0.0  # all chosen passes, by the probed curve
+    explored: float = 0.0  # what exploration passes cost beyond the exploit choice, by the curve
+    explorations: int = 0
+    _seconds: dict = field(default_factory=dict, repr=False)
+
+    def choose(self, *, rows: int, fed_per_row: int, least: int = 1) -> int:
+        """Tokens to propose this pass (1 = NTP) for `rows` rows feeding up to `fed_per_row` real tokens.
+
+        `least` is the proposal count the pass has anyway (rows with a fixed strategy): using it
+        costs nothing extra.
+        """
+        k_max = self.stats.k_max
+        least = min(max(1, least), k_max)
+        seconds = self._seconds.get((rows, fed_per_row))  # by k
+        if seconds is None:
+            seconds = [0.0] + [self.cost(rows * (fed_per_row + k - 1)) for k in range(1, k_max + 1)]
+            if fed_per_row <= k_max:  # decode passes: the same few (rows, fed) come back pass after pass
+                self._seconds[rows, fed_per_row] = seconds
+        cautious = self.stats.expected_tokens()
+        # ties go to fewer masks: the same speed for less compute
+        exploit = max(range(least, k_max + 1), key=lambda k: (cautious[k] / seconds[k], -k))
+        chosen = exploit
+        if exploit < k_max:
+            optimistic = self.stats.expected_tokens(optimistic=True)
+            tries = range(exploit + 1, min(k_max, 2 * exploit) + 1)  # up to twice as many: log steps
+            probe = max(tries, key=lambda k: (optimistic[k] / seconds[k], -k))
+            extra = seconds[probe] - seconds[exploit]
+            worth = optimistic[probe] / seconds[probe] > cautious[exploit] / seconds[exploit]
+            affordable = self.explored + extra <= self.explore_share * (self.seconds + seconds[probe])
+            if worth and affordable:
+                chosen, self.explored, self.explorations = probe, self.explored + extra, self.explorations + 1
+        self.seconds += seconds[chosen]
+        return chosen
