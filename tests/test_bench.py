@@ -127,3 +127,26 @@ def test_llama_cpp_on_smollm2_agrees_with_our_loop(tmp_path, prompts):
     assert [row["engine"] for row in result["engines"]] == ["ntp", "hf-generate", "llama-cpp"]
     for match in result["tokens_match"]:  # Q4_1 weights in llama.cpp, dequantised float32 in torch
         assert match["ntp_vs_hf_generate"] and match["common_prefix_with_ntp"]["llama-cpp"] >= 3
+
+
+def test_hf_prompt_lookup_baseline_is_greedy_and_gated_models_bench_their_base_gguf(tmp_path):
+    # transformers' prompt lookup verifies its n-gram drafts, so it must give our ntp tokens; a prompt that
+    # repeats gives it drafts to verify. A gated directory's real tokens are its base's: llama.cpp runs that GGUF.
+    from selfmtp.api import MTPModel
+    from selfmtp.decoding.loop import generate_batch
+    from selfmtp.decoding.strategies import parse_strategy
+    from selfmtp.evaluation.bench import BenchConfig, _hf_generate_engine, gguf_for
+    from selfmtp.models.loading import smollm2_gguf_path
+
+    mtp = MTPModel.from_pretrained("tiny", seed=0)
+    ids = mtp.tokenizer("one two three four one two three four one two")["input_ids"]
+    lookup = _hf_generate_engine(mtp, prompt_lookup_num_tokens=4)(ids, 12)
+    ntp = generate_batch(mtp.model, [ids], parse_strategy("ntp"), max_new_tokens=12)[0]
+    assert lookup.tokens == ntp.token_ids and len(lookup.tokens) == 12
+    gated = tmp_path / "gated"
+    gated.mkdir()
+    (gated / "gated_model.safetensors").write_bytes(b"")
+    (gated / "selfmtp.json").write_text(json.dumps({"base_model": "smollm2-135m"}))
+    assert gguf_for(BenchConfig(model=str(gated), prompts="p")) == smollm2_gguf_path()
+    assert gguf_for(BenchConfig(model="smollm2-135m-mtp", prompts="p")) == smollm2_gguf_path()
+    assert gguf_for(BenchConfig(model="tiny", prompts="p")) is None

@@ -6,6 +6,8 @@ burst of background load hits all of them alike. Engines:
 
 - each strategy through our KV-cached loop (`ntp` is always measured: it is the reference),
 - `hf-generate`: transformers `generate`, greedy, on the same model object and prompt ids,
+- `hf-prompt-lookup`: the same with transformers' prompt lookup decoding (`prompt_lookup_num_tokens`,
+  n-gram drafts copied from the prompt and verified: greedy output, the lossless baseline people try first),
 - `llama-cpp`: llama.cpp (llama-cpp-python) on the original GGUF, greedy, same prompt ids and
   torch's thread count; skipped with a note when the package or a GGUF is missing.
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +28,8 @@ from selfmtp.errors import SelfMTPError
 from selfmtp.evaluation.bench_report import Sample, format_markdown, summarize
 from selfmtp.evaluation.report import write_json_atomic, write_text_atomic
 
-BASELINES = ("hf-generate", "llama-cpp")
+BASELINES = ("hf-generate", "hf-prompt-lookup", "llama-cpp")
+PROMPT_LOOKUP_TOKENS = 10  # drafts per lookup: transformers' documented example value
 LLAMA_CPP_HINT = "pip install 'selfmtp[llama-cpp]'"
 
 
@@ -128,6 +131,8 @@ def _build_engines(config: BenchConfig, strategies, baselines):
     notes = []
     if "hf-generate" in baselines:
         engines.append(("hf-generate", _hf_generate_engine(mtp)))
+    if "hf-prompt-lookup" in baselines:
+        engines.append(("hf-prompt-lookup", _hf_generate_engine(mtp, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS)))
     if "llama-cpp" in baselines:
         engine, note = _llama_cpp_engine(config, mtp)
         if engine is None:
@@ -155,7 +160,7 @@ def _loop_engine(mtp, strategy):
     return run
 
 
-def _hf_generate_engine(mtp):
+def _hf_generate_engine(mtp, **generate_options):
     from transformers.generation.streamers import BaseStreamer
 
     class FirstTokenClock(BaseStreamer):  # generate puts the prompt first, then each new token
@@ -179,7 +184,7 @@ def _hf_generate_engine(mtp):
         with torch.inference_mode():
             out = mtp.model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=pad_id, streamer=clock,
+                do_sample=False, pad_token_id=pad_id, streamer=clock, **generate_options,
             )  # fmt: skip
         seconds = time.perf_counter() - start
         first = clock.at - start if clock.at is not None else None
@@ -190,7 +195,9 @@ def _hf_generate_engine(mtp):
 
 def gguf_for(config: BenchConfig) -> Path | None:
     """The GGUF llama.cpp should run: --gguf, the model spec itself, or the file an alias was converted from."""
-    from selfmtp.models.loading import parse_model_spec, smollm2_gguf_path
+    from selfmtp.models.adapters import base_spec
+    from selfmtp.models.gated import is_gated_dir
+    from selfmtp.models.loading import ALIASES, parse_model_spec, smollm2_gguf_path
 
     if config.gguf:
         return Path(config.gguf)
@@ -199,6 +206,9 @@ def gguf_for(config: BenchConfig) -> Path | None:
         return Path(spec.source)
     if spec.kind == "alias" and spec.source == "smollm2-135m":
         return smollm2_gguf_path()
+    directory = ALIASES[spec.source]() if spec.kind == "alias" else Path(spec.source) if spec.kind == "dir" else None
+    if directory is not None and is_gated_dir(directory):  # real tokens run the base: its GGUF gives the same greedy text
+        return gguf_for(replace(config, model=base_spec(directory)))
     return None
 
 
