@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from selfmtp.api import MTPModel
-from selfmtp.decoding.loop import attention_mask, generate_batch, summarize
+from selfmtp.decoding.batch import BatchDecoder
+from selfmtp.decoding.loop import Plan, attention_mask, generate_batch, pass_layout, summarize
 from selfmtp.decoding.strategies import Verify, parse_strategy, with_model_defaults
-from selfmtp.decoding.verify import ExactDecoder, _layout, _Plan
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import load_model
 
@@ -158,8 +158,8 @@ def test_attention_mask_default_is_causal_with_pads_and_holes_hidden():
 
 def test_tree_layout_gives_each_mask_block_its_own_prefix_and_positions():
     # One row, 5 tokens cached: fed [last, d1, d2] then a block of 2 masks after each of the three.
-    plan = _Plan(real=[10, 11, 12], drafts=2, blocks=3, n_masks=2)
-    input_ids, position_ids, fed, within = _layout([plan], torch.tensor([5]), 3, 6, 0, 99, tree=True)
+    plan = Plan(real=[10, 11, 12], drafts=2, blocks=3, n_masks=2, tree=True)
+    input_ids, position_ids, fed, within = pass_layout([plan], torch.tensor([5]), 0, 99)
     assert input_ids.tolist() == [[10, 11, 12, 99, 99, 99, 99, 99, 99]]
     assert position_ids.tolist() == [[5, 6, 7, 6, 7, 7, 8, 8, 9]]
     sees = {q: {k for k in range(9) if within[0, q, k]} for q in range(9)}
@@ -172,8 +172,8 @@ def test_tree_layout_gives_each_mask_block_its_own_prefix_and_positions():
 
 
 def test_batched_layout_right_aligns_real_tokens_and_fills_unused_mask_columns():
-    plans = [_Plan([7, 8, 9], drafts=2, blocks=1, n_masks=3), _Plan([4], drafts=0, blocks=1, n_masks=1)]
-    input_ids, position_ids, fed, within = _layout(plans, torch.tensor([2, 6]), 3, 3, 0, 99, tree=False)
+    plans = [Plan([7, 8, 9], drafts=2, blocks=1, n_masks=3), Plan([4], drafts=0, blocks=1, n_masks=1)]
+    input_ids, position_ids, fed, within = pass_layout(plans, torch.tensor([2, 6]), 0, 99)
     assert within is None
     assert input_ids.tolist() == [[7, 8, 9, 99, 99, 99], [0, 0, 4, 99, 0, 0]]
     assert fed.tolist() == [[True] * 6, [False, False, True, True, False, False]]
@@ -237,15 +237,15 @@ def test_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts):
     columns must equal what a fresh prefill of each row's accepted tokens computes."""
     rejections = []
     with torch.inference_mode():
-        decoder = ExactDecoder(student.model, gsm_prompts[:4], Verify(4), max_new_tokens=40,
-                               pad_token_id=student.tokenizer.pad_token_id)  # fmt: skip
+        decoder = BatchDecoder(student.model, pad_token_id=student.tokenizer.pad_token_id)
+        rows = [decoder.add(p, Verify(4), max_new_tokens=40) for p in gsm_prompts[:4]]
         keep_accepted = decoder._keep_accepted
-        decoder._keep_accepted = lambda fed, plans, rejected, width: (
-            rejections.append(list(rejected)), keep_accepted(fed, plans, rejected, width))
+        decoder._keep_accepted = lambda fed, rejected, width: (
+            rejections.append(list(rejected)), keep_accepted(fed, rejected, width))
         while decoder.active:
             decoder.step()
             for i, row in enumerate(decoder.active):
-                prompt = gsm_prompts[next(j for j, r in enumerate(decoder.rows) if r is row)]
+                prompt = gsm_prompts[rows.index(row)]
                 cached_tokens = prompt + row.token_ids[:-1]  # the last token is pending, not cached
                 real = decoder.key_is_real[i]
                 assert int(real.sum()) == int(decoder.real_count[i]) == len(cached_tokens)
@@ -259,11 +259,11 @@ def test_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts):
 
 def test_tree_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts):
     with torch.inference_mode():
-        decoder = ExactDecoder(student.model, gsm_prompts[:1], Verify(4, tree=True), max_new_tokens=40)
+        decoder = BatchDecoder(student.model)
+        row = decoder.add(gsm_prompts[0], Verify(4, tree=True), max_new_tokens=40)
         while decoder.active:
             decoder.step()
             if decoder.active:
-                row = decoder.rows[0]
                 tokens = gsm_prompts[0] + row.token_ids[:-1]
                 assert decoder.cache.get_seq_length() == len(tokens)  # alone: rejected drafts are cropped
                 fresh = student.model(torch.tensor([tokens]), use_cache=True).past_key_values
