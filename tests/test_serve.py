@@ -254,13 +254,20 @@ def test_bounded_load(peaked, server, client):
     assert server.engine.snapshot()["active"] == 0
 
 
+def test_exact_strategies_are_served():
+    from selfmtp.decoding.strategies import Verify
+    from selfmtp.serving.config import resolve_strategy
+
+    assert resolve_strategy("verify:4:tree:lookup") == (Verify(4, True, True), False)
+    ServeConfig(strategy="verify").check()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--strategy", "bogus"], "unknown strategy 'bogus'"),
         (["--strategy", "auto:2"], "confadapt tau must be in (0, 1]"),
-        (["--strategy", "verify:4"], "not yet supported by the server"),
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):

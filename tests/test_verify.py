@@ -17,6 +17,7 @@ from selfmtp.api import MTPModel
 from selfmtp.decoding.batch import BatchDecoder
 from selfmtp.decoding.loop import Plan, attention_mask, generate_batch, pass_layout, summarize
 from selfmtp.decoding.strategies import Verify, parse_strategy, with_model_defaults
+from selfmtp.decoding.verify import confident_run, prompt_lookup
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import load_model
 
@@ -113,8 +114,11 @@ def test_parse_verify_strategies():
     assert parse_strategy("verify") == Verify(None, False) and parse_strategy("verify").k_max == 8
     assert parse_strategy("verify:6") == Verify(6, False) and parse_strategy("verify:6").name == "verify:6"
     assert parse_strategy("verify:6:tree") == Verify(6, True) and parse_strategy("verify:tree") == Verify(None, True)
+    assert parse_strategy("verify:6:tree:lookup") == Verify(6, True, True) and Verify(6, True, True).name == "verify:6:tree:lookup"
+    assert parse_strategy("verify:lookup") == Verify(None, False, True) and parse_strategy("verify:4:lookup").k_max == 4
     for bad, message in [("verify:1", "K must be an integer >= 2"), ("verify:x", "must be an integer"),
-                         ("verify:4:bush", "unknown strategy"), ("verify:4:tree:x", "unknown strategy")]:  # fmt: skip
+                         ("verify:4:bush", "unknown strategy"), ("verify:4:tree:x", "unknown strategy"),
+                         ("verify:4:lookup:tree", "unknown strategy")]:  # fmt: skip
         with pytest.raises(SelfMTPError, match=message):
             parse_strategy(bad)
 
@@ -181,10 +185,65 @@ def test_batched_layout_right_aligns_real_tokens_and_fills_unused_mask_columns()
 
 
 # ---------------------------------------------------------------------------------------------
+# Prompt lookup and confidence-limited drafts: pure functions against brute force
+
+
+def brute_force_lookup(tokens, length, max_ngram, min_ngram):
+    """The continuation of the latest earlier occurrence of the longest matching tail (n-gram)."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if n >= len(tokens):
+            continue
+        starts = [s for s in range(len(tokens) - n) if tokens[s : s + n] == tokens[len(tokens) - n :]]
+        if starts:
+            out, source = [], starts[-1] + n
+            extended = list(tokens)
+            while len(out) < length:  # copying past the end copies what was just copied
+                out.append(extended[source])
+                extended.append(extended[source])
+                source += 1
+            return out
+    return []
+
+
+def test_prompt_lookup_copies_the_latest_occurrence_of_the_longest_tail():
+    assert prompt_lookup([5, 6, 7, 1, 5, 6, 8, 2, 5, 6], 3) == [8, 2, 5]  # the latest "5 6", not the first
+    assert prompt_lookup([1, 2, 3, 9, 2, 3, 4, 5, 7, 1, 2, 3], 2) == [9, 2]  # "1 2 3" beats the later "2 3"
+    assert prompt_lookup([1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # a loop: the copy continues with itself
+    assert prompt_lookup([1, 2, 3, 4], 3) == [] and prompt_lookup([4, 4], 3) == []  # no earlier bigram
+    assert prompt_lookup([4, 9, 4], 2, min_ngram=1) == [9, 4] and prompt_lookup([1, 2, 1, 2], 0) == []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        tokens = torch.randint(0, 4, (int(torch.randint(1, 14, (1,), generator=generator)),), generator=generator)
+        tokens = tokens.tolist()
+        for max_ngram, min_ngram in ((3, 2), (3, 1), (1, 1)):
+            assert prompt_lookup(tokens, 4, max_ngram, min_ngram) == brute_force_lookup(tokens, 4, max_ngram, min_ngram)
+
+
+def test_confident_run_keeps_the_leading_confident_proposals():
+    assert confident_run([1, 2, 3], [0.9, 0.5, 0.9], 0.6) == [1]
+    assert confident_run([1, 2, 3], [0.05, 0.9, 0.9], 0.1) == [] and confident_run([1, 2], [0.2, 0.3], 0.1) == [1, 2]
+
+
+def test_lookup_drafts_are_accepted_on_text_that_repeats(random_mtp):
+    """Random masks never draft right, but a prompt that repeats (and greedy output that loops) gives
+    lookup drafts that are: fewer passes than without lookup, the same tokens as greedy."""
+    prompt = random_mtp.encode("a b c d a b c d a b c", chat=False)
+    reference = greedy(random_mtp, [prompt], 32)[0]
+    assert_clear_margins(random_mtp.model, prompt, reference.token_ids)
+    with_lookup = decode(random_mtp, [prompt], "verify:4:lookup", 32)[0]
+    without = decode(random_mtp, [prompt], "verify:4", 32)[0]
+    assert with_lookup.token_ids == without.token_ids == reference.token_ids
+    assert with_lookup.lookup_accepted >= 10 and sum(without.draft_accepted) == 0
+    assert sum(with_lookup.draft_accepted) == with_lookup.lookup_accepted  # every accepted draft was a copy
+    assert with_lookup.forward_passes < 0.7 * without.forward_passes
+    assert summarize([with_lookup])["lookup_accepted"] == with_lookup.lookup_accepted
+
+
+# ---------------------------------------------------------------------------------------------
 # Exactness: identical to greedy k=1
 
 
-@pytest.mark.parametrize("strategy", ["verify:4", "verify:3:tree"])
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:3:tree", "verify:4:lookup"])
 def test_random_model_output_equals_greedy_and_transformers(random_mtp, strategy):
     prompts = [random_mtp.encode(p, chat=False) for p in ["The capital of France is", "Once upon a time"]]
     reference = greedy(random_mtp, prompts, 16)
@@ -208,7 +267,7 @@ def test_drafts_that_keep_failing_back_off_to_plain_ntp_passes(random_mtp, strat
     assert plain >= 0.6 * result.forward_passes and result.draft_offered[0] <= 8
 
 
-@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree", "verify:4:tree:lookup"])
 def test_trained_student_accepts_many_drafts_and_equals_greedy(student, gsm_prompts, strategy):
     reference = greedy(student, gsm_prompts, 60)
     for prompt, ref in zip(gsm_prompts, reference, strict=True):
@@ -285,7 +344,7 @@ def _token_inside_a_run(result) -> tuple[int, int]:
     raise AssertionError("no pass accepted two drafts")
 
 
-@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree", "verify:4:lookup"])
 def test_eos_inside_an_accepted_run_cuts_where_greedy_does(student, gsm_prompts, strategy):
     free = decode(student, gsm_prompts[:1], strategy, 60)[0]
     index, token = _token_inside_a_run(free)
@@ -307,7 +366,7 @@ def test_stop_string_inside_an_accepted_run_cuts_where_greedy_does(student, gsm_
     assert stopped.stop_reason == "stop_string" and stop not in stopped.text
 
 
-@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree", "verify:4:lookup"])
 def test_budget_and_context_limit_are_never_exceeded(student, gsm_prompts, strategy):
     context = student.model.config.max_position_embeddings
     seen = []

@@ -41,7 +41,7 @@ import torch
 from selfmtp.decoding.loop import Plan, _Row, _StopRules, take_tokens
 from selfmtp.decoding.strategies import Verify
 
-DRAFT_MIN_CONFIDENCE = 0.1
+DRAFT_MIN_CONFIDENCE = 0.5
 MISS_WIDTH = 1
 MISSES_BEFORE_BACKOFF = 2
 MAX_BACKOFF = 64
@@ -51,10 +51,11 @@ LOOKUP_MIN_NGRAM = 2
 
 def prompt_lookup(tokens: list[int], length: int, max_ngram: int = LOOKUP_MAX_NGRAM,
                   min_ngram: int = LOOKUP_MIN_NGRAM) -> list[int]:  # fmt: skip
-    """Up to `length` tokens that followed the latest earlier occurrence of the last n tokens; [] if none.
+    """`length` tokens that followed the latest earlier occurrence of the last n tokens; [] if none.
 
-    The longest n (max_ngram down to min_ngram) with an earlier occurrence wins; the occurrence must
-    leave at least one token before the end (the tail itself is not an earlier occurrence).
+    The longest n (max_ngram down to min_ngram) with an earlier occurrence wins. The copy may run
+    into the tail and then continues with what it copied (as LZ77 does), so a loop of period p
+    still gives `length` drafts, not p.
     """
     if length < 1:
         return []
@@ -62,7 +63,10 @@ def prompt_lookup(tokens: list[int], length: int, max_ngram: int = LOOKUP_MAX_NG
         tail = tokens[-n:]
         for start in range(len(tokens) - n - 1, -1, -1):
             if tokens[start : start + n] == tail:
-                return tokens[start + n : start + n + length]
+                copied = list(tokens)
+                for i in range(length):
+                    copied.append(copied[start + n + i])
+                return copied[len(tokens) :]
     return []
 
 
