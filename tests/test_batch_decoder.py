@@ -7,7 +7,7 @@ import torch
 
 from selfmtp.decoding.batch import COMPACT_AT_LEAST, BatchDecoder
 from selfmtp.decoding.loop import generate_batch
-from selfmtp.decoding.strategies import NTP, AdaptiveConfAdapt, ConfAdapt, Static
+from selfmtp.decoding.strategies import NTP, AdaptiveConfAdapt, ConfAdapt, Static, Verify
 
 
 def alone(mtp, prompt, strategy, max_new_tokens):
@@ -29,6 +29,29 @@ def test_row_added_mid_decode_gets_exactly_its_tokens_alone(peaked, strategy):
         decoder.step()
     assert row_a.token_ids == alone(peaked, first, strategy, 24).token_ids
     assert row_b.token_ids == alone(peaked, late, Static(2), 12).token_ids
+
+
+@pytest.mark.parametrize("strategy", [Verify(4), Verify(4, tree=True), Verify(4, lookup=True)], ids=lambda s: s.name)
+def test_exact_row_joining_a_running_ntp_batch_gives_greedy_tokens(peaked, strategy):
+    """A verify row shares passes with NTP rows (its drafts and masks beside their single tokens), joins
+    mid-decode and leaves early: its tokens and theirs are those of static:1 alone."""
+    tokenizer = peaked.tokenizer
+    prompts = [tokenizer(text)["input_ids"] for text in ("The quick brown fox", "Once upon a time there was",
+                                                          "A late prompt that joins while others decode")]  # fmt: skip
+    decoder = BatchDecoder(peaked.model, tokenizer=tokenizer, compact_cache=True)
+    rows = [decoder.add(prompts[0], NTP(), max_new_tokens=30), decoder.add(prompts[1], NTP(), max_new_tokens=8)]
+    for _ in range(3):
+        decoder.step()
+    rows.append(decoder.add(prompts[2], strategy, max_new_tokens=20))
+    fed = []
+    while decoder.active:
+        fed.append(sum(len(row.state.pending) for row in decoder.active))
+        decoder.step()
+    for prompt, row in zip(prompts, rows, strict=True):
+        assert row.token_ids == alone(peaked, prompt, Static(1), row.state.budget).token_ids
+    result = rows[2].result(tokenizer)
+    assert result.strategy == strategy.name and sum(result.draft_offered) > 0  # it did draft, beside the others
+    assert result.token_ids == alone(peaked, prompts[2], strategy, 20).token_ids
 
 
 def test_rows_joining_and_leaving_keep_the_cache_bounded(peaked):
@@ -92,7 +115,9 @@ def test_load_aware_cap_limits_proposals(peaked):
     event_row, event_fixed = decoder.step(max_proposals=1)
     assert event_row.proposed == 1 and len(event_row.token_ids) == 1  # capped to NTP for this pass
     assert len(event_fixed.token_ids) == 2  # a fixed strategy is never capped
-    assert row.state.tokens_fed[-1] == len(tokenizer("Cap me")["input_ids"]) + 1  # the pass fed one mask
+    # each row feeds its own masks only: the capped row none (the other row's mask column is a pad for it)
+    assert row.state.tokens_fed[-1] == len(tokenizer("Cap me")["input_ids"])
+    assert fixed.state.tokens_fed[-1] == len(tokenizer("Not me")["input_ids"]) + 1
     (event_row, _) = decoder.step()
     assert len(event_row.token_ids) == 8  # uncapped; tau 1e-6 < 1/vocab keeps every proposal
     assert fixed.strategy == Static(2)

@@ -53,7 +53,7 @@ def delta(server, before, key):
     return server.engine.snapshot()[key] - before[key]
 
 
-@pytest.mark.parametrize("strategy", ["ntp", "confadapt:0.6:4", "auto:0.6:4"])
+@pytest.mark.parametrize("strategy", ["ntp", "confadapt:0.6:4", "auto:0.6:4", "verify:4", "verify:4:tree:lookup"])
 def test_chat_streamed_equals_whole_equals_generate(peaked, client, strategy):
     whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0,
                                            extra_body={"strategy": strategy})  # fmt: skip
@@ -68,6 +68,8 @@ def test_chat_streamed_equals_whole_equals_generate(peaked, client, strategy):
         ref = reference(peaked, CHAT, strategy, 24, chat=True)
         assert streamed == ref.text
         assert usage["forward_passes"] == ref.forward_passes and whole.usage.completion_tokens == ref.num_tokens
+    if strategy.startswith("verify"):  # exact: the same text as greedy k=1
+        assert streamed == reference(peaked, CHAT, "static:1", 24, chat=True).text
     # one chunk per forward pass, each saying how many tokens that pass gave
     passes = [c for c in chunks if c.choices]
     assert len(passes) == chunks[-1].usage.model_extra["selfmtp"]["forward_passes"]
@@ -162,7 +164,6 @@ GOOD = {"model": MODEL, "prompt": "Hi", "max_tokens": 3}
         ("/completions", GOOD | {"temperature": 0.7}, KEY, 400, "unsupported_sampling", "greedy only"),
         ("/completions", GOOD | {"prompt": "word " * 1100}, KEY, 400, "context_length_exceeded", "context is 1024"),
         ("/completions", GOOD | {"max_tokens": 10_000}, KEY, 400, "invalid_max_tokens", "at most 512"),
-        ("/completions", GOOD | {"strategy": "verify"}, KEY, 400, "invalid_strategy", "not yet supported by the server"),
         ("/completions", GOOD | {"strategy": "bogus"}, KEY, 400, "invalid_strategy", "unknown strategy"),
         ("/completions", GOOD, "wrong", 401, "invalid_api_key", "API key"),
         ("/completions", GOOD, None, 401, "invalid_api_key", "API key"),
@@ -253,13 +254,20 @@ def test_bounded_load(peaked, server, client):
     assert server.engine.snapshot()["active"] == 0
 
 
+def test_exact_strategies_are_served():
+    from selfmtp.decoding.strategies import Verify
+    from selfmtp.serving.config import resolve_strategy
+
+    assert resolve_strategy("verify:4:tree:lookup") == (Verify(4, True, True), False)
+    ServeConfig(strategy="verify").check()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--strategy", "bogus"], "unknown strategy 'bogus'"),
         (["--strategy", "auto:2"], "confadapt tau must be in (0, 1]"),
-        (["--strategy", "verify:4"], "not yet supported by the server"),
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):

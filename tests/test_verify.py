@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from selfmtp.api import MTPModel
-from selfmtp.decoding.loop import attention_mask, generate_batch, summarize
+from selfmtp.decoding.batch import BatchDecoder
+from selfmtp.decoding.loop import Plan, attention_mask, generate_batch, pass_layout, summarize
 from selfmtp.decoding.strategies import Verify, parse_strategy, with_model_defaults
-from selfmtp.decoding.verify import ExactDecoder, _layout, _Plan
+from selfmtp.decoding.verify import confident_run, prompt_lookup
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import load_model
 
@@ -27,6 +28,13 @@ CLEAR_MARGIN = 1e-3
 # vs many passes) differ by ~1e-6 on entries of size ~1; a wrong token, position or hole changes them
 # by O(0.1), so 1e-4 separates the two by orders of magnitude.
 KV_TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def feed_every_draft(monkeypatch):
+    """Exactness must hold whatever is fed: these tests feed every mask proposal as a draft (threshold 0),
+    so the 60-step student's unconfident masks still exercise the accept and reject paths often."""
+    monkeypatch.setattr("selfmtp.decoding.verify.DRAFT_MIN_CONFIDENCE", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +121,11 @@ def test_parse_verify_strategies():
     assert parse_strategy("verify") == Verify(None, False) and parse_strategy("verify").k_max == 8
     assert parse_strategy("verify:6") == Verify(6, False) and parse_strategy("verify:6").name == "verify:6"
     assert parse_strategy("verify:6:tree") == Verify(6, True) and parse_strategy("verify:tree") == Verify(None, True)
+    assert parse_strategy("verify:6:tree:lookup") == Verify(6, True, True) and Verify(6, True, True).name == "verify:6:tree:lookup"
+    assert parse_strategy("verify:lookup") == Verify(None, False, True) and parse_strategy("verify:4:lookup").k_max == 4
     for bad, message in [("verify:1", "K must be an integer >= 2"), ("verify:x", "must be an integer"),
-                         ("verify:4:bush", "unknown strategy"), ("verify:4:tree:x", "unknown strategy")]:  # fmt: skip
+                         ("verify:4:bush", "unknown strategy"), ("verify:4:tree:x", "unknown strategy"),
+                         ("verify:4:lookup:tree", "unknown strategy")]:  # fmt: skip
         with pytest.raises(SelfMTPError, match=message):
             parse_strategy(bad)
 
@@ -158,8 +169,8 @@ def test_attention_mask_default_is_causal_with_pads_and_holes_hidden():
 
 def test_tree_layout_gives_each_mask_block_its_own_prefix_and_positions():
     # One row, 5 tokens cached: fed [last, d1, d2] then a block of 2 masks after each of the three.
-    plan = _Plan(real=[10, 11, 12], drafts=2, blocks=3, n_masks=2)
-    input_ids, position_ids, fed, within = _layout([plan], torch.tensor([5]), 3, 6, 0, 99, tree=True)
+    plan = Plan(real=[10, 11, 12], drafts=2, blocks=3, n_masks=2, tree=True)
+    input_ids, position_ids, fed, within = pass_layout([plan], torch.tensor([5]), 0, 99)
     assert input_ids.tolist() == [[10, 11, 12, 99, 99, 99, 99, 99, 99]]
     assert position_ids.tolist() == [[5, 6, 7, 6, 7, 7, 8, 8, 9]]
     sees = {q: {k for k in range(9) if within[0, q, k]} for q in range(9)}
@@ -172,8 +183,8 @@ def test_tree_layout_gives_each_mask_block_its_own_prefix_and_positions():
 
 
 def test_batched_layout_right_aligns_real_tokens_and_fills_unused_mask_columns():
-    plans = [_Plan([7, 8, 9], drafts=2, blocks=1, n_masks=3), _Plan([4], drafts=0, blocks=1, n_masks=1)]
-    input_ids, position_ids, fed, within = _layout(plans, torch.tensor([2, 6]), 3, 3, 0, 99, tree=False)
+    plans = [Plan([7, 8, 9], drafts=2, blocks=1, n_masks=3), Plan([4], drafts=0, blocks=1, n_masks=1)]
+    input_ids, position_ids, fed, within = pass_layout(plans, torch.tensor([2, 6]), 0, 99)
     assert within is None
     assert input_ids.tolist() == [[7, 8, 9, 99, 99, 99], [0, 0, 4, 99, 0, 0]]
     assert fed.tolist() == [[True] * 6, [False, False, True, True, False, False]]
@@ -181,10 +192,65 @@ def test_batched_layout_right_aligns_real_tokens_and_fills_unused_mask_columns()
 
 
 # ---------------------------------------------------------------------------------------------
+# Prompt lookup and confidence-limited drafts: pure functions against brute force
+
+
+def brute_force_lookup(tokens, length, max_ngram, min_ngram):
+    """The continuation of the latest earlier occurrence of the longest matching tail (n-gram)."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if n >= len(tokens):
+            continue
+        starts = [s for s in range(len(tokens) - n) if tokens[s : s + n] == tokens[len(tokens) - n :]]
+        if starts:
+            out, source = [], starts[-1] + n
+            extended = list(tokens)
+            while len(out) < length:  # copying past the end copies what was just copied
+                out.append(extended[source])
+                extended.append(extended[source])
+                source += 1
+            return out
+    return []
+
+
+def test_prompt_lookup_copies_the_latest_occurrence_of_the_longest_tail():
+    assert prompt_lookup([5, 6, 7, 1, 5, 6, 8, 2, 5, 6], 3) == [8, 2, 5]  # the latest "5 6", not the first
+    assert prompt_lookup([1, 2, 3, 9, 2, 3, 4, 5, 7, 1, 2, 3], 2) == [9, 2]  # "1 2 3" beats the later "2 3"
+    assert prompt_lookup([1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # a loop: the copy continues with itself
+    assert prompt_lookup([1, 2, 3, 4], 3) == [] and prompt_lookup([4, 4], 3) == []  # no earlier bigram
+    assert prompt_lookup([4, 9, 4], 2, min_ngram=1) == [9, 4] and prompt_lookup([1, 2, 1, 2], 0) == []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        tokens = torch.randint(0, 4, (int(torch.randint(1, 14, (1,), generator=generator)),), generator=generator)
+        tokens = tokens.tolist()
+        for max_ngram, min_ngram in ((3, 2), (3, 1), (1, 1)):
+            assert prompt_lookup(tokens, 4, max_ngram, min_ngram) == brute_force_lookup(tokens, 4, max_ngram, min_ngram)
+
+
+def test_confident_run_keeps_the_leading_confident_proposals():
+    assert confident_run([1, 2, 3], [0.9, 0.5, 0.9], 0.6) == [1]
+    assert confident_run([1, 2, 3], [0.05, 0.9, 0.9], 0.1) == [] and confident_run([1, 2], [0.2, 0.3], 0.1) == [1, 2]
+
+
+def test_lookup_drafts_are_accepted_on_text_that_repeats(random_mtp):
+    """Random masks never draft right, but a prompt that repeats (and greedy output that loops) gives
+    lookup drafts that are: fewer passes than without lookup, the same tokens as greedy."""
+    prompt = random_mtp.encode("a b c d a b c d a b c", chat=False)
+    reference = greedy(random_mtp, [prompt], 32)[0]
+    assert_clear_margins(random_mtp.model, prompt, reference.token_ids)
+    with_lookup = decode(random_mtp, [prompt], "verify:4:lookup", 32)[0]
+    without = decode(random_mtp, [prompt], "verify:4", 32)[0]
+    assert with_lookup.token_ids == without.token_ids == reference.token_ids
+    assert with_lookup.lookup_accepted >= 10 and sum(without.draft_accepted) == 0
+    assert sum(with_lookup.draft_accepted) == with_lookup.lookup_accepted  # every accepted draft was a copy
+    assert with_lookup.forward_passes < 0.7 * without.forward_passes
+    assert summarize([with_lookup])["lookup_accepted"] == with_lookup.lookup_accepted
+
+
+# ---------------------------------------------------------------------------------------------
 # Exactness: identical to greedy k=1
 
 
-@pytest.mark.parametrize("strategy", ["verify:4", "verify:3:tree"])
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:3:tree", "verify:4:lookup"])
 def test_random_model_output_equals_greedy_and_transformers(random_mtp, strategy):
     prompts = [random_mtp.encode(p, chat=False) for p in ["The capital of France is", "Once upon a time"]]
     reference = greedy(random_mtp, prompts, 16)
@@ -208,7 +274,7 @@ def test_drafts_that_keep_failing_back_off_to_plain_ntp_passes(random_mtp, strat
     assert plain >= 0.6 * result.forward_passes and result.draft_offered[0] <= 8
 
 
-@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree", "verify:4:tree:lookup"])
 def test_trained_student_accepts_many_drafts_and_equals_greedy(student, gsm_prompts, strategy):
     reference = greedy(student, gsm_prompts, 60)
     for prompt, ref in zip(gsm_prompts, reference, strict=True):
@@ -237,15 +303,15 @@ def test_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts):
     columns must equal what a fresh prefill of each row's accepted tokens computes."""
     rejections = []
     with torch.inference_mode():
-        decoder = ExactDecoder(student.model, gsm_prompts[:4], Verify(4), max_new_tokens=40,
-                               pad_token_id=student.tokenizer.pad_token_id)  # fmt: skip
+        decoder = BatchDecoder(student.model, pad_token_id=student.tokenizer.pad_token_id)
+        rows = [decoder.add(p, Verify(4), max_new_tokens=40) for p in gsm_prompts[:4]]
         keep_accepted = decoder._keep_accepted
-        decoder._keep_accepted = lambda fed, plans, rejected, width: (
-            rejections.append(list(rejected)), keep_accepted(fed, plans, rejected, width))
+        decoder._keep_accepted = lambda fed, rejected, width: (
+            rejections.append(list(rejected)), keep_accepted(fed, rejected, width))
         while decoder.active:
             decoder.step()
             for i, row in enumerate(decoder.active):
-                prompt = gsm_prompts[next(j for j, r in enumerate(decoder.rows) if r is row)]
+                prompt = gsm_prompts[rows.index(row)]
                 cached_tokens = prompt + row.token_ids[:-1]  # the last token is pending, not cached
                 real = decoder.key_is_real[i]
                 assert int(real.sum()) == int(decoder.real_count[i]) == len(cached_tokens)
@@ -259,11 +325,11 @@ def test_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts):
 
 def test_tree_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts):
     with torch.inference_mode():
-        decoder = ExactDecoder(student.model, gsm_prompts[:1], Verify(4, tree=True), max_new_tokens=40)
+        decoder = BatchDecoder(student.model)
+        row = decoder.add(gsm_prompts[0], Verify(4, tree=True), max_new_tokens=40)
         while decoder.active:
             decoder.step()
             if decoder.active:
-                row = decoder.rows[0]
                 tokens = gsm_prompts[0] + row.token_ids[:-1]
                 assert decoder.cache.get_seq_length() == len(tokens)  # alone: rejected drafts are cropped
                 fresh = student.model(torch.tensor([tokens]), use_cache=True).past_key_values
@@ -285,7 +351,7 @@ def _token_inside_a_run(result) -> tuple[int, int]:
     raise AssertionError("no pass accepted two drafts")
 
 
-@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree", "verify:4:lookup"])
 def test_eos_inside_an_accepted_run_cuts_where_greedy_does(student, gsm_prompts, strategy):
     free = decode(student, gsm_prompts[:1], strategy, 60)[0]
     index, token = _token_inside_a_run(free)
@@ -307,7 +373,7 @@ def test_stop_string_inside_an_accepted_run_cuts_where_greedy_does(student, gsm_
     assert stopped.stop_reason == "stop_string" and stop not in stopped.text
 
 
-@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree"])
+@pytest.mark.parametrize("strategy", ["verify:4", "verify:4:tree", "verify:4:lookup"])
 def test_budget_and_context_limit_are_never_exceeded(student, gsm_prompts, strategy):
     context = student.model.config.max_position_embeddings
     seen = []

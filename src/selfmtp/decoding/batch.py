@@ -2,8 +2,11 @@
 
 This is the body of the decode loop (`loop.generate_batch` is `add` every prompt, then `step` until
 no row is left). Each row has its own strategy and stop rules. One `step` is one forward pass of
-every active row, laid out as `loop.py` describes: left pads, each row's new tokens right-aligned,
-a `key_is_real` flag per cache column, position ids counted over real tokens only.
+every active row, laid out by `loop.pass_layout`: left pads, each row's new tokens right-aligned,
+its own masks after them, a `key_is_real` flag per cache column, position ids counted over real
+tokens only. Exact rows (`verify`, decoding/verify.py) share the pass: they also feed drafts as real
+tokens; after the pass the mask columns are cropped, and so are the rejected drafts every row
+rejected; the other rejected drafts become holes (False in `key_is_real`), masked like pads.
 
 A row that joins mid-decode gets an all-hole history: every cache layer grows by one zero row in
 its batch dimension and `key_is_real` by an all-False row, so the attention mask hides the other
@@ -25,6 +28,7 @@ from transformers import DynamicCache
 from selfmtp.decoding.kv_cache import PreallocatedLayer, has_plain_cache, preallocated_cache
 from selfmtp.decoding.loop import (
     GenerationResult,
+    Plan,
     _accept,
     _context_length,
     _mask_token_id,
@@ -34,9 +38,10 @@ from selfmtp.decoding.loop import (
     _StopRules,
     attention_mask,
     greedy_readout,
-    step_inputs,
+    pass_layout,
 )
-from selfmtp.decoding.strategies import Strategy
+from selfmtp.decoding.strategies import Strategy, Verify, with_model_defaults
+from selfmtp.decoding.verify import ExactRow
 from selfmtp.errors import SelfMTPError
 
 COMPACT_AT_LEAST = 64  # dead cache columns worth a copy of the cache to drop
@@ -45,9 +50,10 @@ COMPACT_AT_LEAST = 64  # dead cache columns worth a copy of the cache to drop
 class BatchRow:
     """A handle on one prompt in a `BatchDecoder`: its strategy, stop rules and progress."""
 
-    def __init__(self, state: _Row, strategy: Strategy, stops: _StopRules, load_aware: bool):
+    def __init__(self, state: _Row, strategy: Strategy, stops: _StopRules, load_aware: bool, prompt: list[int]):
         self.state = state
         self.strategy = strategy
+        self.exact = ExactRow(strategy, list(prompt)) if isinstance(strategy, Verify) else None
         self.stops = stops
         self.load_aware = load_aware  # the decoder may propose fewer tokens for it than its strategy asks
         self.started = time.perf_counter()
@@ -62,7 +68,20 @@ class BatchRow:
         return self.state.token_ids
 
     def result(self, tokenizer=None) -> GenerationResult:
-        return _result(self.state, tokenizer, self.strategy.name)
+        result = _result(self.state, tokenizer, self.strategy.name)
+        if self.exact is not None:
+            for chunk, drafted in zip(result.chunks, self.exact.drafted, strict=True):
+                chunk.drafted = min(drafted, len(chunk.token_ids))  # a stop may cut the pass's tokens
+            result.draft_offered, result.draft_accepted = list(self.exact.offered), list(self.exact.accepted)
+            result.lookup_offered, result.lookup_accepted = self.exact.lookup_offered, self.exact.lookup_accepted
+        return result
+
+    def plan(self, real_count: int, context: int | None) -> Plan:
+        """What this row feeds in the next pass."""
+        if self.exact is not None:
+            return self.exact.plan(self.state, real_count, context)
+        n_masks = self.state.k - 1
+        return Plan(list(self.state.pending), 0, 1 if n_masks else 0, n_masks)
 
 
 @dataclass
@@ -134,8 +153,10 @@ class BatchDecoder:
         """A new row, prefilled by the next `step` together with the others' next tokens."""
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text")
+        strategy = with_model_defaults(strategy, self.model)
         state = self._row_state(prompt_ids, strategy, max_new_tokens)
-        row = BatchRow(state, strategy, _StopRules(frozenset(stop_token_ids), list(stop_strings), self.tokenizer), load_aware)
+        stops = _StopRules(frozenset(stop_token_ids), list(stop_strings), self.tokenizer)
+        row = BatchRow(state, strategy, stops, load_aware, prompt_ids)
         past = self.key_is_real.shape[1]
         if past:  # joining a running batch: an all-hole history in every layer
             for layer in self.cache.layers:
@@ -172,38 +193,40 @@ class BatchDecoder:
         for row in rows:
             if row.load_aware and max_proposals is not None:
                 row.state.k = max(1, min(row.state.k, max_proposals))
-        width = max(row.state.k for row in rows)  # a row with a smaller k ignores the extra proposals
-        n_masks = width - 1
-        input_ids, position_ids, fed = step_inputs(
-            [row.state.pending for row in rows], self.real_count, n_masks, self.pad_token_id, self.mask_id
-        )
+        plans = [row.plan(count, self.context) for row, count in zip(rows, self.real_count.tolist(), strict=True)]
+        input_ids, position_ids, fed, within = pass_layout(plans, self.real_count, self.pad_token_id, self.mask_id)
+        mask_width = max(plan.masks for plan in plans)
+        keep = max(plan.drafts for plan in plans) + 1 + mask_width  # logits: the checks and the masks
         logits = self.model(
             input_ids=input_ids.to(self.model.device),
             position_ids=position_ids,
-            attention_mask=attention_mask(self.key_is_real, fed),
+            attention_mask=attention_mask(self.key_is_real, fed, within),
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=width,
+            logits_to_keep=keep,
         ).logits
-        if n_masks:
-            self.cache.crop(-n_masks)  # pop the masks: the cache holds real tokens only
-        fed_real = fed[:, : fed.shape[1] - n_masks]
-        self.key_is_real = torch.cat([self.key_is_real, fed_real], dim=1)
-        self.real_count = self.real_count + fed_real.sum(dim=1)
         confidences, proposals = greedy_readout(logits, self.mask_id)
+        real_end = keep - mask_width  # index in the logits of the column after every row's real tokens
         now = time.perf_counter()
-        events = []
-        for i, row in enumerate(rows):
-            events.append(self._accept(row, proposals[i], confidences[i], n_masks, now - row.started))
+        events, rejected = [], []
+        for i, (row, plan) in enumerate(zip(rows, plans, strict=True)):
+            event, n = self._accept(row, plan, proposals[i], confidences[i], real_end, now - row.started)
+            events.append(event)
+            rejected.append(n)
+        self._keep_accepted(fed[:, : fed.shape[1] - mask_width], rejected, mask_width)
         self._keep([row for row in rows if not row.finished])
         return events
 
-    def _accept(self, row: BatchRow, proposals, confidences, n_masks: int, elapsed: float) -> StepEvent:
+    def _accept(self, row: BatchRow, plan: Plan, proposals, confidences, real_end: int, elapsed: float):
+        """-> (the row's StepEvent, how many of its drafts were rejected)."""
         state = row.state
-        state.tokens_fed.append(len(state.pending) + n_masks)
-        proposed, before = state.k, len(state.token_ids)
+        proposed, before, rejected = state.k, len(state.token_ids), 0
         try:
-            _accept(state, row.strategy, proposals, confidences, row.stops)
+            if row.exact is not None:
+                rejected = row.exact.accept(state, plan, proposals, confidences, real_end, row.stops)
+            else:
+                state.tokens_fed.append(len(plan.real) + plan.masks)
+                _accept(state, row.strategy, proposals[real_end - 1 :], confidences[real_end - 1 :], row.stops)
         except Exception as error:
             if not self.catch_row_errors:
                 raise
@@ -214,7 +237,19 @@ class BatchDecoder:
             state.seconds = elapsed
         new = list(state.token_ids[before:])
         confidences = list(state.chunks[-1][1][: len(new)]) if new else []
-        return StepEvent(row, new, confidences, proposed, row.finished)
+        return StepEvent(row, new, confidences, proposed, row.finished), rejected
+
+    def _keep_accepted(self, fed_real: torch.Tensor, rejected: list[int], mask_width: int) -> None:
+        """Crop the mask columns and the rejected drafts all rows share; the other rejected drafts become holes."""
+        common = min(rejected)
+        if mask_width + common:
+            self.cache.crop(-(mask_width + common))  # the cache holds real tokens only
+        real = fed_real[:, : fed_real.shape[1] - common].clone()
+        for i, n in enumerate(rejected):
+            if n > common:
+                real[i, real.shape[1] - (n - common) :] = False
+        self.key_is_real = torch.cat([self.key_is_real, real], dim=1)
+        self.real_count = self.real_count + real.sum(dim=1)
 
     def _keep(self, rows: list[BatchRow]) -> None:
         if len(rows) == len(self.active):

@@ -14,7 +14,8 @@ proposals, so it decodes exactly as it would alone. Pads stay in the cache and a
 counted per row over real tokens only, so each row sees exactly what it would see alone.
 
 The loop itself is `batch.BatchDecoder` (rows may also join mid-decode, as a server needs);
-`generate_batch` adds every prompt and steps until all are done.
+`generate_batch` adds every prompt and steps until all are done. Exact decoding (`verify`) is a row
+kind of the same loop: its rows also feed drafts as real tokens (decoding/verify.py, `pass_layout`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from selfmtp.decoding.kv_cache import has_plain_cache, preallocated_cache
-from selfmtp.decoding.strategies import Strategy, Verify, next_proposals, with_model_defaults
+from selfmtp.decoding.strategies import Strategy, next_proposals, with_model_defaults
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import mtp_token_id
 
@@ -58,6 +59,8 @@ class GenerationResult:
     tokens_fed: list[int] = field(default_factory=list)  # per pass: real tokens + masks fed for this row
     draft_offered: list[int] = field(default_factory=list)  # exact decoding: drafts fed, by draft position
     draft_accepted: list[int] = field(default_factory=list)  # ... and how many of those were accepted
+    lookup_offered: int = 0  # exact decoding with lookup: drafts copied from earlier text (among the above)
+    lookup_accepted: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,13 +104,6 @@ def generate_batch(
     if max_new_tokens < 1:
         raise SelfMTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     strategy = with_model_defaults(strategy, model)
-    if isinstance(strategy, Verify):  # exact decoding feeds drafts too: its own loop, same helpers
-        from selfmtp.decoding.verify import generate_verified
-
-        return generate_verified(
-            model, prompts, strategy, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-            stop_strings=stop_strings, tokenizer=tokenizer, pad_token_id=pad_token_id,
-        )  # fmt: skip
     n_masks = strategy.k_max - 1
     _mask_token_id(model, n_masks)
     _croppable_cache(model, n_masks, batched=len(prompts) > 1)  # refuse before any work
@@ -124,43 +120,61 @@ def generate_batch(
     return [row.result(tokenizer) for row in rows]
 
 
-def _timestamp(row: _Row, now: float) -> None:
-    if row.passes == 1:
-        row.first_token_seconds = now
-    if row.stop_reason is not None:
-        row.seconds = now
-
-
-def _drop_finished(active: list[_Row], cache, key_is_real: torch.Tensor, real_count: torch.Tensor):
-    """Finished rows leave the batch (and the cache): -> (active, key_is_real, real_count)."""
-    keep = [i for i, row in enumerate(active) if row.stop_reason is None]
-    if len(keep) == len(active):
-        return active, key_is_real, real_count
-    index = torch.tensor(keep, dtype=torch.long, device=key_is_real.device)
-    cache.batch_select_indices(index)
-    return [active[i] for i in keep], key_is_real[index], real_count[index]
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure tensor helpers
 
 
-def step_inputs(
-    pending: list[list[int]], real_count: torch.Tensor, n_masks: int, pad_id: int, mask_id: int | None
-):
-    """Right-aligned (tokens + masks) per row -> input_ids (cpu), position_ids, fed (True = not a pad).
+@dataclass(frozen=True)
+class Plan:
+    """What one row feeds in one pass: real tokens (pending, then `drafts` drafts), then `blocks` mask blocks.
 
-    Position ids continue each row's count of real tokens; masks continue them further.
+    Every row but an exact one feeds its pending tokens and one block of k-1 masks. `tree`: a block
+    after the last pending token and after every draft (decoding/verify.py), else one after the last.
     """
-    width = max(len(p) for p in pending) + n_masks
-    masks = [mask_id] * n_masks
-    input_ids = torch.tensor([[pad_id] * (width - len(p) - n_masks) + p + masks for p in pending])
-    lengths = torch.tensor([len(p) + n_masks for p in pending], device=real_count.device)
-    first = (width - lengths)[:, None]  # column of each row's first fed token
-    columns = torch.arange(width, device=real_count.device)[None, :]
-    fed = columns >= first
-    position_ids = (real_count[:, None] + columns - first).clamp(min=0)
-    return input_ids, position_ids, fed
+
+    real: list[int]
+    drafts: int
+    blocks: int
+    n_masks: int
+    tree: bool = False
+
+    @property
+    def masks(self) -> int:
+        return self.blocks * self.n_masks
+
+
+def pass_layout(plans: list[Plan], real_count: torch.Tensor, pad_id: int, mask_id: int | None):
+    """Fed tokens of every row -> input_ids (cpu), position_ids, fed (True = not a pad), within.
+
+    Row i: [pads][real tokens ending at the common column real_width][its mask blocks][fillers up to
+    the widest row's masks] (fillers are pads). Position ids continue each row's count of real
+    tokens; block b follows real token number b of the checked ones (tree) or the last one and
+    continues its position. `within` (batch, width, width) is causal, except that a tree row's
+    block sees only its own prefix and itself; None when no row is a tree (plain causal).
+    """
+    real_width = max(len(p.real) for p in plans)
+    width = real_width + max(p.masks for p in plans)
+    device = real_count.device
+    input_ids = torch.full((len(plans), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(len(plans), width, dtype=torch.long)
+    fed = torch.zeros(len(plans), width, dtype=torch.bool)
+    tree = any(p.tree and p.blocks for p in plans)
+    within = torch.ones(len(plans), width, width, dtype=torch.bool).tril() if tree else None
+    counts = real_count.tolist()
+    for i, plan in enumerate(plans):
+        first = real_width - len(plan.real)
+        input_ids[i, first:real_width] = torch.tensor(plan.real)
+        position_ids[i, first:real_width] = torch.arange(counts[i], counts[i] + len(plan.real))
+        fed[i, first : real_width + plan.masks] = True
+        input_ids[i, real_width : real_width + plan.masks] = mask_id if plan.masks else pad_id
+        for b in range(plan.blocks):
+            after = real_width - 1 - (plan.drafts - b if plan.tree else 0)  # column of the token the block follows
+            start = real_width + b * plan.n_masks
+            block = slice(start, start + plan.n_masks)
+            position_ids[i, block] = torch.arange(1, plan.n_masks + 1) + counts[i] + after - first
+            if plan.tree:
+                within[i, block, after + 1 : start] = False  # not the later drafts, not the other blocks
+    return input_ids, position_ids.to(device), fed.to(device), within.to(device) if tree else None
 
 
 def attention_mask(
@@ -376,8 +390,11 @@ def _draft_acceptance(results: list[GenerationResult]) -> dict:
         for j, (o, a) in enumerate(zip(r.draft_offered, r.draft_accepted, strict=True)):
             offered[j] += o
             accepted[j] += a
+    lookup_offered = sum(r.lookup_offered for r in results)
     return {
         "draft_offered": offered,
         "draft_accepted": accepted,
         "draft_acceptance": [a / o if o else 0.0 for a, o in zip(accepted, offered, strict=True)],
+        **({"lookup_offered": lookup_offered, "lookup_accepted": sum(r.lookup_accepted for r in results)}
+           if lookup_offered else {}),  # fmt: skip
     }

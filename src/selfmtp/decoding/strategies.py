@@ -20,8 +20,9 @@ import torch
 from selfmtp.errors import SelfMTPError
 
 STRATEGY_HELP = (
-    "ntp, static:K, confadapt:TAU[:KMAX[:adaptive]] (e.g. confadapt:0.9:16), or the exact verify[:K[:tree]] "
-    "(output identical to greedy ntp; K defaults to the model's trained k_max)"
+    "ntp, static:K, confadapt:TAU[:KMAX[:adaptive]] (e.g. confadapt:0.9:16), or the exact "
+    "verify[:K][:tree][:lookup] (output identical to greedy ntp; K defaults to the model's trained k_max; "
+    "lookup adds drafts copied from earlier text)"
 )
 DEFAULT_VERIFY_K = 8  # proposals per pass for `verify` when the model does not record its trained k_max
 K_MAX_CONFIG_KEY = "selfmtp_k_max"  # the trained k_max, written into a checkpoint's config at export
@@ -130,11 +131,14 @@ class Verify:
     2018): the masks after d_m give the next drafts, used only when every draft was accepted.
     `tree` (BiTA): a block of K-1 masks after the last token and after every draft, each seeing its
     own prefix only, so the block after the last accepted draft always gives the next drafts.
-    `k=None` takes the model's trained k_max (`with_model_defaults`). The loop is decoding/verify.py.
+    `lookup`: when the masks give no confident drafts, copy the continuation of the latest earlier
+    occurrence of the last few tokens (prompt lookup) and verify those the same way.
+    `k=None` takes the model's trained k_max (`with_model_defaults`). The row logic is decoding/verify.py.
     """
 
     k: int | None = None
     tree: bool = False
+    lookup: bool = False
 
     def __post_init__(self):
         if self.k is not None and (not isinstance(self.k, int) or self.k < 2):
@@ -147,7 +151,7 @@ class Verify:
     @property
     def name(self) -> str:
         k = "" if self.k is None else f":{self.k}"
-        return f"verify{k}{':tree' if self.tree else ''}"
+        return f"verify{k}{':tree' if self.tree else ''}{':lookup' if self.lookup else ''}"
 
     @staticmethod
     def accepted_drafts(drafts: list[int], greedy: list[int]) -> int:
@@ -165,7 +169,7 @@ def with_model_defaults(strategy: Strategy, model) -> Strategy:
     if isinstance(strategy, Verify) and strategy.k is None:
         trained = getattr(model.config, K_MAX_CONFIG_KEY, None)
         k = trained if isinstance(trained, int) and trained >= 2 else DEFAULT_VERIFY_K
-        return Verify(k, strategy.tree)
+        return Verify(k, strategy.tree, strategy.lookup)
     return strategy
 
 
@@ -181,7 +185,7 @@ def next_proposals(strategy: Strategy, proposed: int, accepted: int) -> int:
 
 
 def parse_strategy(text: str) -> Strategy:
-    """'ntp' | 'static:K' | 'confadapt:TAU[:KMAX[:adaptive]]' | 'verify[:K][:tree]' -> a strategy.
+    """'ntp' | 'static:K' | 'confadapt:TAU[:KMAX[:adaptive]]' | 'verify[:K][:tree][:lookup]' -> a strategy.
 
     SelfMTPError for anything else."""
     parts = (text or "").strip().lower().split(":")
@@ -197,11 +201,13 @@ def parse_strategy(text: str) -> Strategy:
     if kind == "confadapt" and len(args) == 3 and args[2] == "adaptive":
         tau = _parse_float(args[0], "confadapt tau", text)
         return AdaptiveConfAdapt(tau, _parse_int(args[1], "confadapt k_max", text))
-    if kind == "verify" and len(args) <= 2:
+    if kind == "verify":
+        lookup = bool(args) and args[-1] == "lookup"
+        args = args[:-1] if lookup else args
         tree = bool(args) and args[-1] == "tree"
         k_args = args[:-1] if tree else args
         if len(k_args) <= 1:
-            return Verify(_parse_int(k_args[0], "verify K", text) if k_args else None, tree)
+            return Verify(_parse_int(k_args[0], "verify K", text) if k_args else None, tree, lookup)
     raise SelfMTPError(f"unknown strategy {text!r}: use {STRATEGY_HELP}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selfmtp.decoding.strategies import ConfAdapt, Strategy, Verify, parse_strategy
+from selfmtp.decoding.strategies import ConfAdapt, Strategy, parse_strategy
 from selfmtp.errors import SelfMTPError
 
 AUTO = "auto"
@@ -15,11 +15,7 @@ def resolve_strategy(text: str) -> tuple[Strategy, bool]:
     """A strategy name -> (strategy, load_aware). 'auto[:TAU[:KMAX]]' is ConfAdapt with a load-aware cap."""
     parts = (text or "").strip().lower().split(":")
     if parts[0] != AUTO:
-        strategy = parse_strategy(text)
-        if isinstance(strategy, Verify):  # its own decode loop (decoding/verify.py), not the batch decoder yet
-            raise SelfMTPError(f"strategy {text!r} is not yet supported by the server: exact decoding runs in "
-                               "`selfmtp generate/eval/bench`; serve ntp, static:K, confadapt or auto")
-        return strategy, False
+        return parse_strategy(text), False
     if len(parts) > 3:
         raise SelfMTPError(f"unknown strategy {text!r}: use {AUTO_HELP}")
     inner = parse_strategy(":".join(["confadapt", parts[1] if len(parts) > 1 else "0.9", *parts[2:]]))
