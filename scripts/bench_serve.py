@@ -28,7 +28,7 @@ import openai
 import psutil
 
 from selfmtp.api import read_prompts
-from selfmtp.files import write_bytes_atomic
+from selfmtp.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from selfmtp.serving.server import free_port
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     strategies, levels = args.strategies.split(","), [int(c) for c in args.concurrency.split(",")]
     if args.replot:
         result = json.loads((out / "bench_serve.json").read_text())
-        write_bytes_atomic(out / "README.md", report(result, strategies, levels).encode())
+        write_text_atomic(out / "README.md", report(result, strategies, levels))
         return plot(result, strategies, levels, out / "bench_serve.png")
     out.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(args.prompts)
@@ -82,8 +82,8 @@ def main() -> None:
         "load_average_end": os.getloadavg(), "pass_cost_log": pass_cost_line(out / "server.log"),
         "rows": rows, "rss": rss, "memory": memory, "engine_start": health, "engine_end": final_health,
     }  # fmt: skip
-    write_bytes_atomic(out / "bench_serve.json", json.dumps(result, indent=2).encode())
-    write_bytes_atomic(out / "README.md", report(result, strategies, levels).encode())
+    write_json_atomic(out / "bench_serve.json", result)
+    write_text_atomic(out / "README.md", report(result, strategies, levels))
     plot(result, strategies, levels, out / "bench_serve.png")
     print(report(result, strategies, levels))
 

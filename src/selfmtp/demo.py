@@ -142,7 +142,7 @@ def run_demo(config: DemoConfig, log=print) -> dict:
         "files": {name: str(out / name) for name in ("results.json", "results.md", "pareto.png", "chunks.html")},
         "checkpoint": str(final),
     }
-    from selfmtp.evaluation.report import write_json_atomic
+    from selfmtp.files import write_json_atomic
 
     write_json_atomic(out / "demo.json", summary)
     return {**summary, "results": results}
