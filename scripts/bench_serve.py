@@ -30,7 +30,7 @@ import openai
 import psutil
 
 from selfmtp.api import read_prompts
-from selfmtp.files import write_bytes_atomic
+from selfmtp.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from selfmtp.serving.server import free_port
 
 
@@ -67,7 +67,7 @@ def main() -> None:
         for model, prompts in zip(args.model, args.prompts, strict=True)
     ]
     result = runs[0] if len(runs) == 1 else {"command": runs[0]["command"], "models": runs}
-    write_bytes_atomic(out / "bench_serve.json", json.dumps(result, indent=2).encode())
+    write_json_atomic(out / "bench_serve.json", result)
     print(write_report(result, strategies, levels, out))
 
 
@@ -120,7 +120,7 @@ def write_report(result: dict, strategies: list[str], levels: list[int], out: Pa
     text = "\n".join(report(run, strategies, levels) for run in runs)
     if len(runs) > 1:
         text = summary(runs, strategies, levels) + "\n" + text
-    write_bytes_atomic(out / "README.md", text.encode())
+    write_text_atomic(out / "README.md", text)
     plot(runs, strategies, levels, out / "bench_serve.png")
     return text
 

@@ -14,5 +14,6 @@ strategies=ntp,verify:8,verify:8:lookup,verify:8:tree,verify:8:tree:lookup
 export OMP_NUM_THREADS=1
 $py -m selfmtp bench --model "$student" --prompts "$prompts/bench_prompts.jsonl" --max-new-tokens 120 --runs "$runs" \
   --threads 1 --no-chat --strategies "$strategies" --baselines hf-generate --output "$out/student" --seed 0
-$py -m selfmtp bench --model smollm2-135m --prompts "$prompts/test_500_699.jsonl" --limit 8 --max-new-tokens 128 \
+# SmolLM2: the 8 GSM8K dev questions that ship with the package (never trained on)
+$py -m selfmtp bench --model smollm2-135m --prompts src/selfmtp/assets/gsm8k-dev-sample.jsonl --max-new-tokens 128 \
   --runs "$runs" --threads 1 --chat --strategies "$strategies" --baselines hf-generate --output "$out/smollm2" --seed 0

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from selfmtp.demo import DemoConfig, sweep_config, train_config, train_or_reuse, write_training_problems
-from selfmtp.evaluation.report import write_json_atomic, write_text_atomic
 from selfmtp.evaluation.sweep import run_sweep
+from selfmtp.files import write_json_atomic, write_text_atomic
 
 # name -> (TrainConfig overrides, what the paper found)
 VARIANTS = {

@@ -9,8 +9,10 @@ that the test left them as it found them: tests pass in any order (`-p random_or
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -51,6 +53,61 @@ def assert_decisive(logits: torch.Tensor, what: str = "greedy choice") -> None:
     """Fail loudly (instead of by float noise on some other CPU) when an argmax is a near tie."""
     margin = top2_margin(logits)
     assert margin > DECISIVE_MARGIN, f"{what} is a near tie (top-2 gap {margin:.2e}): pick another prompt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs of the tiny model (test_train, test_gated, test_train_fsdp, test_crash_paths)
+
+# A few seconds a run on one core: short rows, k_max 4, no evaluation or checkpoints unless asked.
+TINY_TRAIN = dict(model="tiny", template="plain", seq_len=64, k_max=4, batch_size=4, steps=4, lr=3e-3, warmup=0,
+                  eval_every=0, save_every=0, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> str:
+    """48 GSM8K-style training records as jsonl. Shared by the session: a test that changes it uses a copy."""
+    path = tmp_path_factory.mktemp("data") / "gsm8k-48.jsonl"
+    path.write_text(gsm8k_style_lines(48))
+    return str(path)
+
+
+def tiny_train_config(data: str, out: Path, **overrides):
+    """A TrainConfig of TINY_TRAIN writing to `out`; `overrides` are TrainConfig fields."""
+    from selfmtp.training.config import TrainConfig
+
+    return TrainConfig(**{"data": data, "output": str(out), **TINY_TRAIN, **overrides})
+
+
+def metrics(out: Path) -> list[dict]:
+    """A finished run's metrics.jsonl rows."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "final" / "model.safetensors"))
+
+
+def assert_weights_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= atol
+
+
+def ddp_worker(rank: int, world: int, port: int, cfg) -> None:
+    """One process of a `torch.multiprocessing.spawn`ed CPU DDP (gloo) run of `cfg`, as torchrun would start it."""
+    from selfmtp.training.trainer import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    train(cfg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config):

@@ -15,18 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import gsm8k_style_lines
 from selfmtp.cli import main
 
 TINY_RUN = ["--model", "tiny", "--template", "plain", "--seq-len", "64", "--k-max", "4", "--batch-size", "2",
             "--warmup", "0", "--eval-every", "0", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "gsm8k-48.jsonl"
-    path.write_text(gsm8k_style_lines(48))
-    return str(path)
 
 
 def train_argv(data: str, out: Path, *extra: str) -> list[str]:

@@ -387,8 +387,7 @@ def test_sweep_reports_agreement_and_coherence_against_the_teacher(tiny_mtp, tmp
 def test_results_files_get_the_usual_mode_not_tempfiles_private_one(tmp_path):
     import os
 
-    from selfmtp.evaluation.report import write_json_atomic
-    from selfmtp.files import atomic_dir_write, current_umask
+    from selfmtp.files import atomic_dir_write, current_umask, write_json_atomic
 
     write_json_atomic(tmp_path / "r.json", {"a": 1})
     atomic_dir_write(tmp_path / "ckpt", lambda d: (d / "x").write_text("x"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import gsm8k_style_lines
+from conftest import ddp_worker, free_port, metrics, tiny_train_config
 from selfmtp.decoding.loop import generate_batch
 from selfmtp.decoding.strategies import Static
 from selfmtp.errors import SelfMTPError
@@ -28,7 +28,6 @@ from selfmtp.training.objective import (
 )
 from selfmtp.training.trainer import TrainConfig, train
 from test_objective import make_layout
-from test_train import _ddp_worker, _free_port
 
 
 def gated_tiny(rank: int, *, seed: int = 1):
@@ -176,22 +175,9 @@ def test_online_teacher_is_the_base_model_on_the_rollout():
 # Training runs, save/load
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "gsm8k-48.jsonl"
-    path.write_text(gsm8k_style_lines(48))
-    return str(path)
-
-
-def config(data, out: Path, **overrides) -> TrainConfig:
-    base = dict(data=data, output=str(out), model="tiny", template="plain", seq_len=64, k_max=4, batch_size=4, steps=4,
-                lr=3e-3, warmup=0, eval_every=0, save_every=0, progress=False, gated=True, lora_rank=4,
-                supervision="offline")
-    return TrainConfig(**{**base, **overrides})
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+def gated_config(data, out: Path, **overrides) -> TrainConfig:
+    """The tiny training run with gated LoRA deltas and offline targets (the gated recipe's supervision)."""
+    return tiny_train_config(data, out, **{"gated": True, "lora_rank": 4, "supervision": "offline", **overrides})
 
 
 def gated_weights(out: Path) -> dict:
@@ -201,7 +187,7 @@ def gated_weights(out: Path) -> dict:
 @pytest.mark.parametrize("supervision", ["offline", "online"])
 def test_gated_run_saves_a_model_spec_that_loads_with_the_gate(data, tmp_path, supervision):
     out = tmp_path / "run"
-    train(config(data, out, steps=3, lr=1e-2, supervision=supervision, save_every=3))
+    train(gated_config(data, out, steps=3, lr=1e-2, supervision=supervision, save_every=3))
     loaded, tokenizer = load_model(str(out / "final"))
     trained = load_file(str(out / "checkpoints" / "step-0000003" / "trainable.safetensors"))
     assert set(trained) == set(gated_state(loaded))
@@ -231,7 +217,7 @@ def _export_script():
 def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_line(data, tmp_path, capsys):
     export = _export_script().main
     out = tmp_path / "run"
-    train(config(data, out, steps=2, save_every=1, k_max=3))
+    train(gated_config(data, out, steps=2, save_every=1, k_max=3))
     assert export([str(out), "--step", "1", "--output", str(tmp_path / "step1")]) == 0
     loaded, _ = load_model(str(tmp_path / "step1"))
     step1 = load_file(str(out / "checkpoints" / "step-0000001" / "trainable.safetensors"))
@@ -246,7 +232,7 @@ def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_lin
 
 def test_gated_dir_with_a_missing_or_other_base_is_a_clean_error(data, tmp_path):
     out = tmp_path / "run"
-    train(config(data, out, steps=1))
+    train(gated_config(data, out, steps=1))
     record_path = out / "final" / "selfmtp.json"
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps(record | {"base_model": str(tmp_path / "gone")}))
@@ -262,23 +248,23 @@ def test_gated_dir_with_a_missing_or_other_base_is_a_clean_error(data, tmp_path)
 
 def test_gated_resume_continues_exactly(data, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train(config(data, whole, steps=6, save_every=3))
-    train(config(data, parts, steps=3, save_every=3))
-    train(config(data, parts, steps=6, save_every=3, resume=True))
+    train(gated_config(data, whole, steps=6, save_every=3))
+    train(gated_config(data, parts, steps=3, save_every=3))
+    train(gated_config(data, parts, steps=6, save_every=3, resume=True))
     assert [r["loss"] for r in metrics(parts)] == [r["loss"] for r in metrics(whole)]
     ours, theirs = gated_weights(parts), gated_weights(whole)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_gated_training_lowers_the_loss(data, tmp_path):
-    train(config(data, tmp_path / "run", steps=12, lr=2e-2, lora_rank=0))
+    train(gated_config(data, tmp_path / "run", steps=12, lr=2e-2, lora_rank=0))
     rows = metrics(tmp_path / "run")
     assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3])
 
 
 def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
-    ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
+    ddp = gated_config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), ddp), nprocs=2, join=True)
     train(replace(ddp, output=str(tmp_path / "single"), batch_size=4))
     for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["supervised"] == b["supervised"]  # float32 sum order
@@ -364,11 +350,11 @@ def test_smollm2_mtp_alias_names_a_packaged_gated_dir_on_the_smollm2_base():
 def test_a_run_continues_from_a_saved_gated_directory(data, tmp_path):
     """The next session of a long run: `--model DIR --gated` trains DIR's deltas further (no second gate),
     and its final/ still names the original base."""
-    train(config(data, tmp_path / "first", steps=2))
+    train(gated_config(data, tmp_path / "first", steps=2))
     first = gated_weights(tmp_path / "first")
     with pytest.raises(SelfMTPError, match="rank 4 deltas but --lora-rank is 8"):
-        train(config(data, tmp_path / "bad", model=str(tmp_path / "first" / "final"), lora_rank=8, steps=1))
-    train(config(data, tmp_path / "second", model=str(tmp_path / "first" / "final"), steps=1, lr=1e-6))
+        train(gated_config(data, tmp_path / "bad", model=str(tmp_path / "first" / "final"), lora_rank=8, steps=1))
+    train(gated_config(data, tmp_path / "second", model=str(tmp_path / "first" / "final"), steps=1, lr=1e-6))
     second = gated_weights(tmp_path / "second")
     assert set(second) == set(first)
     # one step at lr 1e-6 moves each weight by ~1e-6 (Adam's first step is lr-sized): it started from `first`

@@ -6,49 +6,30 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import assert_decisive, gsm8k_style_lines
+from conftest import (
+    assert_decisive,
+    assert_weights_close,
+    ddp_worker,
+    final_weights,
+    free_port,
+    gsm8k_style_lines,
+    metrics,
+    tiny_train_config,
+)
 from selfmtp.cli import main
 from selfmtp.training.trainer import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "gsm8k-48.jsonl"
-    path.write_text(gsm8k_style_lines(48))
-    return str(path)
-
-
-def config(data, out: Path, **overrides) -> TrainConfig:
-    base = dict(data=data, output=str(out), model="tiny", template="plain", seq_len=64, k_max=4, batch_size=4, steps=4, lr=3e-3,
-                warmup=0, eval_every=0, save_every=0, progress=False)
-    return TrainConfig(**{**base, **overrides})
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_weights(out: Path) -> dict:
-    return load_file(str(Path(out) / "final" / "model.safetensors"))
-
-
-def assert_weights_close(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= atol
-
-
-@pytest.fixture(scope="module")
 def short_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    summary = train(config(data, out, steps=16, eval_every=8, eval_size=8, save_every=8))
+    summary = train(tiny_train_config(data, out, steps=16, eval_every=8, eval_size=8, save_every=8))
     return out, summary
 
 
@@ -93,10 +74,10 @@ def test_final_checkpoint_loads_with_stock_transformers(short_run):
 
 def test_resume_continues_exactly(data, tmp_path):
     whole = tmp_path / "whole"
-    train(config(data, whole, steps=6, save_every=3))
+    train(tiny_train_config(data, whole, steps=6, save_every=3))
     parts = tmp_path / "parts"
-    train(config(data, parts, steps=3, save_every=3))
-    train(config(data, parts, steps=6, save_every=3, resume=True))
+    train(tiny_train_config(data, parts, steps=3, save_every=3))
+    train(tiny_train_config(data, parts, steps=6, save_every=3, resume=True))
     assert [r["loss"] for r in metrics(parts)] == [r["loss"] for r in metrics(whole)]
     assert_weights_close(final_weights(parts), final_weights(whole), 0.0)
 
@@ -107,8 +88,8 @@ def test_offline_training_frees_the_teacher_after_relabelling(data, tmp_path, mo
     seen = []
     real_loop = trainer._loop
     monkeypatch.setattr(trainer, "_loop", lambda run, *a: seen.append(run.teacher) or real_loop(run, *a))
-    train(config(data, tmp_path / "a", steps=1, supervision="offline"))
-    train(config(data, tmp_path / "b", steps=1, supervision="offline", prefix_loss=1.0, prefix_target="teacher"))
+    train(tiny_train_config(data, tmp_path / "a", steps=1, supervision="offline"))
+    train(tiny_train_config(data, tmp_path / "b", steps=1, supervision="offline", prefix_loss=1.0, prefix_target="teacher"))
     assert seen[0] is None and seen[1] is not None  # the KL prefix target still needs it in every step
 
 
@@ -118,8 +99,8 @@ def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, t
     mine = tmp_path / "data.jsonl"  # rewritten below, so not the shared fixture file
     mine.write_text(Path(data).read_text())
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train(config(str(mine), whole, steps=4, save_every=2, supervision="offline"))
-    train(config(str(mine), parts, steps=2, save_every=2, supervision="offline"))
+    train(tiny_train_config(str(mine), whole, steps=4, save_every=2, supervision="offline"))
+    train(tiny_train_config(str(mine), parts, steps=2, save_every=2, supervision="offline"))
     assert (parts / "teacher_targets.safetensors").is_file()
 
     def no_teacher_pass(*args, **kwargs):
@@ -130,14 +111,14 @@ def test_offline_resume_reuses_the_teacher_targets_and_continues_exactly(data, t
     monkeypatch.setattr(selfmtp.training.setup, "build_student_and_teacher",
                         lambda student, teacher_model, cfg: teachers.append(teacher_model) or real_build(student, teacher_model, cfg))
     monkeypatch.setattr(selfmtp.training.setup, "relabel_with_teacher", no_teacher_pass)
-    train(config(str(mine), parts, steps=4, save_every=2, supervision="offline", resume=True))
+    train(tiny_train_config(str(mine), parts, steps=4, save_every=2, supervision="offline", resume=True))
     assert teachers == [None]  # the cached targets are all it needed from the teacher: not even loaded
     assert [r["loss"] for r in metrics(parts)] == [r["loss"] for r in metrics(whole)]
     assert_weights_close(final_weights(parts), final_weights(whole), 0.0)
     # other rows (the data file rewritten in place) are relabelled, not served stale targets
     mine.write_text(gsm8k_style_lines(40))
     with pytest.raises(AssertionError, match="relabelled the data again"):
-        train(config(str(mine), parts, steps=6, save_every=2, supervision="offline", resume=True))
+        train(tiny_train_config(str(mine), parts, steps=6, save_every=2, supervision="offline", resume=True))
 
 
 def test_cached_teacher_targets_are_keyed_by_rows_and_teacher(data, tmp_path):
@@ -145,7 +126,7 @@ def test_cached_teacher_targets_are_keyed_by_rows_and_teacher(data, tmp_path):
     from selfmtp.training.setup import _targets_key, load_rows, read_cached_targets
 
     _, tokenizer = load_model("tiny")
-    rows, _, _ = load_rows(config(data, tmp_path), tokenizer)
+    rows, _, _ = load_rows(tiny_train_config(data, tmp_path), tokenizer)
     splits = {"train": rows}
     key = _targets_key(splits, "teacher-a")
     targets = torch.arange(rows.input_ids.numel()).view_as(rows.input_ids)
@@ -162,56 +143,43 @@ def test_resume_refuses_other_settings_or_changed_model_files(data, tmp_path):
     from selfmtp.models.loading import load_model, save_checkpoint
 
     out = tmp_path / "run"
-    train(config(data, out, steps=2, save_every=2, lr_schedule="cosine"))
+    train(tiny_train_config(data, out, steps=2, save_every=2, lr_schedule="cosine"))
     assert json.loads((out / "run_config.json").read_text())["lr"] == 3e-3
     with pytest.raises(SelfMTPError, match=r"lr: 0.003 -> 0.001"):
-        train(config(data, out, steps=2, save_every=2, lr_schedule="cosine", lr=1e-3, resume=True))
+        train(tiny_train_config(data, out, steps=2, save_every=2, lr_schedule="cosine", lr=1e-3, resume=True))
     with pytest.raises(SelfMTPError, match="steps: 2 -> 4"):  # the cosine curve was drawn to step 2
-        train(config(data, out, steps=4, save_every=2, lr_schedule="cosine", resume=True))
-    train(config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, keep_checkpoints=3))
+        train(tiny_train_config(data, out, steps=4, save_every=2, lr_schedule="cosine", resume=True))
+    train(tiny_train_config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, keep_checkpoints=3))
     with pytest.raises(SelfMTPError, match="holds_out_eval_rows: False -> True"):  # it would change the train rows
-        train(config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, eval_every=1))
+        train(tiny_train_config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, eval_every=1))
 
     teacher = tmp_path / "teacher"
     save_checkpoint(*load_model("tiny"), teacher)
     named = tmp_path / "named"
-    train(config(data, named, steps=2, save_every=2, teacher=str(teacher)))
+    train(tiny_train_config(data, named, steps=2, save_every=2, teacher=str(teacher)))
     os.utime(teacher / "model.safetensors", ns=(0, 0))  # stands for a checkpoint rewritten in place
     with pytest.raises(SelfMTPError, match="teacher_files"):
-        train(config(data, named, steps=4, save_every=2, teacher=str(teacher), resume=True))
+        train(tiny_train_config(data, named, steps=4, save_every=2, teacher=str(teacher), resume=True))
 
 
 def test_grad_accumulation_equals_big_batch(data, tmp_path):
-    train(config(data, tmp_path / "big", batch_size=4, steps=2))
-    train(config(data, tmp_path / "accum", batch_size=2, grad_accum=2, steps=2))
+    train(tiny_train_config(data, tmp_path / "big", batch_size=4, steps=2))
+    train(tiny_train_config(data, tmp_path / "accum", batch_size=2, grad_accum=2, steps=2))
     for a, b in zip(metrics(tmp_path / "big"), metrics(tmp_path / "accum"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["agreement_by_j"] == b["agreement_by_j"]
     assert_weights_close(final_weights(tmp_path / "big"), final_weights(tmp_path / "accum"), 1e-5)
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    train(cfg)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # offline: the processes share the relabelling, and a resume takes the cached targets on every process
 @pytest.mark.parametrize("supervision", ["online", "offline"])
 def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path, supervision):
-    ddp = config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2, supervision=supervision)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), ddp), nprocs=2, join=True)
+    ddp = tiny_train_config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2, supervision=supervision)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), ddp), nprocs=2, join=True)
     if supervision == "offline":
         resumed = replace(ddp, steps=3, resume=True)
-        torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), resumed), nprocs=2, join=True)
+        torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), resumed), nprocs=2, join=True)
     steps = 3 if supervision == "offline" else 2
-    train(config(data, tmp_path / "single", batch_size=4, steps=steps, supervision=supervision))
+    train(tiny_train_config(data, tmp_path / "single", batch_size=4, steps=steps, supervision=supervision))
     for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["supervised"] == b["supervised"]
     assert_weights_close(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), 1e-5)
@@ -223,7 +191,7 @@ def test_lora_shares_weights_with_teacher_and_trains_mtp_row(data, tmp_path):
     from selfmtp.models.loading import load_model
 
     out = tmp_path / "lora"
-    summary = train(config(data, out, lora_rank=4, steps=3, lr=1e-2))
+    summary = train(tiny_train_config(data, out, lora_rank=4, steps=3, lr=1e-2))
     base, tokenizer = load_model("tiny", seed=0)
     mtp = tokenizer.convert_tokens_to_ids("<mtp>")
     merged = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -234,7 +202,7 @@ def test_lora_shares_weights_with_teacher_and_trains_mtp_row(data, tmp_path):
     total = sum(p.numel() for p in base.parameters())
     assert 0 < summary["trainable_parameters"] < total // 10
     adapter = tmp_path / "adapter"
-    train(config(data, adapter, lora_rank=4, steps=3, lr=1e-2, lora_export="adapter"))
+    train(tiny_train_config(data, adapter, lora_rank=4, steps=3, lr=1e-2, lora_export="adapter"))
     assert (adapter / "final" / "adapter_config.json").exists() and (adapter / "final" / "tokenizer.json").exists()
     # The adapter directory is a model spec of its own: base + adapter, merged = the merged export.
     from_adapter, adapter_tokenizer = load_model(str(adapter / "final"))
@@ -315,7 +283,7 @@ def test_cli_trains_and_refuses_to_overwrite(data, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def default_steps(data, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("default") / "o"
-    train(config(data, out, steps=2, batch_size=2))
+    train(tiny_train_config(data, out, steps=2, batch_size=2))
     return [r for r in metrics(out) if "loss" in r]
 
 
@@ -329,7 +297,7 @@ def default_steps(data, tmp_path_factory) -> list[dict]:
 ])
 def test_ablation_settings_train_end_to_end(data, tmp_path, overrides, default_steps):
     out = tmp_path / "o"
-    train(config(data, out, steps=2, batch_size=2, **overrides))
+    train(tiny_train_config(data, out, steps=2, batch_size=2, **overrides))
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["loss"] > 0 and ("prefix_loss" in rows[-1]) == ("prefix_loss" in overrides)
     # The setting reaches what the trainer computes: same seed, so the same rows (and, but for
@@ -344,7 +312,7 @@ def test_ablation_settings_train_end_to_end(data, tmp_path, overrides, default_s
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
-    from selfmtp.training.trainer import TrainConfig, lr_multiplier
+    from selfmtp.training.trainer import lr_multiplier
 
     constant = lr_multiplier(TrainConfig(data="x", warmup=4, steps=20))
     cosine = lr_multiplier(TrainConfig(data="x", warmup=4, steps=20, lr_schedule="cosine"))

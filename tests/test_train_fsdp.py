@@ -14,22 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import gsm8k_style_lines
+from conftest import assert_weights_close, ddp_worker, final_weights, free_port, metrics, tiny_train_config
 from selfmtp.cli import main
 from selfmtp.errors import SelfMTPError
 from selfmtp.training.trainer import train
-from test_train import _ddp_worker, _free_port, assert_weights_close, config, final_weights, metrics
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "gsm8k-48.jsonl"
-    path.write_text(gsm8k_style_lines(48))
-    return str(path)
 
 
 def spawn(cfg, world: int = 2) -> None:
-    torch.multiprocessing.spawn(_ddp_worker, args=(world, _free_port(), cfg), nprocs=world, join=True)
+    torch.multiprocessing.spawn(ddp_worker, args=(world, free_port(), cfg), nprocs=world, join=True)
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -39,13 +31,13 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_two_process_fsdp_resumed_from_a_sharded_checkpoint_equals_one_process_with_double_batch(data, tmp_path):
-    fsdp = config(data, tmp_path / "fsdp", batch_size=2, steps=2, save_every=2, parallel="fsdp")
+    fsdp = tiny_train_config(data, tmp_path / "fsdp", batch_size=2, steps=2, save_every=2, parallel="fsdp")
     spawn(fsdp)
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step-0000002"
     assert (checkpoint / ".metadata").is_file() and len(list(checkpoint.glob("*.distcp"))) == 2
     assert not list(checkpoint.parent.glob(".*"))  # no temp directory left behind
     spawn(replace(fsdp, steps=3, resume=True))
-    train(config(data, tmp_path / "single", batch_size=4, steps=3))  # uninterrupted, unsharded
+    train(tiny_train_config(data, tmp_path / "single", batch_size=4, steps=3))  # uninterrupted, unsharded
     assert_same_run(tmp_path / "fsdp", tmp_path / "single")
 
     from transformers import AutoModelForCausalLM  # the consolidated export is a stock checkpoint
@@ -56,16 +48,16 @@ def test_two_process_fsdp_resumed_from_a_sharded_checkpoint_equals_one_process_w
 
 def test_two_process_fsdp_lora_with_activation_checkpointing_equals_one_process(data, tmp_path):
     # LoRA's teacher is the adapter-disabled student, run through the same sharded root
-    spawn(config(data, tmp_path / "fsdp", batch_size=2, steps=3, lora_rank=4, parallel="fsdp",
+    spawn(tiny_train_config(data, tmp_path / "fsdp", batch_size=2, steps=3, lora_rank=4, parallel="fsdp",
                  activation_checkpointing=True))
-    train(config(data, tmp_path / "single", batch_size=4, steps=3, lora_rank=4))
+    train(tiny_train_config(data, tmp_path / "single", batch_size=4, steps=3, lora_rank=4))
     assert_same_run(tmp_path / "fsdp", tmp_path / "single")
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # autocast / one-process FSDP with MixedPrecisionPolicy
 def test_bfloat16_trains_and_tracks_float32(data, tmp_path, parallel):
-    train(config(data, tmp_path / "fp32", steps=4))
-    train(config(data, tmp_path / "bf16", steps=4, dtype="bfloat16", parallel=parallel))
+    train(tiny_train_config(data, tmp_path / "fp32", steps=4))
+    train(tiny_train_config(data, tmp_path / "bf16", steps=4, dtype="bfloat16", parallel=parallel))
     fp32, bf16 = metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16")
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2% per operation); through 2 layers,
     # the head and 4 steps the loss (about 10) moves by ~0.1-0.5%: 2% fails only if bf16 is broken
@@ -76,9 +68,9 @@ def test_bfloat16_trains_and_tracks_float32(data, tmp_path, parallel):
 
 
 def test_resume_refuses_a_checkpoint_of_the_other_parallel_mode(data, tmp_path):
-    train(config(data, tmp_path / "run", steps=1, save_every=1))
+    train(tiny_train_config(data, tmp_path / "run", steps=1, save_every=1))
     with pytest.raises(SelfMTPError, match="resume it with --parallel fsdp|written by"):
-        train(config(data, tmp_path / "run", steps=2, resume=True, parallel="fsdp"))
+        train(tiny_train_config(data, tmp_path / "run", steps=2, resume=True, parallel="fsdp"))
 
 
 @pytest.mark.parametrize("extra, message", [

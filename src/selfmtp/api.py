@@ -16,7 +16,7 @@ from selfmtp.decoding.kv_cache import has_plain_cache
 from selfmtp.decoding.loop import GenerationResult, generate_batch
 from selfmtp.decoding.strategies import Strategy, parse_strategy
 from selfmtp.errors import SelfMTPError
-from selfmtp.files import write_bytes_atomic
+from selfmtp.files import write_text_atomic
 from selfmtp.jsonl import numbered_lines, parse_json_line
 
 
@@ -192,5 +192,4 @@ def write_chunk_view(
     """The chunk view of `results` as a standalone HTML page, written atomically."""
     from selfmtp.decoding.chunk_view import render_html
 
-    page = render_html(results, prompts, title=title, tokenizer=tokenizer)
-    write_bytes_atomic(Path(path), page.encode("utf-8"))
+    write_text_atomic(path, render_html(results, prompts, title=title, tokenizer=tokenizer))

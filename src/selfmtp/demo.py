@@ -151,7 +151,7 @@ def run_demo(config: DemoConfig, log=print) -> dict:
         start = time.perf_counter()
         summary["real"] = _run_real(config, out / "real", log)
         seconds["real"] = time.perf_counter() - start
-    from selfmtp.evaluation.report import write_json_atomic
+    from selfmtp.files import write_json_atomic
 
     write_json_atomic(out / "demo.json", summary)
     return {**summary, "results": results}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,15 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(Path(path), text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """`data` as indented JSON, atomically (results, summaries: files that other programs read)."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def backup_dir(target: Path) -> Path:

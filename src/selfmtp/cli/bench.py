@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfmtp.cli.common import add_model_args, add_no_progress, print_json
+from selfmtp.cli.common import add_model_args, add_no_progress, print_output
 
 
 def add_parser(subparsers) -> None:
@@ -58,9 +58,6 @@ def run(args) -> int:
         seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.no_progress,
     )  # fmt: skip
     result = run_bench(config, args.output)
-    if args.json:
-        print_json(result)
-    else:
-        print(format_markdown(result))
-        print(f"wrote {Path(args.output) / 'bench.json'} and bench.md")
+    wrote = f"wrote {Path(args.output) / 'bench.json'} and bench.md"
+    print_output(result, as_json=args.json, text=lambda r: f"{format_markdown(r)}\n{wrote}")
     return 0

@@ -43,3 +43,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def print_json(data) -> None:
     print(json.dumps(data, indent=2))
+
+
+def print_output(data, *, as_json: bool, text) -> None:
+    """What a subcommand returns: `data` as JSON (--json, for programs) or `text(data)` (for people)."""
+    print(json.dumps(data, indent=2) if as_json else text(data))

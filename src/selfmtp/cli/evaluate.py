@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfmtp.cli.common import add_model_args, add_no_progress, print_json
+from selfmtp.cli.common import add_model_args, add_no_progress, print_output
 
 
 def add_parser(subparsers) -> None:
@@ -60,9 +60,6 @@ def run(args) -> int:
         device=args.device, coherence=args.coherence,
     )  # fmt: skip
     results = run_sweep(config, args.output, progress=not args.no_progress)
-    if args.json:
-        print_json(results)
-    else:
-        print(format_table(results))
-        print(f"wrote {Path(args.output) / 'results.json'}, results.md and pareto.png")
+    wrote = f"wrote {Path(args.output) / 'results.json'}, results.md and pareto.png"
+    print_output(results, as_json=args.json, text=lambda r: f"{format_table(r)}\n{wrote}")
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfmtp.cli.common import print_json
+from selfmtp.cli.common import print_output
 
 
 def add_parser(subparsers) -> None:
@@ -54,8 +54,5 @@ def run(args) -> int:
         parallel=args.parallel,
         dtype=args.dtype,
     )
-    if args.json:
-        print_json(report)
-    else:
-        print(format_report(report))
+    print_output(report, as_json=args.json, text=format_report)
     return 0

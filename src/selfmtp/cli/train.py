@@ -9,7 +9,7 @@ from selfmtp.cli.common import (
     SUPERVISION_HELP,
     add_model_args,
     add_no_progress,
-    print_json,
+    print_output,
 )
 
 # Parsed flags that are not TrainConfig fields.
@@ -175,8 +175,5 @@ def run(args) -> int:
     summary = train(train_config(args))
     if summary["rank"] != 0:  # under torchrun only the first process reports
         return 0
-    if getattr(args, "json", False):
-        print_json(summary)
-    else:
-        print(describe_summary(summary))
+    print_output(summary, as_json=getattr(args, "json", False), text=describe_summary)
     return 0

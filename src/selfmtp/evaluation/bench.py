@@ -26,7 +26,7 @@ import torch
 
 from selfmtp.errors import SelfMTPError
 from selfmtp.evaluation.bench_report import Sample, format_markdown, summarize
-from selfmtp.evaluation.report import write_json_atomic, write_text_atomic
+from selfmtp.files import write_json_atomic, write_text_atomic
 
 BASELINES = ("hf-generate", "hf-prompt-lookup", "llama-cpp")
 PROMPT_LOOKUP_TOKENS = 10  # drafts per lookup: transformers' documented example value

@@ -29,7 +29,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from selfmtp.evaluation.report import write_json_atomic
+from selfmtp.files import write_json_atomic
 from selfmtp.progress import progress_bar
 
 logger = logging.getLogger("lm_eval.models.selfmtp")  # under lm-eval's logger: shown with its own logs

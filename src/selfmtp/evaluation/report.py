@@ -8,12 +8,11 @@ deviation over sqrt(n), which is what lm-evaluation-harness reports (0 when n < 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
-from selfmtp.files import write_bytes_atomic
+from selfmtp.files import write_json_atomic, write_text_atomic
 
 STDERR_FORMULA = "sqrt(p*(1-p)/(n-1))  (sample std / sqrt(n), as lm-evaluation-harness)"
 # Paired differences (evaluation/reference.py), when the reference row is in the sweep.
@@ -25,14 +24,6 @@ def accuracy_with_stderr(correct: list[bool]) -> dict:
     p = sum(correct) / n if n else 0.0
     stderr = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0
     return {"accuracy": p, "stderr": stderr, "n": n}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(Path(path), text.encode("utf-8"))
-
-
-def write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from selfmtp.decoding.strategies import parse_strategy
 from selfmtp.errors import Interrupted, SelfMTPError
-from selfmtp.evaluation.report import STDERR_FORMULA, accuracy_with_stderr, write_json_atomic, write_report
+from selfmtp.evaluation.report import STDERR_FORMULA, accuracy_with_stderr, write_report
+from selfmtp.files import write_json_atomic
 from selfmtp.progress import progress_bar
 
 DEFAULT_STRATEGIES = (

@@ -304,22 +304,30 @@ def _smollm2_tokenizer_dir() -> Path:
     return target
 
 
-def _build_tiny(options: dict, *, seed: int, attn_implementation: str):
-    tokenizer = load_tokenizer(options["tokenizer"])
-    config = LlamaConfig(
+def tiny_llama_config(
+    tokenizer, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, context: int
+) -> LlamaConfig:
+    """A small Llama over `tokenizer`'s vocabulary with tied embeddings (the `tiny` spec, tiny-gsm's teacher)."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=options["hidden"],
-        intermediate_size=options["intermediate"],
-        num_hidden_layers=options["layers"],
-        num_attention_heads=options["heads"],
-        num_key_value_heads=options["kv_heads"],
-        max_position_embeddings=options["context"],
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         rope_theta=10000.0,
     )
+
+
+def _build_tiny(options: dict, *, seed: int, attn_implementation: str):
+    tokenizer = load_tokenizer(options["tokenizer"])
+    shape = ("hidden", "intermediate", "layers", "heads", "kv_heads", "context")
+    config = tiny_llama_config(tokenizer, **{key: options[key] for key in shape})
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM
 
+from selfmtp.models.loading import tiny_llama_config
 from selfmtp.progress import progress_bar, progress_write
 from selfmtp.tasks.tiny_gsm import generate_tiny_gsm
 from selfmtp.tasks.tokenizer import encode_plain, train_tokenizer
@@ -68,20 +69,10 @@ def answer_number(text: str) -> str | None:
 
 
 def build_model(config: TeacherConfig, tokenizer) -> LlamaForCausalLM:
-    llama_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=config.context,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        rope_theta=10000.0,
-    )
+    llama_config = tiny_llama_config(
+        tokenizer, hidden=config.hidden, intermediate=config.intermediate, layers=config.layers,
+        heads=config.heads, kv_heads=config.kv_heads, context=config.context,
+    )  # fmt: skip
     torch.manual_seed(config.seed)
     return LlamaForCausalLM(llama_config)
 

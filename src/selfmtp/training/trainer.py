@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from selfmtp.errors import Interrupted, SelfMTPError
-from selfmtp.files import write_bytes_atomic
+from selfmtp.files import write_json_atomic
 from selfmtp.models.loading import model_fingerprint
 from selfmtp.progress import progress_bar
 from selfmtp.training import parallel
@@ -103,7 +103,7 @@ def _train(config: TrainConfig) -> dict:
         **data_info, "config": asdict(config),
     }  # fmt: skip
     if rank == 0:
-        write_bytes_atomic(out / "summary.json", json.dumps(summary, indent=2).encode())  # demo reads it
+        write_json_atomic(out / "summary.json", summary)  # demo reads it
     if world > 1:
         dist.barrier()
     if owns_group:
