@@ -4,8 +4,8 @@ A few GSM8K questions of our dev split (never trained on) ship in `assets/gsm8k-
 They are decoded one at a time (batch 1, the latency case) with static k=1, exact `verify:8` and
 ConfAdapt tau=0.9. For a gated model (the shipped one), static k=1 IS the original SmolLM2's greedy
 decoding: real tokens never see the deltas (models/gated.py). So `verify:8` must reproduce it token
-for token, and ConfAdapt's answers are compared with it. The figures are issue 16's targets,
-reported and never asserted; a handful of prompts only shows the direction (docs/measurements/
+for token, and ConfAdapt's answers are compared with it. The figures are the real model's targets
+(README), reported and never asserted; a handful of prompts only shows the direction (docs/measurements/
 smollm2-135m-mtp-cpu has the dev-split evaluation).
 """
 
@@ -47,7 +47,7 @@ def run_real_demo(config: RealDemoConfig, output: Path, log=print) -> dict:
 
 
 def check_real_targets(rows: list[dict]) -> list[dict]:
-    """Issue 16's targets on whatever rows are there (a row that did not run is skipped)."""
+    """The real model's targets on whatever rows are there (a row that did not run is skipped)."""
     from selfmtp.demo import graded_target
     from selfmtp.evaluation.report import pooled_tokens_per_pass
 
