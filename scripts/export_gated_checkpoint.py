@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfmtp.errors import SelfMTPError
-from selfmtp.models.gated import apply_gate, load_gated_state, save_gated_dir
+from selfmtp.models.gated import apply_gate, gated_base_spec, is_gated, load_gated_state, save_gated_dir
 from selfmtp.models.loading import load_model, mtp_token_id
 from selfmtp.training.state import RUN_SETTINGS, STEP_DIR, list_checkpoints
 
@@ -44,9 +44,11 @@ def export(argv: list[str] | None = None) -> None:
     if not checkpoints:
         raise SelfMTPError(f"no checkpoint{'' if args.step is None else f' at step {args.step}'} in {run / 'checkpoints'}")
     model, tokenizer = load_model(settings["model"], seed=settings["seed"])
-    apply_gate(model, mtp_token_id=mtp_token_id(model), rank=settings["lora_rank"], alpha=settings["lora_alpha"])
+    if not is_gated(model):  # a run that continued a saved gated directory loads gated already
+        apply_gate(model, mtp_token_id=mtp_token_id(model), rank=settings["lora_rank"], alpha=settings["lora_alpha"])
     load_gated_state(model, load_file(str(checkpoints[-1] / "trainable.safetensors")), where=str(checkpoints[-1]))
-    save_gated_dir(model, tokenizer, args.output, base_spec=settings["model"], seed=settings["seed"],
+    base = gated_base_spec(settings["model"])  # the original model, as the run's own final/ names it
+    save_gated_dir(model, tokenizer, args.output, base_spec=base, seed=settings["seed"],
                    k_max=settings.get("k_max"), dtype=torch.bfloat16 if args.bf16 else None)
     print(f"{checkpoints[-1]} -> {args.output}")
 

@@ -223,6 +223,15 @@ def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_lin
     step1 = load_file(str(out / "checkpoints" / "step-0000001" / "trainable.safetensors"))
     assert all(torch.equal(tensor, step1[name]) for name, tensor in gated_state(loaded).items())
     assert loaded.config.selfmtp_k_max == 3
+    # a run that continues the exported directory (the next session of a long run) exports too, and names
+    # the original base, not the directory it started from
+    more = tmp_path / "more"
+    train(gated_config(data, more, model=str(tmp_path / "step1"), steps=1, save_every=1, k_max=3))
+    assert export([str(more), "--output", str(tmp_path / "more1")]) == 0
+    record = json.loads((tmp_path / "more1" / "selfmtp.json").read_text())
+    assert record["base_model"] == "tiny"
+    continued = load_file(str(more / "checkpoints" / "step-0000001" / "trainable.safetensors"))
+    assert all(torch.equal(t, continued[n]) for n, t in gated_state(load_model(str(tmp_path / "more1"))[0]).items())
     capsys.readouterr()
     for run in (out, tmp_path / "none"):  # no checkpoint at that step; no run at all
         assert export([str(run), "--step", "7", "--output", str(tmp_path / "x")]) == 2
