@@ -142,3 +142,17 @@ def test_check_real_targets_agreement_and_wall_clock():
         "confadapt:0.9:8 answers agree with static k=1 on >= 85%": False,
         "verify:8 wall clock >= 1.5x static k=1 (one run, same machine)": False,  # 1.4x
     }
+
+
+def test_demo_reuses_a_run_recorded_before_newer_settings_existed():
+    # runs/demo/train/summary.json of an older selfmtp lacks settings added since (gated, dtype, ...): they
+    # read as their defaults, so the finished run is reused instead of "resumed" under other settings
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from selfmtp.demo import DemoConfig, _recipe, train_config
+
+    recipe = asdict(train_config(DemoConfig(), Path("train.jsonl"), Path("train")))
+    older = {k: v for k, v in recipe.items() if k not in ("gated", "dtype")}
+    assert _recipe(older) == _recipe(recipe)
+    assert _recipe(older | {"lr": 1.0}) != _recipe(recipe)

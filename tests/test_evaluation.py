@@ -394,3 +394,11 @@ def test_results_files_get_the_usual_mode_not_tempfiles_private_one(tmp_path):
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~current_umask()
     assert os.listdir(tmp_path / "ckpt") == ["x"]
+
+
+def test_exact_rows_are_named_by_all_their_options():
+    from selfmtp.evaluation.report import display_name
+
+    names = [display_name({"strategy": s, "kind": "verify", "k_max": 8})
+             for s in ("verify:8", "verify:8:tree", "verify:8:lookup", "verify:8:tree:lookup")]  # fmt: skip
+    assert names == ["exact K=8", "exact tree K=8", "exact K=8 + lookup", "exact tree K=8 + lookup"]

@@ -152,6 +152,12 @@ def test_resume_refuses_other_settings_or_changed_model_files(data, tmp_path):
     train(tiny_train_config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, keep_checkpoints=3))
     with pytest.raises(SelfMTPError, match="holds_out_eval_rows: False -> True"):  # it would change the train rows
         train(tiny_train_config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, eval_every=1))
+    # a run from an older selfmtp did not record settings added since: they read as their defaults
+    record = json.loads((out / "run_config.json").read_text())
+    (out / "run_config.json").write_text(json.dumps({k: v for k, v in record.items() if k not in ("gated", "dtype")}))
+    train(tiny_train_config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True))
+    with pytest.raises(SelfMTPError, match="gated: False -> True"):  # ... and a different value is still refused
+        train(tiny_train_config(data, out, steps=2, save_every=2, lr_schedule="cosine", resume=True, gated=True))
 
     teacher = tmp_path / "teacher"
     save_checkpoint(*load_model("tiny"), teacher)

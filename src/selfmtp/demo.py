@@ -198,8 +198,11 @@ def train_or_reuse(tc, log=print) -> Path:
 
 
 def _recipe(fields: dict) -> dict:
-    """What decides the trained weights (not how the run was watched or restarted)."""
-    return {k: v for k, v in fields.items() if k not in ("resume", "progress")}
+    """What decides the trained weights (not how the run was watched or restarted); a setting that a run
+    from an older selfmtp did not record reads as its default."""
+    from selfmtp.training.config import setting_defaults
+
+    return {k: v for k, v in (setting_defaults() | fields).items() if k not in ("resume", "progress")}
 
 
 def _write_chunk_view(config: DemoConfig, model: Path, path: Path) -> None:

@@ -44,7 +44,9 @@ def display_name(row: dict) -> str:
     if kind == "confadapt":
         return f"ConfAdapt tau={row['tau']:g} (k_max {row['k_max']})"
     if kind == "verify":
-        return f"exact {'tree ' if row['strategy'].endswith(':tree') else ''}K={row['k_max']}"
+        options = row["strategy"].split(":")[1:]  # verify[:K][:tree][:lookup]
+        lookup = " + lookup" if "lookup" in options else ""
+        return f"exact {'tree ' if 'tree' in options else ''}K={row['k_max']}{lookup}"
     return row["strategy"]
 
 

@@ -155,3 +155,17 @@ def lr_multiplier(config: TrainConfig):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return multiplier
+
+
+def setting_defaults() -> dict:
+    """Every TrainConfig field that has a default, with it: what a run recorded before a setting existed
+    ran with (a new setting's default keeps the old behaviour), so a missing key reads as its default."""
+    from dataclasses import MISSING, fields
+
+    defaults = {}
+    for f in fields(TrainConfig):
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults

@@ -105,9 +105,10 @@ FREE_ON_RESUME = frozenset({
 })  # eval_every only matters through whether rows are held out, which the trainer records on its own
 
 
-def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0) -> None:
+def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0, defaults: dict | None = None) -> None:
     """A fresh run records `settings` in `out/run_config.json`; a resumed one must match them, except
     FREE_ON_RESUME and `steps` under a constant lr (a cosine curve is drawn to the old `steps`).
+    A setting the record lacks (added to selfmtp after the run started) reads as its value in `defaults`.
     A run from before this record existed gets one now, unchecked."""
     path = Path(out) / RUN_SETTINGS
     if resume and path.is_file():
@@ -118,6 +119,7 @@ def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0
         except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
             raise SelfMTPError(f"{path} is damaged ({exc}): it records the settings this run started with; "
                                "restore it, or train into a new --output") from None
+        recorded = {**(defaults or {}), **recorded}
         free = FREE_ON_RESUME | ({"steps"} if recorded.get("lr_schedule") == settings.get("lr_schedule") == "constant" else set())
         changed = [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
                    for key in sorted(set(recorded) | set(settings))

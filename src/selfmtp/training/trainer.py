@@ -30,7 +30,7 @@ from selfmtp.files import write_json_atomic
 from selfmtp.models.loading import model_fingerprint
 from selfmtp.progress import progress_bar
 from selfmtp.training import parallel
-from selfmtp.training.config import TrainConfig, lr_multiplier, validate
+from selfmtp.training.config import TrainConfig, lr_multiplier, setting_defaults, validate
 from selfmtp.training.recovery import (
     StopRequest,
     how_to_continue,
@@ -121,7 +121,7 @@ def _set_up_run(config: TrainConfig, out: Path, *, resuming: bool, rank: int, wo
         "teacher_files": teacher_key,
         "holds_out_eval_rows": holds_out_eval_rows(config),
     }
-    check_run_settings(out, asdict(config) | derived, resume=resuming, rank=rank)
+    check_run_settings(out, asdict(config) | derived, resume=resuming, rank=rank, defaults=setting_defaults())
     setup = set_up(config, device, out / "teacher_targets.safetensors", resume=resuming,
                    teacher_key=teacher_key, rank=rank, world=world, relabel_tokens=RELABEL_TOKENS)  # fmt: skip
     student = setup.student
