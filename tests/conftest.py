@@ -189,3 +189,14 @@ def peaked(_peaked_session):
     mtp, before = _peaked_session
     yield mtp
     assert _fingerprint(mtp.model, mtp.tokenizer) == before, "this test changed the shared `peaked` model"
+
+
+def load_script(name: str):
+    """A module of scripts/ (they are not a package): `load_script("plan_check").main(...)`."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

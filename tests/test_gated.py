@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ddp_worker, free_port, metrics, tiny_train_config
+from conftest import ddp_worker, free_port, load_script, metrics, tiny_train_config
 from selfmtp.decoding.loop import generate_batch
 from selfmtp.decoding.strategies import Static
 from selfmtp.errors import SelfMTPError
@@ -205,13 +205,7 @@ def test_gated_run_saves_a_model_spec_that_loads_with_the_gate(data, tmp_path, s
 
 
 def _export_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "export_gated_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("export_gated_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("export_gated_checkpoint")
 
 
 def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_line(data, tmp_path, capsys):

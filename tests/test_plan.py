@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import load_script
 from selfmtp.cli import main
 from selfmtp.training.plan import KNOWN_SHAPES, choose, plan_memory, shape_for_model, shape_for_params
 
@@ -80,16 +81,8 @@ def test_cli_plan_user_errors(argv, capsys):
     assert capsys.readouterr().err.startswith("selfmtp: error:")
 
 
-
 def _plan_check_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "plan_check.py"
-    spec = importlib.util.spec_from_file_location("plan_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("plan_check")
 
 
 def _assert_planned_within_20_percent_of_measured(model, tmp_path, **settings):
