@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python scripts/prepare_gsm8k_mtp.py --output data/gsm8k-mtp
     PYTHONPATH=src python scripts/prepare_gsm8k_mtp.py --output data/gsm8k-mtp --self-answers 300
+    PYTHONPATH=src python scripts/prepare_gsm8k_mtp.py --output data/gsm8k-mtp --dev-self-answers 32 --mix
 
 Split: the last `--dev` lines (default 300) of GSM8K train.jsonl are the dev set, the rest is
 train; both are copied verbatim (selfmtp.training.data strips the <<a*b=c>> calculator annotations when it
@@ -74,6 +75,10 @@ def main() -> None:
     parser.add_argument("--output", required=True, help="folder for train.jsonl, dev.jsonl (and self-train.jsonl)")
     parser.add_argument("--dev", type=int, default=300, help="dev problems: the last N lines (default 300)")
     parser.add_argument("--self-answers", type=int, default=0, metavar="N", help="greedy answers to N train questions")
+    parser.add_argument("--dev-self-answers", type=int, default=0, metavar="N",
+                        help="greedy answers to the first N dev questions (dev-self.jsonl: held-out text the model wrote)")
+    parser.add_argument("--mix", action="store_true",
+                        help="also write mix-train.jsonl: the self-answers, then the train problems' reference solutions")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -92,6 +97,17 @@ def main() -> None:
         count = self_answers(questions, args.model, args.max_new_tokens, args.batch_size, path)
         seconds = time.perf_counter() - started
         print(f"{path} holds {count} self-answers ({seconds:.0f} s in this run)")
+    if args.dev_self_answers:
+        questions = [json.loads(line)["question"] for line in dev[: args.dev_self_answers]]
+        count = self_answers(questions, args.model, args.max_new_tokens, args.batch_size, out / "dev-self.jsonl")
+        print(f"{out / 'dev-self.jsonl'} holds {count} self-answers to dev questions")
+    if args.mix:
+        # Gated offline training relabels every row with the original model's greedy choices, so text
+        # the model did not write (the reference solutions) still teaches the masks its own next tokens.
+        own = out / "self-train.jsonl"
+        lines = (own.read_text(encoding="utf-8").splitlines() if own.exists() else []) + train
+        (out / "mix-train.jsonl").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        print(f"wrote {len(lines)} records to {out / 'mix-train.jsonl'}")
 
 if __name__ == "__main__":
     main()
