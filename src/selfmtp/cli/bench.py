@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfmtp.cli.common import add_model_args, add_no_progress, print_output
+from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack, print_output
 
 
 def add_parser(subparsers) -> None:
@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
         "time to first token, tokens per pass, and speedups as medians of paired per-prompt ratios.",
     )
     add_model_args(parser)
+    add_prepack(parser)
     parser.add_argument(
         "--prompts", required=True, help="one prompt per line, or .jsonl with 'prompt' or 'question'"
     )
@@ -55,7 +56,7 @@ def run(args) -> int:
         model=args.model, prompts=args.prompts, strategies=[s for s in args.strategies.split(",") if s.strip()],
         baselines=[b.strip() for b in args.baselines.split(",") if b.strip()], runs=args.runs,
         max_new_tokens=args.max_new_tokens, limit=args.limit, gguf=args.gguf, chat=args.chat, threads=args.threads,
-        seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.no_progress,
+        seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack, progress=not args.no_progress,
     )  # fmt: skip
     result = run_bench(config, args.output)
     wrote = f"wrote {Path(args.output) / 'bench.json'} and bench.md"

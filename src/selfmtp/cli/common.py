@@ -41,6 +41,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
+def add_prepack(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prepack", action="store_true",
+        help="CPU float32: pack linear weights once for oneDNN, so passes of 2+ tokens cost less (default: off)",
+    )  # fmt: skip
+
+
 def print_json(data) -> None:
     print(json.dumps(data, indent=2))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfmtp.cli.common import add_model_args, add_no_progress, print_output
+from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack, print_output
 
 
 def add_parser(subparsers) -> None:
@@ -19,6 +19,7 @@ def add_parser(subparsers) -> None:
         "results.md and pareto.png into --output. Finished strategies are kept; a rerun continues.",
     )
     add_model_args(parser)
+    add_prepack(parser)
     parser.add_argument("--task", required=True, help=TASK_HELP)
     parser.add_argument(
         "--data", help="gsm8k: a jsonl of {question, answer}; bbh: the BBH folder; tiny-gsm: optional jsonl "
@@ -57,7 +58,7 @@ def run(args) -> int:
         model=args.model, task=args.task, strategies=args.strategies.split(","), teacher=args.teacher,
         data=args.data, fewshot_data=args.fewshot_data, limit=args.limit, shots=args.shots, chat=args.chat,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
-        device=args.device, coherence=args.coherence,
+        device=args.device, prepack=args.prepack, coherence=args.coherence,
     )  # fmt: skip
     results = run_sweep(config, args.output, progress=not args.no_progress)
     wrote = f"wrote {Path(args.output) / 'results.json'}, results.md and pareto.png"

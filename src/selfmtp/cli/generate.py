@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from selfmtp.cli.common import add_model_args, add_no_progress
+from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack
 
 
 def add_parser(subparsers) -> None:
@@ -19,6 +19,7 @@ def add_parser(subparsers) -> None:
         "tokens, forward passes, acceleration (tokens per pass) and tokens/s.",
     )
     add_model_args(parser)
+    add_prepack(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument(
@@ -62,7 +63,7 @@ def run(args) -> int:
     strategy = parse_strategy(args.strategy)  # bad input fails before the model loads
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
     check_generate_args(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    mtp = MTPModel.from_pretrained(args.model, seed=args.seed, dtype=args.dtype, device=args.device)
+    mtp = MTPModel.from_pretrained(args.model, seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack)
     results = mtp.generate(
         prompts, strategy=strategy, max_new_tokens=args.max_new_tokens, stop=args.stop or None,
         chat=args.chat, batch_size=args.batch_size,

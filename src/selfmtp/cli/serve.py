@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfmtp.cli.common import add_model_args, add_no_progress
+from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack
 
 
 def add_parser(subparsers) -> None:
@@ -17,6 +17,7 @@ def add_parser(subparsers) -> None:
         "sends one chunk per forward pass; concurrent requests share one continuously batched decode loop.",
     )
     add_model_args(parser)
+    add_prepack(parser)
     add = parser.add_argument
     add(
         "--strategy",
@@ -63,5 +64,7 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    serve(MTPModel.from_pretrained(args.model, seed=args.seed, dtype=args.dtype, device=args.device), config)
+    serve(MTPModel.from_pretrained(
+        args.model, seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack
+    ), config)
     return 0

@@ -49,6 +49,7 @@ class BenchConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    prepack: bool = False  # CPU: oneDNN-packed linear weights for every engine on the loaded model (models/prepack.py)
     progress: bool = True
 
 
@@ -126,7 +127,9 @@ def _check(config: BenchConfig):
 def _build_engines(config: BenchConfig, strategies, baselines):
     from selfmtp.api import MTPModel
 
-    mtp = MTPModel.from_pretrained(config.model, seed=config.seed, dtype=config.dtype, device=config.device)
+    mtp = MTPModel.from_pretrained(
+        config.model, seed=config.seed, dtype=config.dtype, device=config.device, prepack=config.prepack
+    )
     engines = [(s.name, _loop_engine(mtp, s)) for s in strategies]
     notes = []
     if "hf-generate" in baselines:

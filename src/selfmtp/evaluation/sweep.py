@@ -46,6 +46,7 @@ class SweepConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    prepack: bool = False  # CPU: oneDNN-packed linear weights (models/prepack.py); like device, float noise only
     coherence: bool = False  # also score every strategy's text with the teacher (evaluation/reference.py)
 
     def validate(self) -> None:
@@ -209,7 +210,7 @@ def _load_model(run: PlannedRun, config: SweepConfig):
     # The teacher only ever decodes token by token: it needs no <mtp> surgery.
     extra = {"add_mtp": False} if run.label == TEACHER else {}
     return MTPModel.from_pretrained(
-        run.model, seed=config.seed, dtype=config.dtype, device=config.device, **extra
+        run.model, seed=config.seed, dtype=config.dtype, device=config.device, prepack=config.prepack, **extra
     )
 
 

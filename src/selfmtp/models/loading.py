@@ -117,11 +117,13 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     add_mtp: bool = True,
+    prepack: bool = False,
 ):
     """Resolve `spec`, load (model, tokenizer), and by default make sure `<mtp>` is in both.
 
     The model is returned in eval mode on `device`. `seed` makes `tiny` weights and the new
-    `<mtp>` rows deterministic.
+    `<mtp>` rows deterministic. `prepack`: CPU float32 inference with oneDNN-packed linear
+    weights (models/prepack.py: cheaper multi-token passes on a CPU).
     """
     resolved = parse_model_spec(spec)
     torch_dtype = _resolve_dtype(dtype)
@@ -141,6 +143,10 @@ def load_model(
         add_mtp_token(model, tokenizer, seed=seed)
     model = model.to(device=device, dtype=torch_dtype)
     model.eval()
+    if prepack:
+        from selfmtp.models.prepack import prepack_linears
+
+        prepack_linears(model)
     return model, tokenizer
 
 
