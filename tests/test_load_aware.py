@@ -12,15 +12,15 @@ import random
 
 import pytest
 
-from selfmtp.serving.config import resolve_strategy
-from selfmtp.serving.engine import Engine, Request
-from selfmtp.serving.load_aware import (
+from selfmtp.decoding.load_aware import (
     EXPLORE_SHARE,
     AcceptanceStats,
     PassCost,
     ProposalRule,
     monotone_from_above,
 )
+from selfmtp.serving.config import resolve_strategy
+from selfmtp.serving.engine import Engine, Request
 
 FLAT = PassCost([(1, 0.010), (128, 0.010)])  # an overhead-bound engine: any pass costs the same
 LINEAR = PassCost([(1, 0.010), (128, 1.280)])  # compute-bound: cost grows with every token fed

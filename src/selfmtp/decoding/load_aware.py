@@ -168,23 +168,25 @@ class ProposalRule:
     stats: AcceptanceStats
     cost: PassCost
     explore_share: float = EXPLORE_SHARE
+    fed_per_proposal: int = 1  # tokens a row feeds per proposal beyond the first: 1 mask; exact rows 2 (draft + mask)
     seconds: float = 0.0  # all chosen passes, by the probed curve
     explored: float = 0.0  # what exploration passes cost beyond the exploit choice, by the curve
     explorations: int = 0
     _seconds: dict = field(default_factory=dict, repr=False)
 
-    def choose(self, *, rows: int, fed_per_row: int, least: int = 1) -> int:
+    def choose(self, *, rows: int, fed_per_row: int, least: int = 1, most: int | None = None) -> int:
         """Tokens to propose this pass (1 = NTP) for `rows` rows feeding up to `fed_per_row` real tokens.
 
         `least` is the proposal count the pass has anyway (rows with a fixed strategy): using it
-        costs nothing extra.
+        costs nothing extra. `most` (default the stats' k_max): the rows' strategies propose no more.
         """
-        k_max = self.stats.k_max
+        k_max = min(self.stats.k_max, most or self.stats.k_max)
         least = min(max(1, least), k_max)
-        seconds = self._seconds.get((rows, fed_per_row))  # by k
+        seconds = self._seconds.get((rows, fed_per_row))  # by k, up to the stats' k_max
         if seconds is None:
-            seconds = [0.0] + [self.cost(rows * (fed_per_row + k - 1)) for k in range(1, k_max + 1)]
-            if fed_per_row <= k_max:  # decode passes: the same few (rows, fed) come back pass after pass
+            per = self.fed_per_proposal
+            seconds = [0.0] + [self.cost(rows * (fed_per_row + per * (k - 1))) for k in range(1, self.stats.k_max + 1)]
+            if fed_per_row <= self.stats.k_max:  # decode passes: the same few (rows, fed) come back pass after pass
                 self._seconds[rows, fed_per_row] = seconds
         cautious = self.stats.expected_tokens()
         # ties go to fewer masks: the same speed for less compute
@@ -201,3 +203,53 @@ class ProposalRule:
                 chosen, self.explored, self.explorations = probe, self.explored + extra, self.explorations + 1
         self.seconds += seconds[chosen]
         return chosen
+
+
+@dataclass
+class LoadAware:
+    """The load-aware caps of one decode loop (`batch.BatchDecoder`): one rule per row kind.
+
+    - lossy rows (`auto[:TAU[:KMAX]]`, ConfAdapt): a pass proposing k tokens feeds k - 1 masks and
+      the rows' stats count how many of the k tokens ConfAdapt kept;
+    - exact rows (`auto:verify[:K]`): a pass allowed k proposals feeds at most k - 1 masks and
+      k - 1 lookup drafts; the mask drafts of the previous pass are fed whatever the cap (they are
+      what an earlier pass paid for), so up to 2(k - 1) tokens beyond the row's own
+      (`fed_per_proposal=2`). Their stats count, per pass, the draft capacity the row paid for
+      (the masks fed one pass earlier, or the lookup drafts fed now) and how many drafts the
+      model's own greedy choice confirmed (`verify.ExactRow.proposed`). So a cap of 1 is plain
+      NTP passes, and the output never changes: only what is fed does.
+
+    Each kind has its own stats and exploration budget; a pass with rows of both kinds asks both.
+    """
+
+    cost: PassCost
+    k_max: int = 16
+    rules: dict[str, ProposalRule] = field(init=False)
+    chosen: dict[str, dict[int, int]] = field(init=False)  # kind -> {proposals allowed: passes}
+
+    def __post_init__(self):
+        self.rules = {
+            "lossy": ProposalRule(AcceptanceStats(self.k_max), self.cost),
+            "exact": ProposalRule(AcceptanceStats(self.k_max), self.cost, fed_per_proposal=2),
+        }
+        self.chosen = {kind: {} for kind in self.rules}
+
+    @property
+    def explorations(self) -> int:
+        return sum(rule.explorations for rule in self.rules.values())
+
+    def caps(self, rows) -> dict[str, int]:
+        """Row kind -> the proposals this pass allows its load-aware rows (`batch.BatchRow`s)."""
+        fixed = [row.state.k for row in rows if not row.load_aware]  # proposals the pass has anyway
+        widest = max(len(row.state.pending) for row in rows)
+        caps = {}
+        for kind, rule in self.rules.items():
+            mine = [row.strategy.k_max for row in rows if row.load_aware and row.kind == kind]
+            if mine:
+                k = rule.choose(rows=len(rows), fed_per_row=widest, least=max(fixed, default=1), most=max(mine))
+                caps[kind] = k
+                self.chosen[kind][k] = self.chosen[kind].get(k, 0) + 1
+        return caps
+
+    def record(self, kind: str, proposed: int, accepted: int) -> None:
+        self.rules[kind].stats.record(proposed, accepted)
