@@ -177,7 +177,7 @@ def test_engine_learns_masks_that_are_kept_where_they_are_free(peaked):
     engine, _ = run_engine(peaked, FLAT, ["Tell me about the weather", "Request 1 asks about"], max_tokens=40)
     chosen = engine.snapshot()["proposals_chosen"]
     assert max(chosen) == 4 and chosen[4] > sum(chosen.values()) / 2
-    assert engine.rule.stats.kept[2] > 0
+    assert engine.load_aware.rules["lossy"].stats.kept[2] > 0
 
 
 def test_probe_smoothing_pulls_slow_outliers_down():
