@@ -98,6 +98,20 @@ def test_a_cap_limits_masks_and_lookup_drafts_but_feeds_the_drafts_already_made(
     assert row.token_ids == greedy(peaked, prompt, 20)
 
 
+def test_masks_paid_for_that_draft_nothing_count_as_rejections(peaked, monkeypatch):
+    """Masks whose proposals are too unconfident to feed cost a pass its width and gave nothing: the next
+    pass counts 1 + 3 proposals with 1 token kept, so the rule's stats see the masks did not pay."""
+    monkeypatch.setattr("selfmtp.decoding.verify.DRAFT_MIN_CONFIDENCE", 1.01)  # no proposal is ever confident
+    prompt = peaked.encode("The capital of France is", chat=False)
+    load = LoadAware(FLAT, k_max=8)
+    decoder = BatchDecoder(peaked.model, tokenizer=peaked.tokenizer, load_aware=load)
+    row = decoder.add(prompt, Verify(4), max_new_tokens=20, load_aware=True)
+    decoder.step(max_proposals=4)
+    (event,) = decoder.step(max_proposals=4)
+    assert row.state.tokens_fed == [len(prompt) + 3, 1 + 1] and event.proposed == 4  # a miss: 1 mask next
+    assert load.rules["exact"].stats.seen[2] == 1 and load.rules["exact"].stats.kept[2] == 0
+
+
 @pytest.mark.parametrize("strategy", [Verify(4), Verify(4, lookup=True)], ids=lambda s: s.name)
 def test_where_a_token_costs_a_pass_exact_rows_fall_back_to_ntp_passes(peaked, strategy):
     prompt = peaked.encode(REPEATS, chat=False)
