@@ -1,5 +1,8 @@
 """Load-aware mask count: per pass, propose as many tokens as the batch can afford (down to NTP).
 
+Used by `batch.BatchDecoder` for rows added with `load_aware=True` (the `auto` strategies of
+`selfmtp serve`, `generate` and `bench`).
+
 The rule (`ProposalRule.choose`). A pass over B rows that feeds each row w real tokens and proposes
 k tokens (k - 1 masks) costs `cost(B * (w + k - 1))` seconds (the curve `PassCost` measures at
 start-up). With k proposals a row expects `E(k) = 1 + sum_{j=2..k} P(run >= j)` tokens, where
@@ -29,15 +32,11 @@ per position, so the choice follows a change of workload.
 Measured on the 2-core CPU under load (docs/measurements/serve-loadaware-cpu-loaded/, concurrency 1
 and 4): on SmolLM2-135M, whose masks are never kept, `auto` ran NTP passes on 61 of 67 passes and
 tried one mask on 6 (fixed ConfAdapt k_max 8: 0.52x NTP); on the demo student it climbed to 8
-proposals within its first request, 2.73x NTP at concurrency 1. The figures for the targets
-(concurrency 1-8, three models, about 6 minutes on a quiet 2-core machine):
+proposals within its first request, 2.73x NTP at concurrency 1.
 
-    python scripts/bench_serve.py \
-      --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
-      --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
-      --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
-      --concurrency 1,2,4,8 --requests 8 --rounds 2 --max-tokens 48 --memory-requests 0 \
-      --output docs/measurements/serve-loadaware-cpu
+Exact rows (`auto:verify[:K][:lookup]`) are sized by the same rule with their own stats and a pass
+cost of two tokens per proposal (`LoadAware` below says why). The figures for the targets (five
+modes, concurrency 1-8, three models; the command is in scripts/bench_serve.py's docstring).
 """
 
 from __future__ import annotations
