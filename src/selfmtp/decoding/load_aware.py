@@ -55,6 +55,8 @@ PROBE_TOKENS = (1, 2, 4, 8, 16)  # tokens fed per row in the start-up probe
 PROBE_ROWS = (1, 2, 4, 8)  # batch widths in the start-up probe
 PROBE_PREFIX = 48  # cached tokens per row before the timed passes (attention is part of the cost)
 EXPLORE_SHARE = 0.03  # the most of all passes' seconds that exploration may add
+PROBE_SECONDS = 1.0  # the probe goes on for at least this long (more rounds where passes are quick)
+MAX_PROBE_ROUNDS = 200
 
 
 @dataclass
@@ -77,11 +79,14 @@ class PassCost:
         return ya + (yb - ya) * (tokens - xa) / (xb - xa)
 
     @classmethod
-    def measure(cls, model, *, max_rows: int = 8, rounds: int = 5, seed: int = 0) -> PassCost:
+    def measure(cls, model, *, max_rows: int = 8, rounds: int = 5, min_seconds: float = PROBE_SECONDS,
+                seed: int = 0) -> PassCost:  # fmt: skip
         """Time cached passes of the loaded model for a few batch widths and tokens per row.
 
         Every size is timed once per round and keeps its fastest time: a burst of load from other
-        processes slows one round, not every try of one size.
+        processes slows one round, not every try of one size. At least `rounds` rounds, and more
+        until `min_seconds` have passed (up to MAX_PROBE_ROUNDS): a small model's round lasts a few
+        milliseconds, less than one burst of load, so a few rounds alone would all fall inside one.
         """
         generator = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
@@ -92,7 +97,10 @@ class PassCost:
                 caches[rows] = preallocated_cache(model)
                 prefix = torch.randint(0, vocab, (rows, PROBE_PREFIX), generator=generator).to(model.device)
                 model(input_ids=prefix, past_key_values=caches[rows], use_cache=True, logits_to_keep=1)
-            for _ in range(rounds):
+            start_all = time.perf_counter()
+            for done in itertools.count():
+                if done >= MAX_PROBE_ROUNDS or (done >= rounds and time.perf_counter() - start_all >= min_seconds):
+                    break
                 for (rows, cache), fed in itertools.product(caches.items(), PROBE_TOKENS):
                     ids = torch.randint(0, vocab, (rows, fed), generator=generator).to(model.device)
                     start = time.perf_counter()
