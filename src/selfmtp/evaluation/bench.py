@@ -4,7 +4,9 @@ One model object, one set of prompt ids, every engine measured in the same run a
 for each run, for each prompt, every engine in turn (the order rotating from prompt to prompt), so a
 burst of background load hits all of them alike. Engines:
 
-- each strategy through our KV-cached loop (`ntp` is always measured: it is the reference),
+- each strategy through our KV-cached loop (`ntp` is always measured: it is the reference); an
+  `auto` strategy (load-aware, e.g. `auto:verify:8`) probes the pass cost once before any timing
+  and keeps its acceptance stats from prompt to prompt, as a running server would,
 - `hf-generate`: transformers `generate`, greedy, on the same model object and prompt ids,
 - `hf-prompt-lookup`: the same with transformers' prompt lookup decoding (`prompt_lookup_num_tokens`,
   n-gram drafts copied from the prompt and verified: greedy output, the lossless baseline people try first),
