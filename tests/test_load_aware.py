@@ -147,11 +147,11 @@ def test_auto_strategy_names():
 
 
 def run_engine(
-    mtp, pass_cost: PassCost, prompts: list[str], max_tokens: int = 16
+    mtp, pass_cost: PassCost, prompts: list[str], max_tokens: int = 16, strategy: str = "auto:0.6:4"
 ) -> tuple[Engine, list[list[int]]]:
-    """Decode `prompts` with `auto:0.6:4` on an engine stepped in this thread; (engine, token ids per prompt)."""
+    """Decode `prompts` with `strategy` on an engine stepped in this thread; (engine, token ids per prompt)."""
     engine = Engine(mtp, max_batch=4, pass_cost=pass_cost, auto_k_max=4)
-    strategy, load_aware = resolve_strategy("auto:0.6:4")
+    strategy, load_aware = resolve_strategy(strategy)
     loop = asyncio.new_event_loop()  # never run: the events the engine sends stay queued
     requests = [
         Request(mtp.encode(p, chat=False), strategy, load_aware, max_tokens, [], loop) for p in prompts
@@ -169,6 +169,15 @@ def test_engine_stays_at_ntp_where_masks_cost_a_pass_each_and_then_decodes_as_nt
     prompt = "Tell me about the weather"
     engine, (tokens,) = run_engine(peaked, LINEAR, [prompt])
     assert engine.snapshot()["proposals_chosen"] == {1: engine.snapshot()["passes"]}
+    assert tokens == peaked.generate(prompt, strategy="ntp", max_new_tokens=16, chat=False).token_ids
+
+
+def test_engine_sizes_exact_rows_with_their_own_rule(peaked):
+    """auto:verify in the server's engine: NTP passes where every token fed costs a pass, greedy tokens."""
+    prompt = "Tell me about the weather"
+    engine, (tokens,) = run_engine(peaked, LINEAR, [prompt], strategy="auto:verify:4")
+    stats = engine.snapshot()
+    assert stats["exact_proposals_chosen"] == {1: stats["passes"]} and stats["proposals_chosen"] == {}
     assert tokens == peaked.generate(prompt, strategy="ntp", max_new_tokens=16, chat=False).token_ids
 
 
