@@ -1,12 +1,25 @@
 """Benchmark `selfmtp serve`: throughput and latency by concurrency and strategy, and memory over many requests.
 
 Starts `selfmtp serve` as a subprocess on a free loopback port, then for each concurrency level runs
-a fixed number of requests per strategy (strategies interleaved, in --rounds rounds, so machine load
-hits them alike) from that many client threads with the `openai` client. Server throughput = completion tokens of
-the level / its wall time. Then sends --memory-requests more and samples the server's RSS.
-Writes bench_serve.json, README.md (table) and bench_serve.png into --output. With several --model
-(each with its --prompts) the models run one after another and share one table file and plot, led
-by a summary of each strategy's throughput over NTP's.
+--rounds rounds; a round sends every strategy its --requests requests (at least the level) from that
+many client threads with the `openai` client, the strategies one after another in an order that
+rotates from round to round, so load drifts and the order hit them alike. Server throughput =
+completion tokens / wall time. Each cell reports its throughput over all rounds and the paired ratio
+to NTP: per round, the strategy's tokens/s over NTP's in the same round; the median over rounds and
+its min-max (the spread says how far one cell can be trusted). Then sends --memory-requests more and
+samples the server's RSS. Writes bench_serve.json, README.md (tables) and bench_serve.png into
+--output. With several --model (each with its --prompts) the models run one after another and share
+one table file and plot, led by a summary of each strategy's paired ratio to NTP.
+
+The figures of record (ntp, ConfAdapt, verify and the two load-aware modes, three models, about 14
+minutes on a quiet 2-core machine):
+
+    python scripts/bench_serve.py \
+      --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
+      --model smollm2-135m --prompts src/selfmtp/assets/gsm8k-dev-sample.jsonl \
+      --model smollm2-135m-mtp --prompts src/selfmtp/assets/gsm8k-dev-sample.jsonl \
+      --concurrency 1,2,4,8 --requests 1 --rounds 3 --max-tokens 24 --memory-requests 0 \
+      --output docs/measurements/serve-all-modes-cpu
 
     python scripts/bench_serve.py --model runs/demo/train/final \
       --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl --output docs/measurements/serve-tiny-gsm-cpu
@@ -33,19 +46,22 @@ from selfmtp.api import read_prompts
 from selfmtp.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from selfmtp.serving.server import free_port
 
+# NTP, the two fixed multi-token modes and their load-aware forms (lossy, exact)
+DEFAULT_STRATEGIES = ("ntp", "confadapt:0.9:8", "verify:8", "auto:0.9:8", "auto:verify:8")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], help="repeat: several models, one at a time")
     parser.add_argument("--prompts", action="append", default=[], help="one per --model, in the same order")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--strategies", default="ntp,confadapt:0.9:8,auto:0.9:8")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument(
-        "--requests", type=int, default=16, help="per strategy and concurrency level (>= the level)"
+        "--requests", type=int, default=8, help="per strategy, level and round (at least the level)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=1, help="each cell's requests in this many interleaved rounds"
+        "--rounds", type=int, default=3, help="rounds per level, the strategies' order rotating (paired ratios)"
     )
     parser.add_argument("--max-tokens", type=int, default=120)
     parser.add_argument("--memory-requests", type=int, default=500, help="0: no memory run")
@@ -59,6 +75,8 @@ def main() -> None:
         parser.error("give one --prompts per --model")
     out = Path(args.output)
     strategies, levels = args.strategies.split(","), [int(c) for c in args.concurrency.split(",")]
+    if "ntp" not in strategies or args.rounds < 1:
+        parser.error("the strategies must include ntp (the paired ratios' reference), and --rounds must be >= 1")
     if args.replot:
         return write_report(json.loads((out / "bench_serve.json").read_text()), strategies, levels, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,18 +108,16 @@ def bench_model(
         )
         rows, rss = [], [("start", psutil.Process(server.pid).memory_info().rss)]
         for level in levels:
-            walls, done = dict.fromkeys(strategies, 0.0), {strategy: [] for strategy in strategies}
-            for _ in range(args.rounds):  # strategies interleaved round by round: load drifts hit them alike
-                for strategy in strategies:
-                    wall, answers = run_requests(client, prompts, strategy, level, max(args.requests, level),
-                                                 args.max_tokens)  # fmt: skip
-                    walls[strategy] += wall
-                    done[strategy] += answers
+            rounds = {strategy: [] for strategy in strategies}  # per round: (wall seconds, answers)
+            for r in range(args.rounds):  # the order rotates: no strategy always runs first or after another
+                for strategy in strategies[r % len(strategies) :] + strategies[: r % len(strategies)]:
+                    rounds[strategy].append(run_requests(client, prompts, strategy, level,
+                                                         max(args.requests, level), args.max_tokens))  # fmt: skip
             for strategy in strategies:
-                rows.append(cell(strategy, level, walls[strategy], done[strategy]))
-                print(json.dumps({"model": model, **rows[-1]}), flush=True)
+                rows.append(cell(strategy, level, rounds[strategy]))
+                print(json.dumps({"model": model, **{k: v for k, v in rows[-1].items() if k != "rounds"}}), flush=True)
             rss.append((f"after concurrency {level}", psutil.Process(server.pid).memory_info().rss))
-        memory = memory_run(client, prompts, args.memory_requests, max(levels), server.pid)
+        memory = memory_run(client, prompts, args.memory_requests, max(levels), server.pid, strategies)
         final_health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())
     finally:
         server.terminate()
@@ -156,27 +172,31 @@ def run_requests(client, prompts, strategy: str, concurrency: int, requests: int
     return time.perf_counter() - start, done
 
 
-def cell(strategy: str, concurrency: int, wall: float, done: list[dict]) -> dict:
-    """One table cell from every round's requests: server throughput = their tokens / the rounds' wall time."""
+def cell(strategy: str, concurrency: int, rounds: list[tuple[float, list[dict]]]) -> dict:
+    """One table cell from every round's requests: server throughput = their tokens / the rounds' wall time;
+    `rounds` keeps each round's (seconds, tokens) for the paired ratios."""
+    done = [d for _, answers in rounds for d in answers]
     ok_rows = [d for d in done if "failed" not in d]
     tokens = sum(d["tokens"] for d in ok_rows)
+    wall = sum(seconds for seconds, _ in rounds)
     latencies = sorted(d["seconds"] for d in ok_rows)
+    per_round = [{"seconds": seconds, "tokens": sum(d.get("tokens", 0) for d in answers)} for seconds, answers in rounds]
     return {
         "strategy": strategy, "concurrency": concurrency, "requests": len(done), "failed": len(done) - len(ok_rows),
-        "tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall,
+        "tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall, "rounds": per_round,
         "latency_median": statistics.median(latencies) if latencies else None,
         "latency_max": latencies[-1] if latencies else None,
         "tokens_per_pass": tokens / sum(d["passes"] for d in ok_rows) if ok_rows else None,
     }  # fmt: skip
 
 
-def memory_run(client, prompts, requests: int, concurrency: int, pid: int) -> dict:
+def memory_run(client, prompts, requests: int, concurrency: int, pid: int, strategies: list[str]) -> dict:
     process, samples, failed = psutil.Process(pid), [], 0
 
     def one(i: int) -> int:
         try:
             client.completions.create(model="bench", prompt=prompts[i % len(prompts)], max_tokens=24,
-                                      extra_body={"strategy": ["ntp", "confadapt:0.9:8", "auto:0.9:8"][i % 3]})  # fmt: skip
+                                      extra_body={"strategy": strategies[i % len(strategies)]})  # fmt: skip
             return 0
         except openai.OpenAIError:
             return 1
@@ -194,20 +214,35 @@ def pass_cost_line(log: Path) -> str:
     return lines[0] if lines else ""
 
 
+def paired_ratios(by: dict, strategy: str, level: int) -> list[float]:
+    """Per round: the strategy's tokens/s over NTP's in the same round; a result without rounds: the pooled ratio."""
+    mine, ntp = by[strategy, level], by["ntp", level]
+    if "rounds" not in mine:  # recorded before rounds were kept
+        return [mine["tokens_per_second"] / ntp["tokens_per_second"]]
+    rate = [r["tokens"] / r["seconds"] for r in mine["rounds"]]
+    return [a / (b["tokens"] / b["seconds"]) for a, b in zip(rate, ntp["rounds"], strict=True)]
+
+
+def ratio_text(ratios: list[float]) -> str:
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+
+
 def report(result: dict, strategies: list[str], levels: list[int]) -> str:
     by = {(r["strategy"], r["concurrency"]): r for r in result["rows"]}
     lines = [
         f"# `selfmtp serve` on {result.get('model', 'the model')}: throughput and latency by concurrency (CPU)", "",
         f"    {result['command']}", f"    # server: {result['server_command']}", "",
         f"Start-up probe ({result['pass_cost_log']}).", "",
+        "tokens/s: all rounds pooled; vs ntp: per round over NTP's in the same round, median [min-max] over rounds.", "",
         "| concurrency | strategy | tokens/s | vs ntp | median latency s | max latency s | tokens/pass | failed |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for level in levels:
-        ntp = by.get(("ntp", level))
         for strategy in strategies:
             r = by[(strategy, level)]
-            ratio = f"{r['tokens_per_second'] / ntp['tokens_per_second']:.2f}x" if ntp else "-"
+            ratio = ratio_text(paired_ratios(by, strategy, level))
             lines.append(f"| {level} | {strategy} | {r['tokens_per_second']:.3g} | {ratio} | {r['latency_median']:.2f} | "
                          f"{r['latency_max']:.2f} | {r['tokens_per_pass']:.2f} | {r['failed']} |")  # fmt: skip
     mem = result["memory"]
@@ -221,16 +256,17 @@ def report(result: dict, strategies: list[str], levels: list[int]) -> str:
 
 
 def summary(runs: list[dict], strategies: list[str], levels: list[int]) -> str:
-    """One line per model: each strategy's server throughput over NTP's at every concurrency level."""
+    """One line per model and strategy: its throughput over NTP's at every level, paired by round."""
     others = [s for s in strategies if s != "ntp"]
     lines = ["# `selfmtp serve`: server throughput over NTP's by concurrency (CPU)", "",
              f"    {runs[0]['command']}", "",
+             "Per round, tokens/s over NTP's in the same round: median over rounds [min-max].", "",
              "| model | strategy | " + " | ".join(f"concurrency {c}" for c in levels) + " |",
              "|---|---|" + "---|" * len(levels)]  # fmt: skip
     for run in runs:
-        by = {(r["strategy"], r["concurrency"]): r["tokens_per_second"] for r in run["rows"]}
+        by = {(r["strategy"], r["concurrency"]): r for r in run["rows"]}
         for strategy in others:
-            ratios = [f"{by[strategy, c] / by['ntp', c]:.2f}x" for c in levels]
+            ratios = [ratio_text(paired_ratios(by, strategy, c)) for c in levels]
             lines.append(f"| {run['model']} | {strategy} | " + " | ".join(ratios) + " |")
     return "\n".join(lines) + "\n"
 
@@ -241,20 +277,27 @@ def plot(runs: list[dict], strategies: list[str], levels: list[int], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 4 * len(runs)), squeeze=False)
-    for run, (left, right) in zip(runs, axes, strict=True):
+    fig, axes = plt.subplots(len(runs), 3, figsize=(15, 4 * len(runs)), squeeze=False)
+    for run, (left, middle, right) in zip(runs, axes, strict=True):
         by = {(r["strategy"], r["concurrency"]): r for r in run["rows"]}
         for strategy in strategies:
             left.plot(
                 levels, [by[(strategy, c)]["tokens_per_second"] for c in levels], marker="o", label=strategy
             )
-            right.plot(
+            middle.plot(
                 levels, [by[(strategy, c)]["latency_median"] for c in levels], marker="o", label=strategy
             )
+            ratios = [paired_ratios(by, strategy, c) for c in levels]
+            median = [statistics.median(r) for r in ratios]
+            spread = [[m - min(r) for m, r in zip(median, ratios, strict=True)],
+                      [max(r) - m for m, r in zip(median, ratios, strict=True)]]  # fmt: skip
+            right.errorbar(levels, median, yerr=spread, marker="o", capsize=3, label=strategy)
         name = "/".join(Path(run.get("model", "")).parts[-3:])  # a run's folder: the last parts say which
         left.set(xlabel="concurrent requests", ylabel="server tokens/s", title=name)
-        right.set(xlabel="concurrent requests", ylabel="median request latency (s)", title=name)
-        for axis in (left, right):
+        middle.set(xlabel="concurrent requests", ylabel="median request latency (s)", title=name)
+        right.set(xlabel="concurrent requests", ylabel="tokens/s over NTP's, paired by round (min-max)", title=name)
+        right.axhline(1.0, color="grey", linewidth=0.8)
+        for axis in (left, middle, right):
             axis.set(xscale="log", xticks=levels, xticklabels=levels)
             axis.minorticks_off()
         left.legend()

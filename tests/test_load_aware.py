@@ -12,15 +12,15 @@ import random
 
 import pytest
 
-from selfmtp.serving.config import resolve_strategy
-from selfmtp.serving.engine import Engine, Request
-from selfmtp.serving.load_aware import (
+from selfmtp.decoding.load_aware import (
     EXPLORE_SHARE,
     AcceptanceStats,
     PassCost,
     ProposalRule,
     monotone_from_above,
 )
+from selfmtp.serving.config import resolve_strategy
+from selfmtp.serving.engine import Engine, Request
 
 FLAT = PassCost([(1, 0.010), (128, 0.010)])  # an overhead-bound engine: any pass costs the same
 LINEAR = PassCost([(1, 0.010), (128, 1.280)])  # compute-bound: cost grows with every token fed
@@ -147,11 +147,11 @@ def test_auto_strategy_names():
 
 
 def run_engine(
-    mtp, pass_cost: PassCost, prompts: list[str], max_tokens: int = 16
+    mtp, pass_cost: PassCost, prompts: list[str], max_tokens: int = 16, strategy: str = "auto:0.6:4"
 ) -> tuple[Engine, list[list[int]]]:
-    """Decode `prompts` with `auto:0.6:4` on an engine stepped in this thread; (engine, token ids per prompt)."""
+    """Decode `prompts` with `strategy` on an engine stepped in this thread; (engine, token ids per prompt)."""
     engine = Engine(mtp, max_batch=4, pass_cost=pass_cost, auto_k_max=4)
-    strategy, load_aware = resolve_strategy("auto:0.6:4")
+    strategy, load_aware = resolve_strategy(strategy)
     loop = asyncio.new_event_loop()  # never run: the events the engine sends stay queued
     requests = [
         Request(mtp.encode(p, chat=False), strategy, load_aware, max_tokens, [], loop) for p in prompts
@@ -172,12 +172,21 @@ def test_engine_stays_at_ntp_where_masks_cost_a_pass_each_and_then_decodes_as_nt
     assert tokens == peaked.generate(prompt, strategy="ntp", max_new_tokens=16, chat=False).token_ids
 
 
+def test_engine_sizes_exact_rows_with_their_own_rule(peaked):
+    """auto:verify in the server's engine: NTP passes where every token fed costs a pass, greedy tokens."""
+    prompt = "Tell me about the weather"
+    engine, (tokens,) = run_engine(peaked, LINEAR, [prompt], strategy="auto:verify:4")
+    stats = engine.snapshot()
+    assert stats["exact_proposals_chosen"] == {1: stats["passes"]} and stats["proposals_chosen"] == {}
+    assert tokens == peaked.generate(prompt, strategy="ntp", max_new_tokens=16, chat=False).token_ids
+
+
 def test_engine_learns_masks_that_are_kept_where_they_are_free(peaked):
     """The sharpened tiny model keeps tokens at tau 0.6 (see test_serve): on a flat curve the rule goes to k_max."""
     engine, _ = run_engine(peaked, FLAT, ["Tell me about the weather", "Request 1 asks about"], max_tokens=40)
     chosen = engine.snapshot()["proposals_chosen"]
     assert max(chosen) == 4 and chosen[4] > sum(chosen.values()) / 2
-    assert engine.rule.stats.kept[2] > 0
+    assert engine.load_aware.rules["lossy"].stats.kept[2] > 0
 
 
 def test_probe_smoothing_pulls_slow_outliers_down():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from selfmtp.decoding.kv_cache import has_plain_cache
 from selfmtp.decoding.loop import GenerationResult, generate_batch
-from selfmtp.decoding.strategies import Strategy, parse_strategy
+from selfmtp.decoding.strategies import Strategy, resolve_strategy
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import write_text_atomic
 from selfmtp.jsonl import numbered_lines, parse_json_line
@@ -24,6 +24,15 @@ class MTPModel:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        self._load_aware = (0, None)  # (rows probed, the `auto` strategies' LoadAware): stats kept between calls
+
+    def load_aware(self, max_rows: int = 1):
+        """The `LoadAware` rule of `auto` strategies: times cached passes of up to `max_rows` rows once."""
+        from selfmtp.decoding.load_aware import LoadAware, PassCost
+
+        if self._load_aware[0] < max_rows:
+            self._load_aware = (max_rows, LoadAware(PassCost.measure(self.model, max_rows=max_rows)))
+        return self._load_aware[1]
 
     @classmethod
     def from_pretrained(cls, spec: str, **load_model_kwargs) -> MTPModel:
@@ -86,7 +95,7 @@ class MTPModel:
             raise SelfMTPError("no prompts given: pass a string, chat messages, or a non-empty list of them")
         if batch_size < 1:
             raise SelfMTPError(f"batch size must be >= 1, got {batch_size}")
-        strategy = parse_strategy(strategy) if isinstance(strategy, str) else strategy
+        strategy, aware = resolve_strategy(strategy) if isinstance(strategy, str) else (strategy, False)
         stop_strings = _check_stop(stop)
         encoded = [self.encode(p, chat=chat) for p in batch]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -94,11 +103,13 @@ class MTPModel:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if not has_plain_cache(self.model):
             batch_size = 1  # sliding-window caches: our padded batches cannot express their masks
+        load_aware = self.load_aware(min(batch_size, len(order))) if aware else None
         for start in range(0, len(order), batch_size):
             group = order[start : start + batch_size]
             outputs = generate_batch(
                 self.model, [encoded[i] for i in group], strategy, max_new_tokens=max_new_tokens,
                 stop_token_ids=self.stop_token_ids, stop_strings=stop_strings, tokenizer=self.tokenizer, pad_token_id=pad_id,
+                load_aware=load_aware,
             )  # fmt: skip
             for i, output in zip(group, outputs, strict=True):
                 results[i] = output

@@ -9,7 +9,7 @@ from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack, pri
 
 
 def add_parser(subparsers) -> None:
-    from selfmtp.decoding.strategies import STRATEGY_HELP
+    from selfmtp.decoding.strategies import AUTO_HELP, STRATEGY_HELP
     from selfmtp.evaluation.bench import BASELINES
 
     parser = subparsers.add_parser(
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--limit", type=int, help="only the first N prompts")
     parser.add_argument(
         "--strategies", default="ntp,confadapt:0.9:4,confadapt:0.9:8",
-        help=f"comma-separated, each {STRATEGY_HELP}; ntp is always measured (default: %(default)s)",
+        help=f"comma-separated, each {STRATEGY_HELP}, or the load-aware {AUTO_HELP}; ntp is always measured (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--baselines",

@@ -10,7 +10,7 @@ from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack
 
 
 def add_parser(subparsers) -> None:
-    from selfmtp.decoding.strategies import STRATEGY_HELP
+    from selfmtp.decoding.strategies import AUTO_HELP, STRATEGY_HELP
 
     parser = subparsers.add_parser(
         "generate",
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     source.add_argument(
         "--prompts-file", help="one prompt per line, or .jsonl with a 'prompt' or 'question' field"
     )
-    parser.add_argument("--strategy", default="ntp", help=f"{STRATEGY_HELP} (default: ntp)")
+    parser.add_argument("--strategy", default="ntp", help=f"{STRATEGY_HELP}, or the load-aware {AUTO_HELP} (default: ntp)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument(
         "--chat", action=argparse.BooleanOptionalAction, default=None,
@@ -58,14 +58,14 @@ def run(args) -> int:
         read_prompts,
         write_chunk_view,
     )
-    from selfmtp.decoding.strategies import parse_strategy
+    from selfmtp.decoding.strategies import resolve_strategy
 
-    strategy = parse_strategy(args.strategy)  # bad input fails before the model loads
+    strategy, _ = resolve_strategy(args.strategy)  # bad input fails before the model loads
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
     check_generate_args(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     mtp = MTPModel.from_pretrained(args.model, seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack)
     results = mtp.generate(
-        prompts, strategy=strategy, max_new_tokens=args.max_new_tokens, stop=args.stop or None,
+        prompts, strategy=args.strategy, max_new_tokens=args.max_new_tokens, stop=args.stop or None,
         chat=args.chat, batch_size=args.batch_size,
     )  # fmt: skip
     for prompt, result in zip(prompts, results, strict=True):

@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from selfmtp.decoding.kv_cache import PreallocatedLayer, has_plain_cache, preallocated_cache
+from selfmtp.decoding.load_aware import LoadAware
 from selfmtp.decoding.loop import (
     GenerationResult,
     Plan,
@@ -56,6 +57,7 @@ class BatchRow:
         self.exact = ExactRow(strategy, list(prompt)) if isinstance(strategy, Verify) else None
         self.stops = stops
         self.load_aware = load_aware  # the decoder may propose fewer tokens for it than its strategy asks
+        self.kind = "exact" if self.exact is not None else "lossy"  # its load-aware rule (load_aware.LoadAware)
         self.started = time.perf_counter()
         self.error: Exception | None = None  # set when this row failed (with catch_row_errors)
 
@@ -75,6 +77,11 @@ class BatchRow:
             result.draft_offered, result.draft_accepted = list(self.exact.offered), list(self.exact.accepted)
             result.lookup_offered, result.lookup_accepted = self.exact.lookup_offered, self.exact.lookup_accepted
         return result
+
+    def cap(self, proposals: int) -> None:
+        """Propose at most `proposals` tokens in the next pass (an exact row: feed at most that many - 1 masks)."""
+        k = self.strategy.k_max if self.exact is not None else self.state.k
+        self.state.k = max(1, min(k, proposals))
 
     def plan(self, real_count: int, context: int | None) -> Plan:
         """What this row feeds in the next pass."""
@@ -107,6 +114,7 @@ class BatchDecoder:
         cache_factory: Callable[[], DynamicCache] | None = None,
         compact_cache: bool = False,
         catch_row_errors: bool = False,
+        load_aware: LoadAware | None = None,
     ):
         if cache_factory is None and not has_plain_cache(model):
             raise SelfMTPError(
@@ -120,6 +128,7 @@ class BatchDecoder:
         self.cache_factory = cache_factory or (lambda: preallocated_cache(model))
         self.compact_cache = compact_cache
         self.catch_row_errors = catch_row_errors  # a failing row leaves with .error instead of raising
+        self.load_aware = load_aware  # caps the proposals of rows added with load_aware=True
         self.active: list[BatchRow] = []
         self._reset()
 
@@ -150,7 +159,9 @@ class BatchDecoder:
         stop_strings=(),
         load_aware: bool = False,
     ) -> BatchRow:
-        """A new row, prefilled by the next `step` together with the others' next tokens."""
+        """A new row, prefilled by the next `step` together with the others' next tokens.
+
+        `load_aware`: the decoder's `LoadAware` (or `step`'s `max_proposals`) caps its proposals."""
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the text")
         strategy = with_model_defaults(strategy, self.model)
@@ -185,14 +196,20 @@ class BatchDecoder:
     def step(self, max_proposals: int | None = None) -> list[StepEvent]:
         """One forward pass of every active row; finished rows leave the batch before this returns.
 
-        `max_proposals` caps the tokens a pass proposes for load-aware rows (1 = plain NTP for them).
+        Load-aware rows propose what the decoder's `LoadAware` allows this pass, or at most
+        `max_proposals` when given (1 = plain NTP passes for them).
         """
         if not self.active:
             return []
         rows = list(self.active)
-        for row in rows:
-            if row.load_aware and max_proposals is not None:
-                row.state.k = max(1, min(row.state.k, max_proposals))
+        aware = [row for row in rows if row.load_aware]
+        if max_proposals is not None:
+            caps = {"lossy": max_proposals, "exact": max_proposals}
+        else:
+            caps = self.load_aware.caps(rows) if aware and self.load_aware is not None else {}
+        for row in aware:
+            if row.kind in caps:
+                row.cap(caps[row.kind])
         plans = [row.plan(count, self.context) for row, count in zip(rows, self.real_count.tolist(), strict=True)]
         input_ids, position_ids, fed, within = pass_layout(plans, self.real_count, self.pad_token_id, self.mask_id)
         mask_width = max(plan.masks for plan in plans)
@@ -211,6 +228,9 @@ class BatchDecoder:
         events, rejected = [], []
         for i, (row, plan) in enumerate(zip(rows, plans, strict=True)):
             event, n = self._accept(row, plan, proposals[i], confidences[i], real_end, now - row.started)
+            # a row's last pass is left out: a stop rule or the budget may have cut what it kept
+            if row.load_aware and self.load_aware is not None and not event.finished:
+                self.load_aware.record(row.kind, event.proposed, len(event.token_ids))
             events.append(event)
             rejected.append(n)
         self._keep_accepted(fed[:, : fed.shape[1] - mask_width], rejected, mask_width)
@@ -220,7 +240,8 @@ class BatchDecoder:
     def _accept(self, row: BatchRow, plan: Plan, proposals, confidences, real_end: int, elapsed: float):
         """-> (the row's StepEvent, how many of its drafts were rejected)."""
         state = row.state
-        proposed, before, rejected = state.k, len(state.token_ids), 0
+        proposed = row.exact.proposed if row.exact is not None else state.k
+        before, rejected = len(state.token_ids), 0
         try:
             if row.exact is not None:
                 rejected = row.exact.accept(state, plan, proposals, confidences, real_end, row.stops)

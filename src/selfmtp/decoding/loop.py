@@ -95,8 +95,13 @@ def generate_batch(
     stop_strings=(),
     tokenizer=None,
     pad_token_id: int = 0,
+    load_aware=None,
 ) -> list[GenerationResult]:
-    """Decode all `prompts` (token id lists) together; results are in prompt order."""
+    """Decode all `prompts` (token id lists) together; results are in prompt order.
+
+    `load_aware` (a `load_aware.LoadAware`): cap each pass's proposals by its rule (`auto` strategies);
+    its acceptance stats carry over from call to call.
+    """
     from selfmtp.decoding.batch import BatchDecoder  # the loop body; it builds on this module's helpers
 
     if stop_strings and tokenizer is None:
@@ -109,10 +114,11 @@ def generate_batch(
     _croppable_cache(model, n_masks, batched=len(prompts) > 1)  # refuse before any work
     decoder = BatchDecoder(
         model, tokenizer=tokenizer, pad_token_id=pad_token_id,
-        cache_factory=lambda: _croppable_cache(model, n_masks, batched=len(prompts) > 1),
+        cache_factory=lambda: _croppable_cache(model, n_masks, batched=len(prompts) > 1), load_aware=load_aware,
     )  # fmt: skip
     rows = [
-        decoder.add(prompt, strategy, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, stop_strings=stop_strings)
+        decoder.add(prompt, strategy, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                    stop_strings=stop_strings, load_aware=load_aware is not None)  # fmt: skip
         for prompt in prompts
     ]
     while decoder.active:

@@ -211,6 +211,31 @@ def parse_strategy(text: str) -> Strategy:
     raise SelfMTPError(f"unknown strategy {text!r}: use {STRATEGY_HELP}")
 
 
+AUTO = "auto"
+AUTO_HELP = (
+    "auto[:TAU[:KMAX]] (ConfAdapt whose mask count follows the load; default auto:0.9:16) or "
+    "auto:verify[:K][:lookup] (exact: the drafts fed follow the load)"
+)
+
+
+def resolve_strategy(text: str) -> tuple[Strategy, bool]:
+    """A strategy name -> (strategy, load_aware); the load-aware names are `AUTO_HELP`'s, the rest `parse_strategy`'s.
+
+    'auto[:TAU[:KMAX]]' is ConfAdapt and 'auto:verify[:K][:lookup]' exact decoding, each with a
+    load-aware cap on its proposals (decoding/load_aware.py)."""
+    parts = (text or "").strip().lower().split(":")
+    if parts[0] != AUTO:
+        return parse_strategy(text), False
+    if len(parts) > 1 and parts[1] == "verify":
+        if "tree" in parts:
+            raise SelfMTPError(f"{text!r}: the load-aware exact mode sizes merged drafts only; drop ':tree'")
+        return parse_strategy(":".join(parts[1:])), True
+    if len(parts) > 3:
+        raise SelfMTPError(f"unknown strategy {text!r}: use {AUTO_HELP}")
+    inner = parse_strategy(":".join(["confadapt", parts[1] if len(parts) > 1 else "0.9", *parts[2:]]))
+    return ConfAdapt(inner.tau, inner.k_max), True
+
+
 def _parse_int(value: str, what: str, text: str) -> int:
     try:
         return int(value)

@@ -100,6 +100,8 @@ class ExactRow:
     accepted: list[int] = field(default_factory=list)  # by draft position: drafts accepted
     lookup_offered: int = 0
     lookup_accepted: int = 0
+    paid: int = 0  # masks the last pass fed: the draft capacity this pass has
+    proposed: int = 1  # this pass: 1 + the draft capacity it paid for (load_aware.LoadAware's stats)
 
     def __post_init__(self):
         k = self.strategy.k_max
@@ -107,14 +109,19 @@ class ExactRow:
         self.offered, self.accepted = [0] * (k - 1), [0] * (k - 1)
 
     def plan(self, state: _Row, real_count: int, context: int | None) -> Plan:
-        """Drafts and masks for this pass, fewer where the budget or the context would not use them."""
+        """Drafts and masks for this pass, fewer where the budget or the context would not use them.
+
+        `state.k` caps the masks and lookup drafts (k - 1 each; a load-aware row's cap, else K): mask
+        drafts are fed whatever it is, since the pass that made them has been paid for.
+        """
         left = state.budget - len(state.token_ids)  # tokens this row may still emit (>= 1)
         if not self.drafts and self.strategy.lookup and (self.strategy.tree or self.wait or self.misses):
-            self.drafts = prompt_lookup(self.prompt + state.token_ids, self.lookup_width)
+            self.drafts = prompt_lookup(self.prompt + state.token_ids, min(self.lookup_width, state.k - 1))
             self.from_lookup = bool(self.drafts)
         drafts = self.drafts[: left - 1]  # a pass emits at most drafts + 1 tokens
+        self.proposed = 1 + min(max(self.paid, len(drafts)), left - 1)
         last_position = real_count + len(state.pending) + len(drafts) - 1
-        n_masks = 0 if self.wait else min(self.width, left - len(drafts) - 2)  # next drafts fit the budget
+        n_masks = 0 if self.wait else min(self.width, state.k - 1, left - len(drafts) - 2)  # next drafts fit the budget
         if context is not None:
             n_masks = min(n_masks, context - 1 - last_position)  # positions stay < context
         n_masks = max(n_masks, 0)
@@ -142,6 +149,7 @@ class ExactRow:
         block = slice(start, start + plan.n_masks)
         next_drafts = confident_run(proposals[block].tolist(), confidences[block].tolist()) if valid else []
         self._adapt(plan, accepted, bool(valid), next_drafts)
+        self.paid = plan.n_masks
         self.drafts, self.from_lookup = next_drafts, False
         take_tokens(state, greedy[: accepted + 1], greedy_conf[: accepted + 1], stops)
         state.pending = state.pending[-1:]  # the accepted drafts are in the cache already; the own token is not

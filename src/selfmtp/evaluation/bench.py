@@ -4,7 +4,9 @@ One model object, one set of prompt ids, every engine measured in the same run a
 for each run, for each prompt, every engine in turn (the order rotating from prompt to prompt), so a
 burst of background load hits all of them alike. Engines:
 
-- each strategy through our KV-cached loop (`ntp` is always measured: it is the reference),
+- each strategy through our KV-cached loop (`ntp` is always measured: it is the reference); an
+  `auto` strategy (load-aware, e.g. `auto:verify:8`) probes the pass cost once before any timing
+  and keeps its acceptance stats from prompt to prompt, as a running server would,
 - `hf-generate`: transformers `generate`, greedy, on the same model object and prompt ids,
 - `hf-prompt-lookup`: the same with transformers' prompt lookup decoding (`prompt_lookup_num_tokens`,
   n-gram drafts copied from the prompt and verified: greedy output, the lossless baseline people try first),
@@ -101,7 +103,7 @@ def run_bench(config: BenchConfig, output_dir: str | Path) -> dict:
 
 
 def _check(config: BenchConfig):
-    from selfmtp.decoding.strategies import NTP, parse_strategy
+    from selfmtp.decoding.strategies import resolve_strategy
 
     if config.runs < 1:
         raise SelfMTPError(f"--runs must be >= 1, got {config.runs}")
@@ -114,10 +116,13 @@ def _check(config: BenchConfig):
     unknown = [b for b in config.baselines if b not in BASELINES]
     if unknown:
         raise SelfMTPError(f"unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")
-    strategies = {s.name: s for s in [NTP()] + [parse_strategy(text) for text in config.strategies]}
+    strategies = {}  # engine name -> (strategy, load-aware); an `auto` name keeps its spelling
+    for text in ["ntp", *config.strategies]:
+        strategy, aware = resolve_strategy(text)
+        strategies[text.strip().lower() if aware else strategy.name] = (strategy, aware)
     if config.gguf is not None and not Path(config.gguf).is_file():
         raise SelfMTPError(f"GGUF file not found: {config.gguf}")
-    return list(strategies.values()), list(dict.fromkeys(config.baselines))
+    return list(strategies.items()), list(dict.fromkeys(config.baselines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,11 +131,14 @@ def _check(config: BenchConfig):
 
 def _build_engines(config: BenchConfig, strategies, baselines):
     from selfmtp.api import MTPModel
+    from selfmtp.decoding.load_aware import LoadAware
 
     mtp = MTPModel.from_pretrained(
         config.model, seed=config.seed, dtype=config.dtype, device=config.device, prepack=config.prepack
     )
-    engines = [(s.name, _loop_engine(mtp, s)) for s in strategies]
+    # each `auto` engine: its own rule and stats on the one probed cost curve
+    engines = [(name, _loop_engine(mtp, s, LoadAware(mtp.load_aware().cost) if aware else None))
+               for name, (s, aware) in strategies]  # fmt: skip
     notes = []
     if "hf-generate" in baselines:
         engines.append(("hf-generate", _hf_generate_engine(mtp)))
@@ -145,7 +153,8 @@ def _build_engines(config: BenchConfig, strategies, baselines):
     return engines, notes, mtp
 
 
-def _loop_engine(mtp, strategy):
+def _loop_engine(mtp, strategy, load_aware=None):
+    """`load_aware`: an `auto` strategy's rule, probed before any timing; its stats carry over between prompts."""
     from selfmtp.decoding.loop import generate_batch
 
     pad_id = mtp.tokenizer.pad_token_id if mtp.tokenizer.pad_token_id is not None else 0
@@ -154,7 +163,8 @@ def _loop_engine(mtp, strategy):
     def run(ids: list[int], max_new_tokens: int) -> Timing:
         start = time.perf_counter()
         result = generate_batch(
-            mtp.model, [ids], strategy, max_new_tokens=max_new_tokens, stop_token_ids=stops, pad_token_id=pad_id
+            mtp.model, [ids], strategy, max_new_tokens=max_new_tokens, stop_token_ids=stops, pad_token_id=pad_id,
+            load_aware=load_aware,
         )[0]
         seconds = time.perf_counter() - start
         first = len(result.chunks[0].token_ids) if result.chunks else 0

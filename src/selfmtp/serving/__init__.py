@@ -7,8 +7,8 @@ FastAPI app (`app.create_app`). `start_server` does the same in a background thr
 
 from __future__ import annotations
 
+from selfmtp.decoding.load_aware import AcceptanceStats, PassCost, ProposalRule
 from selfmtp.serving.config import AUTO_HELP, ServeConfig, resolve_strategy
-from selfmtp.serving.load_aware import AcceptanceStats, PassCost, ProposalRule
 
 
 def serve(mtp, config: ServeConfig, log=print) -> None:

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selfmtp.decoding.strategies import ConfAdapt, Strategy, parse_strategy
+from selfmtp.decoding.strategies import AUTO_HELP, resolve_strategy
 from selfmtp.errors import SelfMTPError
 
-AUTO = "auto"
-AUTO_HELP = "auto[:TAU[:KMAX]] (ConfAdapt whose mask count follows the load; default auto:0.9:16)"
-
-
-def resolve_strategy(text: str) -> tuple[Strategy, bool]:
-    """A strategy name -> (strategy, load_aware). 'auto[:TAU[:KMAX]]' is ConfAdapt with a load-aware cap."""
-    parts = (text or "").strip().lower().split(":")
-    if parts[0] != AUTO:
-        return parse_strategy(text), False
-    if len(parts) > 3:
-        raise SelfMTPError(f"unknown strategy {text!r}: use {AUTO_HELP}")
-    inner = parse_strategy(":".join(["confadapt", parts[1] if len(parts) > 1 else "0.9", *parts[2:]]))
-    return ConfAdapt(inner.tau, inner.k_max), True
+__all__ = ["AUTO_HELP", "ServeConfig", "resolve_strategy"]
 
 
 @dataclass

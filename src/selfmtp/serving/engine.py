@@ -16,8 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from selfmtp.decoding.batch import BatchDecoder, BatchRow, StepEvent
+from selfmtp.decoding.load_aware import LoadAware, PassCost
 from selfmtp.decoding.strategies import Strategy
-from selfmtp.serving.load_aware import AcceptanceStats, PassCost, ProposalRule
 from selfmtp.serving.text import TextDeltas
 
 
@@ -69,19 +69,20 @@ class Engine:
     ):
         self.mtp = mtp
         pad_id = mtp.tokenizer.pad_token_id if mtp.tokenizer.pad_token_id is not None else 0
+        self.load_aware = LoadAware(pass_cost, max(auto_k_max, 16)) if pass_cost is not None else None
         self.decoder = BatchDecoder(
-            mtp.model, tokenizer=mtp.tokenizer, pad_token_id=pad_id, compact_cache=True, catch_row_errors=True
-        )
+            mtp.model, tokenizer=mtp.tokenizer, pad_token_id=pad_id, compact_cache=True, catch_row_errors=True,
+            load_aware=self.load_aware,
+        )  # fmt: skip
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.pass_cost = pass_cost
-        self.rule = ProposalRule(AcceptanceStats(auto_k_max), pass_cost) if pass_cost is not None else None
         self.waiting: deque[Request] = deque()
         self.requests: dict[BatchRow, Request] = {}  # the request of every row in the batch
         self.lock = threading.Condition()
         self.stats = {
             "passes": 0, "row_passes": 0, "completed": 0, "failed": 0, "cancelled": 0, "joined_running_batch": 0,
-            "largest_batch": 0, "proposals_chosen": {}, "exploration_passes": 0,
+            "largest_batch": 0, "proposals_chosen": {}, "exact_proposals_chosen": {}, "exploration_passes": 0,
         }  # fmt: skip
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="selfmtp-engine", daemon=True)
@@ -161,8 +162,7 @@ class Engine:
 
     def _step(self) -> None:
         try:
-            proposals = self._load_aware_proposals()
-            events = self.decoder.step(max_proposals=proposals)
+            events = self.decoder.step()
         except Exception as error:  # the pass itself failed: every row in it fails, the server goes on
             traceback.print_exc()
             with self.lock:
@@ -172,27 +172,16 @@ class Engine:
         with self.lock:
             self.stats["passes"] += 1
             self.stats["row_passes"] += len(events)  # > passes exactly when rows shared passes
-            if proposals is not None:
-                chosen = self.stats["proposals_chosen"]
-                chosen[proposals] = chosen.get(proposals, 0) + 1
-                self.stats["exploration_passes"] = self.rule.explorations
+            if self.load_aware is not None:  # the load-aware caps chosen so far, by row kind
+                self.stats["proposals_chosen"] = dict(self.load_aware.chosen["lossy"])
+                self.stats["exact_proposals_chosen"] = dict(self.load_aware.chosen["exact"])
+                self.stats["exploration_passes"] = self.load_aware.explorations
             for event in events:
                 self._deliver(event)
-
-    def _load_aware_proposals(self) -> int | None:
-        rows = self.decoder.active
-        if self.rule is None or not any(row.load_aware for row in rows):
-            return None
-        fixed = [row.state.k for row in rows if not row.load_aware]
-        widest = max(len(row.state.pending) for row in rows)
-        return self.rule.choose(rows=len(rows), fed_per_row=widest, least=max(fixed, default=1))
 
     def _deliver(self, event: StepEvent) -> None:
         row = event.row
         request = self.requests[row]
-        # a row's last pass is left out: a stop rule or the budget may have cut what its strategy kept
-        if self.rule and row.load_aware and row.error is None and not event.finished:
-            self.rule.stats.record(event.proposed, len(event.token_ids))
         if row.error is not None:
             traceback.print_exception(row.error)
             del self.requests[row]

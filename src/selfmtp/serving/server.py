@@ -6,10 +6,10 @@ import socket
 import threading
 import time
 
+from selfmtp.decoding.load_aware import PassCost
 from selfmtp.serving.app import create_app
 from selfmtp.serving.config import ServeConfig, resolve_strategy
 from selfmtp.serving.engine import Engine
-from selfmtp.serving.load_aware import PassCost
 
 
 def build(mtp, config: ServeConfig, log=print):

@@ -1,5 +1,8 @@
 """Load-aware mask count: per pass, propose as many tokens as the batch can afford (down to NTP).
 
+Used by `batch.BatchDecoder` for rows added with `load_aware=True` (the `auto` strategies of
+`selfmtp serve`, `generate` and `bench`).
+
 The rule (`ProposalRule.choose`). A pass over B rows that feeds each row w real tokens and proposes
 k tokens (k - 1 masks) costs `cost(B * (w + k - 1))` seconds (the curve `PassCost` measures at
 start-up). With k proposals a row expects `E(k) = 1 + sum_{j=2..k} P(run >= j)` tokens, where
@@ -29,15 +32,11 @@ per position, so the choice follows a change of workload.
 Measured on the 2-core CPU under load (docs/measurements/serve-loadaware-cpu-loaded/, concurrency 1
 and 4): on SmolLM2-135M, whose masks are never kept, `auto` ran NTP passes on 61 of 67 passes and
 tried one mask on 6 (fixed ConfAdapt k_max 8: 0.52x NTP); on the demo student it climbed to 8
-proposals within its first request, 2.73x NTP at concurrency 1. The figures for the targets
-(concurrency 1-8, three models, about 6 minutes on a quiet 2-core machine):
+proposals within its first request, 2.73x NTP at concurrency 1.
 
-    python scripts/bench_serve.py \
-      --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
-      --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
-      --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
-      --concurrency 1,2,4,8 --requests 8 --rounds 2 --max-tokens 48 --memory-requests 0 \
-      --output docs/measurements/serve-loadaware-cpu
+Exact rows (`auto:verify[:K][:lookup]`) are sized by the same rule with their own stats and a pass
+cost of two tokens per proposal (`LoadAware` below says why). The figures for the targets (five
+modes, concurrency 1-8, three models; the command is in scripts/bench_serve.py's docstring).
 """
 
 from __future__ import annotations
@@ -56,6 +55,8 @@ PROBE_TOKENS = (1, 2, 4, 8, 16)  # tokens fed per row in the start-up probe
 PROBE_ROWS = (1, 2, 4, 8)  # batch widths in the start-up probe
 PROBE_PREFIX = 48  # cached tokens per row before the timed passes (attention is part of the cost)
 EXPLORE_SHARE = 0.03  # the most of all passes' seconds that exploration may add
+PROBE_SECONDS = 1.0  # the probe goes on for at least this long (more rounds where passes are quick)
+MAX_PROBE_ROUNDS = 200
 
 
 @dataclass
@@ -78,11 +79,14 @@ class PassCost:
         return ya + (yb - ya) * (tokens - xa) / (xb - xa)
 
     @classmethod
-    def measure(cls, model, *, max_rows: int = 8, rounds: int = 5, seed: int = 0) -> PassCost:
+    def measure(cls, model, *, max_rows: int = 8, rounds: int = 5, min_seconds: float = PROBE_SECONDS,
+                seed: int = 0) -> PassCost:  # fmt: skip
         """Time cached passes of the loaded model for a few batch widths and tokens per row.
 
         Every size is timed once per round and keeps its fastest time: a burst of load from other
-        processes slows one round, not every try of one size.
+        processes slows one round, not every try of one size. At least `rounds` rounds, and more
+        until `min_seconds` have passed (up to MAX_PROBE_ROUNDS): a small model's round lasts a few
+        milliseconds, less than one burst of load, so a few rounds alone would all fall inside one.
         """
         generator = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
@@ -93,7 +97,10 @@ class PassCost:
                 caches[rows] = preallocated_cache(model)
                 prefix = torch.randint(0, vocab, (rows, PROBE_PREFIX), generator=generator).to(model.device)
                 model(input_ids=prefix, past_key_values=caches[rows], use_cache=True, logits_to_keep=1)
-            for _ in range(rounds):
+            start_all = time.perf_counter()
+            for done in itertools.count():
+                if done >= MAX_PROBE_ROUNDS or (done >= rounds and time.perf_counter() - start_all >= min_seconds):
+                    break
                 for (rows, cache), fed in itertools.product(caches.items(), PROBE_TOKENS):
                     ids = torch.randint(0, vocab, (rows, fed), generator=generator).to(model.device)
                     start = time.perf_counter()
@@ -168,23 +175,25 @@ class ProposalRule:
     stats: AcceptanceStats
     cost: PassCost
     explore_share: float = EXPLORE_SHARE
+    fed_per_proposal: int = 1  # tokens a row feeds per proposal beyond the first: 1 mask; exact rows 2 (draft + mask)
     seconds: float = 0.0  # all chosen passes, by the probed curve
     explored: float = 0.0  # what exploration passes cost beyond the exploit choice, by the curve
     explorations: int = 0
     _seconds: dict = field(default_factory=dict, repr=False)
 
-    def choose(self, *, rows: int, fed_per_row: int, least: int = 1) -> int:
+    def choose(self, *, rows: int, fed_per_row: int, least: int = 1, most: int | None = None) -> int:
         """Tokens to propose this pass (1 = NTP) for `rows` rows feeding up to `fed_per_row` real tokens.
 
         `least` is the proposal count the pass has anyway (rows with a fixed strategy): using it
-        costs nothing extra.
+        costs nothing extra. `most` (default the stats' k_max): the rows' strategies propose no more.
         """
-        k_max = self.stats.k_max
+        k_max = min(self.stats.k_max, most or self.stats.k_max)
         least = min(max(1, least), k_max)
-        seconds = self._seconds.get((rows, fed_per_row))  # by k
+        seconds = self._seconds.get((rows, fed_per_row))  # by k, up to the stats' k_max
         if seconds is None:
-            seconds = [0.0] + [self.cost(rows * (fed_per_row + k - 1)) for k in range(1, k_max + 1)]
-            if fed_per_row <= k_max:  # decode passes: the same few (rows, fed) come back pass after pass
+            per = self.fed_per_proposal
+            seconds = [0.0] + [self.cost(rows * (fed_per_row + per * (k - 1))) for k in range(1, self.stats.k_max + 1)]
+            if fed_per_row <= self.stats.k_max:  # decode passes: the same few (rows, fed) come back pass after pass
                 self._seconds[rows, fed_per_row] = seconds
         cautious = self.stats.expected_tokens()
         # ties go to fewer masks: the same speed for less compute
@@ -201,3 +210,53 @@ class ProposalRule:
                 chosen, self.explored, self.explorations = probe, self.explored + extra, self.explorations + 1
         self.seconds += seconds[chosen]
         return chosen
+
+
+@dataclass
+class LoadAware:
+    """The load-aware caps of one decode loop (`batch.BatchDecoder`): one rule per row kind.
+
+    - lossy rows (`auto[:TAU[:KMAX]]`, ConfAdapt): a pass proposing k tokens feeds k - 1 masks and
+      the rows' stats count how many of the k tokens ConfAdapt kept;
+    - exact rows (`auto:verify[:K]`): a pass allowed k proposals feeds at most k - 1 masks and
+      k - 1 lookup drafts; the mask drafts of the previous pass are fed whatever the cap (they are
+      what an earlier pass paid for), so up to 2(k - 1) tokens beyond the row's own
+      (`fed_per_proposal=2`). Their stats count, per pass, the draft capacity the row paid for
+      (the masks fed one pass earlier, or the lookup drafts fed now) and how many drafts the
+      model's own greedy choice confirmed (`verify.ExactRow.proposed`). So a cap of 1 is plain
+      NTP passes, and the output never changes: only what is fed does.
+
+    Each kind has its own stats and exploration budget; a pass with rows of both kinds asks both.
+    """
+
+    cost: PassCost
+    k_max: int = 16
+    rules: dict[str, ProposalRule] = field(init=False)
+    chosen: dict[str, dict[int, int]] = field(init=False)  # kind -> {proposals allowed: passes}
+
+    def __post_init__(self):
+        self.rules = {
+            "lossy": ProposalRule(AcceptanceStats(self.k_max), self.cost),
+            "exact": ProposalRule(AcceptanceStats(self.k_max), self.cost, fed_per_proposal=2),
+        }
+        self.chosen = {kind: {} for kind in self.rules}
+
+    @property
+    def explorations(self) -> int:
+        return sum(rule.explorations for rule in self.rules.values())
+
+    def caps(self, rows) -> dict[str, int]:
+        """Row kind -> the proposals this pass allows its load-aware rows (`batch.BatchRow`s)."""
+        fixed = [row.state.k for row in rows if not row.load_aware]  # proposals the pass has anyway
+        widest = max(len(row.state.pending) for row in rows)
+        caps = {}
+        for kind, rule in self.rules.items():
+            mine = [row.strategy.k_max for row in rows if row.load_aware and row.kind == kind]
+            if mine:
+                k = rule.choose(rows=len(rows), fed_per_row=widest, least=max(fixed, default=1), most=max(mine))
+                caps[kind] = k
+                self.chosen[kind][k] = self.chosen[kind].get(k, 0) + 1
+        return caps
+
+    def record(self, kind: str, proposed: int, accepted: int) -> None:
+        self.rules[kind].stats.record(proposed, accepted)
