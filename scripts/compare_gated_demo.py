@@ -5,15 +5,13 @@ same training problems, same CPU budget; both evaluated on the same unseen test 
     PYTHONPATH=src python scripts/compare_gated_demo.py --cpu-budget 600 --output runs/gated-vs-demo \\
         --table docs/measurements/tiny-gsm-gated-vs-demo-cpu/results.md
 
-Equal CPU, by steps scaled by measured cost: a cosine schedule must know its length up front, so a run
-cannot simply be stopped when its CPU is spent. Each recipe first trains two short pilots (P and 2P steps)
-in a child process; the child's CPU time (os.wait4: user + system, the whole process, set-up included:
-model load, tokenising, and for the demo recipe its one teacher relabelling pass over the training rows)
-gives its set-up cost and its cost per step. Each recipe then gets steps = (budget - set-up) / step cost
-and trains to the end of its own schedule; the CPU each final run really used is measured the same way
-and reported beside the budget. The two recipes run side by side, one process and one thread each (on
-2 cores they do not compete), and so do their evaluations. Every child has its own SELFMTP_CACHE, so no
-run reuses another's teacher targets.
+Equal CPU by construction: both recipes train with `--cpu-budget` (training/budget.py), which stops
+each run at the step boundary before its CPU seconds (user + system of the whole process, set-up
+included: model load, tokenising, and for the demo recipe its teacher relabelling pass) would pass the
+budget, and draws each run's cosine decay over that budget. The CPU each run really used (os.wait4 of
+the child, which adds the final export) is reported beside the budget. The two recipes run side by
+side, one process and one thread each (on 2 cores they do not compete), and so do their evaluations.
+Every child has its own SELFMTP_CACHE, so no run reuses another's teacher targets.
 
 Evaluation (as `selfmtp eval`): teacher greedy, static:1, verify:8, verify:8:tree, ConfAdapt 0.95 and 0.9
 (k_max 8) on generated tiny-gsm test problems (never trained on). The table gives accuracy, the paired
@@ -90,26 +88,6 @@ def recipes(args, data: Path, out: Path) -> dict:
     }
 
 
-def measure_costs(args, base: dict, out: Path) -> dict:
-    """{recipe: (set-up CPU s, CPU s per step)} from pilots of P and 2P steps, side by side."""
-    cpu = {}
-    for steps in (args.pilot_steps, 2 * args.pilot_steps):
-        commands, envs = {}, {}
-        for name, recipe in base.items():
-            key = f"{name}-{steps}"
-            pilot = replace(recipe, output=str(out / "pilots" / key), steps=steps, save_every=0, warmup=0)
-            commands[name] = train_command(pilot, out / "pilots" / f"{key}.json")
-            envs[name] = child_env(args, out / "pilots" / f"cache-{key}")
-        for name, seconds in run_children(commands, envs, out / "pilots" / f"logs-{steps}").items():
-            cpu[(name, steps)] = seconds
-    costs = {}
-    for name in base:
-        per_step = (cpu[(name, 2 * args.pilot_steps)] - cpu[(name, args.pilot_steps)]) / args.pilot_steps
-        per_step = max(per_step, 1e-3)
-        costs[name] = (max(cpu[(name, args.pilot_steps)] - args.pilot_steps * per_step, 0.0), per_step)
-    return costs
-
-
 def evaluate(args, finals: dict[str, Path], out: Path) -> None:
     commands, envs = {}, {}
     for name, final in finals.items():
@@ -182,13 +160,13 @@ def table(summary: dict) -> str:
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| recipe | steps | set-up CPU s (pilot) | CPU s/step (pilot) | CPU s used (final run) |",
+        "| recipe | steps trained | stopped by | CPU s counted by the budget | CPU s of the process (wait4) |",
         "|---|---|---|---|---|",
     ]
     for recipe in RECIPES:
         t = summary["training"][recipe]
         lines.append(
-            f"| {recipe} | {t['steps']} | {t['setup_cpu_s']:.1f} | {t['step_cpu_s']:.3f} | {t['cpu_s']:.1f} |"
+            f"| {recipe} | {t['steps']} | {t['stopped_by']} | {t['budget_cpu_s']:.1f} | {t['cpu_s']:.1f} |"
         )
     lines += [
         "",
@@ -209,7 +187,7 @@ def main() -> None:
     parser.add_argument(
         "--cpu-budget", type=float, default=540.0, help="CPU seconds per recipe, set-up included"
     )
-    parser.add_argument("--pilot-steps", type=int, default=20)
+    parser.add_argument("--max-steps", type=int, default=100_000, help="a cap; the budget stops runs first")
     parser.add_argument("--eval-problems", type=int, default=200)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per child (two children run at once)"
@@ -227,23 +205,22 @@ def main() -> None:
     data = write_training_problems(
         DemoConfig(train_problems=args.train_problems, seed=args.seed), out / "data"
     )
-    base = recipes(args, data, out)
-    costs = measure_costs(args, base, out)
-    final_recipes, training = {}, {}
-    for name, recipe in base.items():
-        setup, per_step = costs[name]
-        steps = max(1, int((args.cpu_budget - setup) / per_step))
-        final_recipes[name] = replace(recipe, steps=steps, save_every=0)
-        training[name] = {"steps": steps, "setup_cpu_s": setup, "step_cpu_s": per_step}
-        print(f"{name}: set-up {setup:.1f} CPU s, {per_step:.3f} CPU s/step -> {steps} steps", flush=True)
+    final_recipes = {
+        name: replace(recipe, steps=args.max_steps, cpu_budget=args.cpu_budget, save_every=0)
+        for name, recipe in recipes(args, data, out).items()
+    }
     used = run_children(
         {n: train_command(r, out / f"{n}.json") for n, r in final_recipes.items()},
         {n: child_env(args, out / f"cache-{n}") for n in final_recipes},
         out / "logs-train",
     )
-    for name, seconds in used.items():
-        training[name]["cpu_s"] = seconds
-        print(f"{name}: trained {training[name]['steps']} steps in {seconds:.1f} CPU s", flush=True)
+    training = {}
+    for name, recipe in final_recipes.items():
+        run = json.loads((Path(recipe.output) / "summary.json").read_text())
+        training[name] = {"steps": run["steps"], "stopped_by": run["stopped_by"], "budget_cpu_s": run["cpu_s"],
+                          "cpu_s": used[name]}  # fmt: skip
+        print(f"{name}: trained {run['steps']} steps, {run['cpu_s']:.1f} CPU s by the budget, "
+              f"{used[name]:.1f} for the whole process", flush=True)  # fmt: skip
     evaluate(args, {n: Path(r.output) / "final" for n, r in final_recipes.items()}, out)
     summary = {
         "cpu_budget_s": args.cpu_budget,
