@@ -35,6 +35,7 @@ from selfmtp.evaluation.report import pooled_tokens_per_pass, write_text_atomic
 
 STRATEGIES = "teacher,static:1,verify:8,verify:8:tree,confadapt:0.95:8,confadapt:0.9:8"
 RECIPES = ("demo", "gated")
+CURVE_STRATEGIES = ("verify:8", "confadapt:0.95:8", "confadapt:0.9:8")
 
 
 def run_children(commands: dict[str, list[str]], env: dict[str, dict], logs: Path) -> dict[str, float]:
@@ -86,6 +87,41 @@ def recipes(args, data: Path, out: Path) -> dict:
             **overrides,
         ),
     }
+
+
+def train_side_by_side(args, runs: dict, out: Path) -> dict[str, dict]:
+    """Train `runs` ({name: TrainConfig}) at once; {name: steps, stop reason, budget-counted and process CPU}."""
+    used = run_children(
+        {n: train_command(r, out / f"{n}.json") for n, r in runs.items()},
+        {n: child_env(args, out / f"cache-{n}") for n in runs},
+        out / "logs-train",
+    )
+    training = {}
+    for name, recipe in runs.items():
+        run = json.loads((Path(recipe.output) / "summary.json").read_text())
+        training[name] = {"steps": run["steps"], "stopped_by": run["stopped_by"], "budget_cpu_s": run["cpu_s"],
+                          "cpu_s": used[name]}  # fmt: skip
+        print(f"{name}: trained {run['steps']} steps, {run['cpu_s']:.1f} CPU s by the budget, "
+              f"{used[name]:.1f} for the whole process", flush=True)  # fmt: skip
+    return training
+
+
+def gated_curve(args, gated, out: Path) -> list[dict]:
+    """The gated recipe again at each budget of --curve (two runs at a time), each evaluated like the
+    main pair: how ConfAdapt against the teacher moves with CPU."""
+    points = []
+    budgets = [float(b) for b in args.curve.split(",")]
+    for pair in (budgets[i : i + 2] for i in range(0, len(budgets), 2)):
+        runs = {
+            f"gated-{b:g}": replace(gated, output=str(out / f"gated-{b:g}"), steps=args.max_steps, cpu_budget=b,
+                                    save_every=0)
+            for b in pair
+        }  # fmt: skip
+        training = train_side_by_side(args, runs, out)
+        evaluate(args, {n: Path(r.output) / "final" for n, r in runs.items()}, out)
+        for name in runs:
+            points.append({"name": name, "training": training[name], "results": strategy_rows(out / f"eval-{name}")})
+    return points
 
 
 def evaluate(args, finals: dict[str, Path], out: Path) -> None:
@@ -168,6 +204,14 @@ def table(summary: dict) -> str:
         lines.append(
             f"| {recipe} | {t['steps']} | {t['stopped_by']} | {t['budget_cpu_s']:.1f} | {t['cpu_s']:.1f} |"
         )
+    if summary.get("curve"):
+        lines += ["", "Gated recipe by CPU budget (--curve): accuracy vs teacher, tokens/pass", "",
+                  "| CPU budget | steps | " + " | ".join(CURVE_STRATEGIES) + " |",
+                  "|---|---|" + "---|" * len(CURVE_STRATEGIES)]  # fmt: skip
+        for point in summary["curve"]:
+            rows, t = point["results"], point["training"]
+            cells = [f"{100 * rows[s]['vs_teacher']:+.1f}, {pooled_tokens_per_pass(rows[s]):.2f}" for s in CURVE_STRATEGIES]
+            lines.append(f"| {t['budget_cpu_s']:.0f} | {t['steps']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Targets (issue 15): gated verify:8 token for token the teacher's on every item at >= 3.0 tokens/pass; "
@@ -186,6 +230,9 @@ def main() -> None:
     parser.add_argument("--table", help="also write the table here (e.g. docs/measurements/.../results.md)")
     parser.add_argument(
         "--cpu-budget", type=float, default=540.0, help="CPU seconds per recipe, set-up included"
+    )
+    parser.add_argument(
+        "--curve", metavar="S1,S2,...", help="also train the gated recipe at these CPU budgets and tabulate them"
     )
     parser.add_argument("--max-steps", type=int, default=100_000, help="a cap; the budget stops runs first")
     parser.add_argument("--eval-problems", type=int, default=200)
@@ -209,19 +256,9 @@ def main() -> None:
         name: replace(recipe, steps=args.max_steps, cpu_budget=args.cpu_budget, save_every=0)
         for name, recipe in recipes(args, data, out).items()
     }
-    used = run_children(
-        {n: train_command(r, out / f"{n}.json") for n, r in final_recipes.items()},
-        {n: child_env(args, out / f"cache-{n}") for n in final_recipes},
-        out / "logs-train",
-    )
-    training = {}
-    for name, recipe in final_recipes.items():
-        run = json.loads((Path(recipe.output) / "summary.json").read_text())
-        training[name] = {"steps": run["steps"], "stopped_by": run["stopped_by"], "budget_cpu_s": run["cpu_s"],
-                          "cpu_s": used[name]}  # fmt: skip
-        print(f"{name}: trained {run['steps']} steps, {run['cpu_s']:.1f} CPU s by the budget, "
-              f"{used[name]:.1f} for the whole process", flush=True)  # fmt: skip
+    training = train_side_by_side(args, final_recipes, out)
     evaluate(args, {n: Path(r.output) / "final" for n, r in final_recipes.items()}, out)
+    curve = gated_curve(args, recipes(args, data, out)["gated"], out) if args.curve else None
     summary = {
         "cpu_budget_s": args.cpu_budget,
         "training": training,
@@ -231,6 +268,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "wall_s": time.perf_counter() - start,
         "load_average_at_end": os.getloadavg(),
+        "curve": curve,
     }
     text = table(summary)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
