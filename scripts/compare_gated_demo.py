@@ -74,14 +74,14 @@ def train_command(recipe, path: Path) -> list[str]:
     return [sys.executable, "-m", "selfmtp", "train", "--config", str(path)]
 
 
-def recipes(args, data: Path, out: Path) -> dict:
+def recipes(args, data: dict[str, Path], out: Path) -> dict:
     demo = DemoConfig(seed=args.seed, progress=False)
     gated = replace(demo, gated=True, lr=args.gated_lr)
     overrides = {"masks_per_row": args.masks_per_row} if args.masks_per_row else {}
     return {
-        "demo": train_config(demo, data, out / "demo"),
+        "demo": train_config(demo, data["demo"], out / "demo"),
         "gated": replace(
-            train_config(gated, data, out / "gated"),
+            train_config(gated, data["gated"], out / "gated"),
             output=str(out / "gated"),
             lora_rank=args.gated_rank,
             **overrides,
@@ -245,13 +245,19 @@ def main() -> None:
         "--masks-per-row", type=int, help="gated only: the dense layout (default: the demo's regions)"
     )
     parser.add_argument("--train-problems", type=int, default=10000)
+    parser.add_argument(
+        "--gated-train-problems", type=int,
+        help="gated only (its offline targets cost no relabelling pass, so more problems cost it nothing "
+        "up front): default --train-problems",
+    )
     parser.add_argument("--teacher", default="tiny-gsm-teacher")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start, out = time.perf_counter(), Path(args.output)
-    data = write_training_problems(
-        DemoConfig(train_problems=args.train_problems, seed=args.seed), out / "data"
-    )
+    data = {
+        name: write_training_problems(DemoConfig(train_problems=problems, seed=args.seed), out / "data")
+        for name, problems in (("demo", args.train_problems), ("gated", args.gated_train_problems or args.train_problems))
+    }  # the same generator and seed: the smaller set is the start of the larger one
     final_recipes = {
         name: replace(recipe, steps=args.max_steps, cpu_budget=args.cpu_budget, save_every=0)
         for name, recipe in recipes(args, data, out).items()
