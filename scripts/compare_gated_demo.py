@@ -1,6 +1,7 @@
 """tiny-gsm at equal CPU time: the demo recipe (plain full fine-tuning, offline, prefix loss 5) against the
 gated recipe (deltas acting only at `<mtp>`, offline targets from the forward, no anchor), same teacher,
-the same training problems (the gated recipe may take more: --gated-train-problems), same CPU budget; both evaluated on the same unseen test problems.
+the same training problems (the gated recipe may take more: --gated-train-problems), same CPU budget;
+both evaluated on the same unseen test problems.
 
     PYTHONPATH=src python scripts/compare_gated_demo.py --cpu-budget 540 --output runs/gated-vs-demo-budget \\
         --table docs/measurements/tiny-gsm-gated-vs-demo-cpu/results.md
