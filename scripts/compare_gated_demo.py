@@ -1,19 +1,18 @@
 """tiny-gsm at equal CPU time: the demo recipe (plain full fine-tuning, offline, prefix loss 5) against the
 gated recipe (deltas acting only at `<mtp>`, offline targets from the forward, no anchor), same teacher,
-same training problems, same CPU budget; both evaluated on the same unseen test problems.
+the same training problems (the gated recipe may take more: --gated-train-problems), same CPU budget;
+both evaluated on the same unseen test problems.
 
-    PYTHONPATH=src python scripts/compare_gated_demo.py --cpu-budget 600 --output runs/gated-vs-demo \\
+    PYTHONPATH=src python scripts/compare_gated_demo.py --cpu-budget 540 --output runs/gated-vs-demo-budget \\
         --table docs/measurements/tiny-gsm-gated-vs-demo-cpu/results.md
 
-Equal CPU, by steps scaled by measured cost: a cosine schedule must know its length up front, so a run
-cannot simply be stopped when its CPU is spent. Each recipe first trains two short pilots (P and 2P steps)
-in a child process; the child's CPU time (os.wait4: user + system, the whole process, set-up included:
-model load, tokenising, and for the demo recipe its one teacher relabelling pass over the training rows)
-gives its set-up cost and its cost per step. Each recipe then gets steps = (budget - set-up) / step cost
-and trains to the end of its own schedule; the CPU each final run really used is measured the same way
-and reported beside the budget. The two recipes run side by side, one process and one thread each (on
-2 cores they do not compete), and so do their evaluations. Every child has its own SELFMTP_CACHE, so no
-run reuses another's teacher targets.
+Equal CPU by construction: both recipes train with `--cpu-budget` (training/budget.py), which stops
+each run at the step boundary before its CPU seconds (user + system of the whole process, set-up
+included: model load, tokenising, and for the demo recipe its teacher relabelling pass) would pass the
+budget, and draws each run's cosine decay over that budget. The CPU each run really used (os.wait4 of
+the child, which adds the final export) is reported beside the budget. The two recipes run side by
+side, one process and one thread each (on 2 cores they do not compete), and so do their evaluations.
+Every child has its own SELFMTP_CACHE, so no run reuses another's teacher targets.
 
 Evaluation (as `selfmtp eval`): teacher greedy, static:1, verify:8, verify:8:tree, ConfAdapt 0.95 and 0.9
 (k_max 8) on generated tiny-gsm test problems (never trained on). The table gives accuracy, the paired
@@ -37,6 +36,7 @@ from selfmtp.evaluation.report import pooled_tokens_per_pass, write_text_atomic
 
 STRATEGIES = "teacher,static:1,verify:8,verify:8:tree,confadapt:0.95:8,confadapt:0.9:8"
 RECIPES = ("demo", "gated")
+CURVE_STRATEGIES = ("verify:8", "confadapt:0.95:8", "confadapt:0.9:8")
 
 
 def run_children(commands: dict[str, list[str]], env: dict[str, dict], logs: Path) -> dict[str, float]:
@@ -75,14 +75,14 @@ def train_command(recipe, path: Path) -> list[str]:
     return [sys.executable, "-m", "selfmtp", "train", "--config", str(path)]
 
 
-def recipes(args, data: Path, out: Path) -> dict:
+def recipes(args, data: dict[str, Path], out: Path) -> dict:
     demo = DemoConfig(seed=args.seed, progress=False)
     gated = replace(demo, gated=True, lr=args.gated_lr)
     overrides = {"masks_per_row": args.masks_per_row} if args.masks_per_row else {}
     return {
-        "demo": train_config(demo, data, out / "demo"),
+        "demo": train_config(demo, data["demo"], out / "demo"),
         "gated": replace(
-            train_config(gated, data, out / "gated"),
+            train_config(gated, data["gated"], out / "gated"),
             output=str(out / "gated"),
             lora_rank=args.gated_rank,
             **overrides,
@@ -90,24 +90,39 @@ def recipes(args, data: Path, out: Path) -> dict:
     }
 
 
-def measure_costs(args, base: dict, out: Path) -> dict:
-    """{recipe: (set-up CPU s, CPU s per step)} from pilots of P and 2P steps, side by side."""
-    cpu = {}
-    for steps in (args.pilot_steps, 2 * args.pilot_steps):
-        commands, envs = {}, {}
-        for name, recipe in base.items():
-            key = f"{name}-{steps}"
-            pilot = replace(recipe, output=str(out / "pilots" / key), steps=steps, save_every=0, warmup=0)
-            commands[name] = train_command(pilot, out / "pilots" / f"{key}.json")
-            envs[name] = child_env(args, out / "pilots" / f"cache-{key}")
-        for name, seconds in run_children(commands, envs, out / "pilots" / f"logs-{steps}").items():
-            cpu[(name, steps)] = seconds
-    costs = {}
-    for name in base:
-        per_step = (cpu[(name, 2 * args.pilot_steps)] - cpu[(name, args.pilot_steps)]) / args.pilot_steps
-        per_step = max(per_step, 1e-3)
-        costs[name] = (max(cpu[(name, args.pilot_steps)] - args.pilot_steps * per_step, 0.0), per_step)
-    return costs
+def train_side_by_side(args, runs: dict, out: Path) -> dict[str, dict]:
+    """Train `runs` ({name: TrainConfig}) at once; {name: steps, stop reason, budget-counted and process CPU}."""
+    used = run_children(
+        {n: train_command(r, out / f"{n}.json") for n, r in runs.items()},
+        {n: child_env(args, out / f"cache-{n}") for n in runs},
+        out / "logs-train",
+    )
+    training = {}
+    for name, recipe in runs.items():
+        run = json.loads((Path(recipe.output) / "summary.json").read_text())
+        training[name] = {"steps": run["steps"], "stopped_by": run["stopped_by"], "budget_cpu_s": run["cpu_s"],
+                          "cpu_s": used[name]}  # fmt: skip
+        print(f"{name}: trained {run['steps']} steps, {run['cpu_s']:.1f} CPU s by the budget, "
+              f"{used[name]:.1f} for the whole process", flush=True)  # fmt: skip
+    return training
+
+
+def gated_curve(args, gated, out: Path) -> list[dict]:
+    """The gated recipe again at each budget of --curve (two runs at a time), each evaluated like the
+    main pair: how ConfAdapt against the teacher moves with CPU."""
+    points = []
+    budgets = [float(b) for b in args.curve.split(",")]
+    for pair in (budgets[i : i + 2] for i in range(0, len(budgets), 2)):
+        runs = {
+            f"gated-{b:g}": replace(gated, output=str(out / f"gated-{b:g}"), steps=args.max_steps, cpu_budget=b,
+                                    save_every=0)
+            for b in pair
+        }  # fmt: skip
+        training = train_side_by_side(args, runs, out)
+        evaluate(args, {n: Path(r.output) / "final" for n, r in runs.items()}, out)
+        for name in runs:
+            points.append({"name": name, "training": training[name], "results": strategy_rows(out / f"eval-{name}")})
+    return points
 
 
 def evaluate(args, finals: dict[str, Path], out: Path) -> None:
@@ -182,14 +197,22 @@ def table(summary: dict) -> str:
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| recipe | steps | set-up CPU s (pilot) | CPU s/step (pilot) | CPU s used (final run) |",
+        "| recipe | steps trained | stopped by | CPU s counted by the budget | CPU s of the process (wait4) |",
         "|---|---|---|---|---|",
     ]
     for recipe in RECIPES:
         t = summary["training"][recipe]
         lines.append(
-            f"| {recipe} | {t['steps']} | {t['setup_cpu_s']:.1f} | {t['step_cpu_s']:.3f} | {t['cpu_s']:.1f} |"
+            f"| {recipe} | {t['steps']} | {t['stopped_by']} | {t['budget_cpu_s']:.1f} | {t['cpu_s']:.1f} |"
         )
+    if summary.get("curve"):
+        lines += ["", "Gated recipe by CPU budget (--curve): accuracy vs teacher, tokens/pass", "",
+                  "| CPU budget | steps | " + " | ".join(CURVE_STRATEGIES) + " |",
+                  "|---|---|" + "---|" * len(CURVE_STRATEGIES)]  # fmt: skip
+        for point in summary["curve"]:
+            rows, t = point["results"], point["training"]
+            cells = [f"{100 * rows[s]['vs_teacher']:+.1f}, {pooled_tokens_per_pass(rows[s]):.2f}" for s in CURVE_STRATEGIES]
+            lines.append(f"| {t['budget_cpu_s']:.0f} | {t['steps']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Targets (issue 15): gated verify:8 token for token the teacher's on every item at >= 3.0 tokens/pass; "
@@ -209,7 +232,10 @@ def main() -> None:
     parser.add_argument(
         "--cpu-budget", type=float, default=540.0, help="CPU seconds per recipe, set-up included"
     )
-    parser.add_argument("--pilot-steps", type=int, default=20)
+    parser.add_argument(
+        "--curve", metavar="S1,S2,...", help="also train the gated recipe at these CPU budgets and tabulate them"
+    )
+    parser.add_argument("--max-steps", type=int, default=100_000, help="a cap; the budget stops runs first")
     parser.add_argument("--eval-problems", type=int, default=200)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per child (two children run at once)"
@@ -220,31 +246,26 @@ def main() -> None:
         "--masks-per-row", type=int, help="gated only: the dense layout (default: the demo's regions)"
     )
     parser.add_argument("--train-problems", type=int, default=10000)
+    parser.add_argument(
+        "--gated-train-problems", type=int,
+        help="gated only (its offline targets cost no relabelling pass, so more problems cost it nothing "
+        "up front): default --train-problems",
+    )
     parser.add_argument("--teacher", default="tiny-gsm-teacher")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start, out = time.perf_counter(), Path(args.output)
-    data = write_training_problems(
-        DemoConfig(train_problems=args.train_problems, seed=args.seed), out / "data"
-    )
-    base = recipes(args, data, out)
-    costs = measure_costs(args, base, out)
-    final_recipes, training = {}, {}
-    for name, recipe in base.items():
-        setup, per_step = costs[name]
-        steps = max(1, int((args.cpu_budget - setup) / per_step))
-        final_recipes[name] = replace(recipe, steps=steps, save_every=0)
-        training[name] = {"steps": steps, "setup_cpu_s": setup, "step_cpu_s": per_step}
-        print(f"{name}: set-up {setup:.1f} CPU s, {per_step:.3f} CPU s/step -> {steps} steps", flush=True)
-    used = run_children(
-        {n: train_command(r, out / f"{n}.json") for n, r in final_recipes.items()},
-        {n: child_env(args, out / f"cache-{n}") for n in final_recipes},
-        out / "logs-train",
-    )
-    for name, seconds in used.items():
-        training[name]["cpu_s"] = seconds
-        print(f"{name}: trained {training[name]['steps']} steps in {seconds:.1f} CPU s", flush=True)
+    data = {
+        name: write_training_problems(DemoConfig(train_problems=problems, seed=args.seed), out / "data")
+        for name, problems in (("demo", args.train_problems), ("gated", args.gated_train_problems or args.train_problems))
+    }  # the same generator and seed: the smaller set is the start of the larger one
+    final_recipes = {
+        name: replace(recipe, steps=args.max_steps, cpu_budget=args.cpu_budget, save_every=0)
+        for name, recipe in recipes(args, data, out).items()
+    }
+    training = train_side_by_side(args, final_recipes, out)
     evaluate(args, {n: Path(r.output) / "final" for n, r in final_recipes.items()}, out)
+    curve = gated_curve(args, recipes(args, data, out)["gated"], out) if args.curve else None
     summary = {
         "cpu_budget_s": args.cpu_budget,
         "training": training,
@@ -254,6 +275,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "wall_s": time.perf_counter() - start,
         "load_average_at_end": os.getloadavg(),
+        "curve": curve,
     }
     text = table(summary)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")

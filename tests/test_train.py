@@ -354,3 +354,52 @@ def test_offline_relabelling_in_batches_equals_one_teacher_pass(peaked):
     assert torch.equal(relabelled.targets[real], reference[real]) and torch.equal(relabelled.input_ids, ids)
     assert not torch.equal(reference[real], ids[real])  # an untrained teacher does not echo the data
     assert torch.equal(relabelled.take([3, 1]).targets, relabelled.targets[[3, 1]])
+
+
+class FakeCpuClock:
+    """Stands for time.process_time in training/budget.py: `setup` CPU seconds at the first step, then
+    1.0 per train_step, so the budget's arithmetic is exact, whatever this CPU's speed."""
+
+    def __init__(self, monkeypatch, setup: float):
+        import selfmtp.training.budget as budget
+        import selfmtp.training.trainer as trainer
+
+        self.now = setup
+        real_step = trainer.train_step
+        monkeypatch.setattr(budget, "process_cpu_seconds", lambda: self.now)
+        monkeypatch.setattr(trainer, "train_step", lambda run, step: self.tick() or real_step(run, step))
+
+    def tick(self) -> None:
+        self.now += 1.0
+
+
+def test_cpu_budget_stops_before_a_step_would_overrun_and_decays_the_cosine_over_it(data, tmp_path, monkeypatch):
+    import math
+
+    FakeCpuClock(monkeypatch, setup=5.0)
+    out = tmp_path / "run"
+    summary = train(tiny_train_config(data, out, steps=100, cpu_budget=9.5, lr_schedule="cosine", save_every=3))
+    rows = metrics(out)
+    # 5 s set-up, then 1 s per step: after step 4 (9 s) a fifth step would end at 10 > 9.5
+    assert [r["cpu_s"] for r in rows] == [6.0, 7.0, 8.0, 9.0]
+    assert (summary["steps"], summary["stopped_by"], summary["cpu_s"]) == (4, "cpu_budget", 9.0)
+    assert (out / "final" / "model.safetensors").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003", "step-0000004"]  # the last one too
+    # step s+1's lr is drawn when step s ends (inside it), from the CPU spent at the boundary before: 0, 5, 6, 7 s
+    expected = [3e-3 * 0.5 * (1 + math.cos(math.pi * spent / 9.5)) for spent in (0.0, 5.0, 6.0, 7.0)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)  # float64 arithmetic of the same formula
+
+
+def test_cpu_budget_counts_earlier_processes_on_resume(data, tmp_path, monkeypatch):
+    clock = FakeCpuClock(monkeypatch, setup=5.0)
+    out = tmp_path / "run"
+    train(tiny_train_config(data, out, steps=100, cpu_budget=9.5, save_every=2))
+    clock.now = 5.0  # a new process: its own set-up again
+    summary = train(tiny_train_config(data, out, steps=100, cpu_budget=16.5, save_every=2, resume=True))
+    # 9 s before (step 4's row) + 5 s set-up = 14; steps 5 and 6 end at 15 and 16, a 7th would pass 16.5
+    assert [r["cpu_s"] for r in metrics(out)] == [6.0, 7.0, 8.0, 9.0, 15.0, 16.0]
+    assert (summary["resumed_from"], summary["steps"], summary["stopped_by"]) == (4, 6, "cpu_budget")
+    clock.now = 5.0  # the budget already spent: a resume trains nothing and exports the same weights
+    before = final_weights(out)
+    assert train(tiny_train_config(data, out, steps=100, cpu_budget=16.5, save_every=2, resume=True))["steps"] == 6
+    assert_weights_close(final_weights(out), before, 0.0)

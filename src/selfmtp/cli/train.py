@@ -94,6 +94,13 @@ def _add_schedule_flags(add) -> None:
     add("--weight-decay", type=float, help="default: 0.01")
     add("--clip", type=float, help="gradient norm clipping, 0: off (default: 1.0)")
     add("--steps", type=int, help="default: 100")
+    add(
+        "--cpu-budget",
+        type=float,
+        metavar="SECONDS",
+        help="stop at the step boundary before this process's CPU seconds (set-up included, summed "
+        "over resumes) would pass SECONDS; --steps is then a cap and a cosine decays over the budget",
+    )
     add("--batch-size", type=int, help="sequences per process and micro-batch (default: 8)")
     add("--grad-accum", type=int, help="default: 1")
 

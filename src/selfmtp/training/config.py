@@ -41,6 +41,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # PyTorch AdamW default
     clip: float = 1.0
     steps: int = 100
+    # CPU seconds (set-up included) after which training stops, at a step boundary; `steps` is then a
+    # cap and a cosine decays over the budget (budget.py). None: stop at `steps`.
+    cpu_budget: float | None = None
     batch_size: int = 8
     grad_accum: int = 1
     eval_every: int = 50
@@ -121,6 +124,7 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
         (config.masks_per_row is None or (config.masks_per_row >= 1 and config.regions is None),
          "--masks-per-row must be >= 1 and replaces --regions: give one of them"),
         (config.steps >= 1 and config.batch_size >= 1 and config.grad_accum >= 1, "--steps, --batch-size, --grad-accum must be >= 1"),
+        (config.cpu_budget is None or config.cpu_budget > 0, "--cpu-budget must be > 0 (CPU seconds)"),
         (config.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}"),
         (config.lr > 0 and config.warmup >= 0 and config.prefix_loss >= 0, "--lr must be > 0, --warmup and --prefix-loss >= 0"),
         (config.lora_rank >= 0, "--lora-rank must be >= 0"),
@@ -143,15 +147,19 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
     parallel.check_settings(config)
 
 
-def lr_multiplier(config: TrainConfig):
-    """Linear warm-up, then constant or a cosine decay to 0 at the last step."""
+def lr_multiplier(config: TrainConfig, budget_fraction=None):
+    """Linear warm-up, then constant or a cosine decay to 0 at the last step, or under a CPU budget
+    at the budget's end: `budget_fraction()` is the share of it spent (training/budget.py)."""
 
     def multiplier(step: int) -> float:
         if step < config.warmup:
             return (step + 1) / config.warmup
         if config.lr_schedule == "constant":
             return 1.0
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        if config.cpu_budget is not None:
+            progress = budget_fraction()
+        else:
+            progress = (step - config.warmup) / max(1, config.steps - config.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return multiplier

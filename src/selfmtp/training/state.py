@@ -107,7 +107,7 @@ FREE_ON_RESUME = frozenset({
 
 def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0, defaults: dict | None = None) -> None:
     """A fresh run records `settings` in `out/run_config.json`; a resumed one must match them, except
-    FREE_ON_RESUME and `steps` under a constant lr (a cosine curve is drawn to the old `steps`).
+    FREE_ON_RESUME and `steps` / `cpu_budget` under a constant lr (a cosine curve is drawn to the old ones).
     A setting the record lacks (added to selfmtp after the run started) reads as its value in `defaults`.
     A run from before this record existed gets one now, unchecked."""
     path = Path(out) / RUN_SETTINGS
@@ -120,7 +120,8 @@ def check_run_settings(out: Path, settings: dict, *, resume: bool, rank: int = 0
             raise SelfMTPError(f"{path} is damaged ({exc}): it records the settings this run started with; "
                                "restore it, or train into a new --output") from None
         recorded = {**(defaults or {}), **recorded}
-        free = FREE_ON_RESUME | ({"steps"} if recorded.get("lr_schedule") == settings.get("lr_schedule") == "constant" else set())
+        constant = recorded.get("lr_schedule") == settings.get("lr_schedule") == "constant"
+        free = FREE_ON_RESUME | ({"steps", "cpu_budget"} if constant else set())
         changed = [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
                    for key in sorted(set(recorded) | set(settings))
                    if key not in free and recorded.get(key) != settings.get(key)]

@@ -39,6 +39,7 @@ class TrainRun:
     _perms: dict  # epoch -> its shuffle of the training rows (only the current epoch is kept)
     teacher_model: torch.nn.Module | None = None  # the separate teacher module, if any
     decode_eval: object = None  # DecodeEval (decode_eval.py) when eval_decode_prompts > 0
+    budget: object = None  # CpuBudget (budget.py): the CPU this run has used, its stop under --cpu-budget
 
 
 def _step_rows(run: TrainRun, step: int) -> torch.Tensor:

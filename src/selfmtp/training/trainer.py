@@ -30,6 +30,7 @@ from selfmtp.files import write_json_atomic
 from selfmtp.models.loading import model_fingerprint
 from selfmtp.progress import progress_bar
 from selfmtp.training import parallel
+from selfmtp.training.budget import CpuBudget
 from selfmtp.training.config import TrainConfig, lr_multiplier, setting_defaults, validate
 from selfmtp.training.recovery import (
     StopRequest,
@@ -92,11 +93,18 @@ def _train(config: TrainConfig) -> dict:
     metrics_path = out / "metrics.jsonl"
     if rank == 0 and resuming:  # rows after the checkpoint (or all, starting over) are recomputed
         truncate_metrics(metrics_path, start if resume_from else -1)
+    if world > 1:
+        dist.barrier()  # every process reads the truncated log
+    if resume_from:
+        run.budget.resume_from(metrics_path, start)
     history = _loop(run, start, metrics_path, out)
     final_dir = out / "final"
     _export(run, final_dir)
+    steps_done = history[-1]["step"] if history else start
     summary = {
-        "final_dir": str(final_dir), "output": str(out), "steps": config.steps, "resumed_from": start,
+        "final_dir": str(final_dir), "output": str(out), "steps": steps_done, "resumed_from": start,
+        "stopped_by": "cpu_budget" if steps_done < config.steps else "steps",
+        "cpu_s": round(run.budget.spent, 3), "cpu_budget": config.cpu_budget,
         "world_size": world, "rank": rank, "seconds": round(time.perf_counter() - started, 3),
         "trainable_parameters": trainable,
         "first": history[0] if history else None, "last": history[-1] if history else None,
@@ -133,9 +141,10 @@ def _set_up_run(config: TrainConfig, out: Path, *, resuming: bool, rank: int, wo
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
+    budget = CpuBudget(config.cpu_budget)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, budget.fraction))
     run = TrainRun(config, rank, world, device, student, student_logits, teacher, setup.tokenizer, setup.train_rows,
-                   setup.eval_rows, optimizer, scheduler, {}, setup.teacher_model)  # fmt: skip
+                   setup.eval_rows, optimizer, scheduler, {}, setup.teacher_model, budget=budget)  # fmt: skip
     if rank == 0 and run.eval_rows is not None and config.eval_every and config.eval_decode_prompts:
         prepare_decode_eval(run)
     return run, trainable, setup.data_info
@@ -198,16 +207,21 @@ def _loop(run: TrainRun, start: int, metrics_path: Path, out: Path) -> list[dict
     ):
         if start == 0 and run.decode_eval is not None:  # the untrained baseline of the decode curve
             metrics_file.write(json.dumps({"step": 0, **evaluate(run)}) + "\n")
+        run.budget.start(run.world, run.device)
         for step in range(start, cfg.steps):
+            if run.budget.exhausted():  # (a resumed run whose budget is already spent)
+                break
             tick, lr = time.perf_counter(), run.scheduler.get_last_lr()[0]
             stats = train_step(run, step)
             seconds = time.perf_counter() - tick
+            run.budget.step_done(run.world, run.device)
             row = {
                 "step": step + 1,
                 **stats.summary(),
                 "lr": lr,
                 "tokens_per_s": round(stats.tokens / seconds, 1),
                 "step_seconds": round(seconds, 4),
+                "cpu_s": round(run.budget.spent, 3),  # the run's CPU so far (budget.py): --resume reads it
             }
             if run.device.type == "cuda":  # this process's peak so far, beside `selfmtp plan`'s figure
                 row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 1e9, 3)
@@ -223,7 +237,9 @@ def _loop(run: TrainRun, start: int, metrics_path: Path, out: Path) -> list[dict
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             stopping = stop.agreed(run.world, run.device)
-            periodic = cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps)
+            spent = run.budget.exhausted()
+            last = step + 1 == cfg.steps or spent
+            periodic = cfg.save_every and ((step + 1) % cfg.save_every == 0 or last)
             if periodic or stopping:
                 _save_state(run, out / "checkpoints", step + 1)
             history.append(row)
@@ -233,4 +249,6 @@ def _loop(run: TrainRun, start: int, metrics_path: Path, out: Path) -> list[dict
                 if run.world > 1:
                     dist.barrier()  # no process exits while the first one is still writing the checkpoint
                 raise interrupted(out, step + 1)
+            if spent:
+                break
     return history
