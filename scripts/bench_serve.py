@@ -16,9 +16,9 @@ minutes on a quiet 2-core machine):
 
     python scripts/bench_serve.py \
       --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
-      --model smollm2-135m --prompts src/selfmtp/assets/gsm8k-dev-sample.jsonl \
-      --model smollm2-135m-mtp --prompts src/selfmtp/assets/gsm8k-dev-sample.jsonl \
-      --concurrency 1,2,4,8 --requests 1 --rounds 3 --max-tokens 24 --memory-requests 0 \
+      --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
+      --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
+      --concurrency 1,2,4,8 --requests 1 --rounds 3 --max-tokens 48 --memory-requests 0 \
       --output docs/measurements/serve-all-modes-cpu
 
     python scripts/bench_serve.py --model runs/demo/train/final \
