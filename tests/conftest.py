@@ -8,12 +8,15 @@ that the test left them as it found them: tests pass in any order (`-p random_or
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -98,10 +101,32 @@ def ddp_worker(rank: int, world: int, port: int, cfg) -> None:
     """One process of a `torch.multiprocessing.spawn`ed CPU DDP (gloo) run of `cfg`, as torchrun would start it."""
     from selfmtp.training.trainer import train
 
+    faulthandler.register(signal.SIGUSR1)  # run_ddp's deadline asks every process for its stack
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     train(cfg)
+
+
+# A 2-step tiny run takes ~10 s quiet and ~60 s beside a training job; a run past this is stuck (e.g. a
+# collective one process never joins) and must fail the test, not hang the suite until CI's cap.
+DDP_DEADLINE_S = 600
+
+
+def run_ddp(cfg, world: int = 2, deadline_s: float = DDP_DEADLINE_S) -> None:
+    """`cfg` trained by `world` spawned processes (ddp_worker). Past the deadline, every process prints its
+    Python stack to stderr (shown in the failure report) and is killed, and the test fails."""
+    context = torch.multiprocessing.spawn(ddp_worker, args=(world, free_port(), cfg), nprocs=world, join=False)
+    started = time.monotonic()
+    while not context.join(timeout=5):  # raises if a process failed
+        if time.monotonic() - started > deadline_s:
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(2)
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world}-process run still going after {deadline_s} s: stuck (stacks above)")
 
 
 def free_port() -> int:

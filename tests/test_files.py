@@ -37,6 +37,24 @@ def test_overwrite_replaces_the_whole_directory_and_leaves_nothing_behind(tmp_pa
     assert contents(target) == {"a": "2"} and hidden(tmp_path) == []
 
 
+def test_a_cache_entry_finished_by_another_writer_first_is_kept_not_swapped(tmp_path):
+    """Two DDP processes filling an empty cache at once: the one that finishes second must not swap the
+    directory out while the first already reads from it (it once made the two load different files)."""
+    target = tmp_path / "entry"
+    first_files = []
+
+    def second_writer(d):  # while it writes, the other process finishes and starts reading
+        atomic_dir_write(target, version(1), keep_existing=True)
+        first_files.append((target / "b").stat().st_ino)
+        version(2)(d)
+
+    atomic_dir_write(target, second_writer, keep_existing=True)
+    assert contents(target) == {"a": "1", "b": "1"} and hidden(tmp_path) == []
+    assert (target / "b").stat().st_ino == first_files[0]  # the very files the reader opened
+    atomic_dir_write(target, version(2))  # a checkpoint (the default) still replaces
+    assert contents(target) == {"a": "2"}
+
+
 def test_failure_between_the_renames_keeps_the_old_directory(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
     atomic_dir_write(target, version(1))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ddp_worker, free_port, load_script, metrics, tiny_train_config
+from conftest import load_script, metrics, run_ddp, tiny_train_config
 from selfmtp.decoding.loop import generate_batch
 from selfmtp.decoding.strategies import Static
 from selfmtp.errors import SelfMTPError
@@ -267,7 +267,7 @@ def test_gated_training_lowers_the_loss(data, tmp_path):
 
 def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
     ddp = gated_config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2)
-    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), ddp), nprocs=2, join=True)
+    run_ddp(ddp)
     train(replace(ddp, output=str(tmp_path / "single"), batch_size=4))
     for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["supervised"] == b["supervised"]  # float32 sum order

@@ -15,11 +15,10 @@ import torch
 from conftest import (
     assert_decisive,
     assert_weights_close,
-    ddp_worker,
     final_weights,
-    free_port,
     gsm8k_style_lines,
     metrics,
+    run_ddp,
     tiny_train_config,
 )
 from selfmtp.cli import main
@@ -180,10 +179,10 @@ def test_grad_accumulation_equals_big_batch(data, tmp_path):
 @pytest.mark.parametrize("supervision", ["online", "offline"])
 def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path, supervision):
     ddp = tiny_train_config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2, supervision=supervision)
-    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), ddp), nprocs=2, join=True)
+    run_ddp(ddp)
     if supervision == "offline":
         resumed = replace(ddp, steps=3, resume=True)
-        torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), resumed), nprocs=2, join=True)
+        run_ddp(resumed)
     steps = 3 if supervision == "offline" else 2
     train(tiny_train_config(data, tmp_path / "single", batch_size=4, steps=steps, supervision=supervision))
     for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_weights_close, ddp_worker, final_weights, free_port, metrics, tiny_train_config
+from conftest import assert_weights_close, final_weights, metrics, run_ddp, tiny_train_config
 from selfmtp.cli import main
 from selfmtp.errors import SelfMTPError
 from selfmtp.training.trainer import train
 
 
 def spawn(cfg, world: int = 2) -> None:
-    torch.multiprocessing.spawn(ddp_worker, args=(world, free_port(), cfg), nprocs=world, join=True)
+    run_ddp(cfg, world)
 
 
 def assert_same_run(a: Path, b: Path) -> None:

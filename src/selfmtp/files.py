@@ -62,12 +62,16 @@ def recover_dir(target: str | Path) -> Path:
     return target
 
 
-def atomic_dir_write(target: Path, write) -> None:
+def atomic_dir_write(target: Path, write, *, keep_existing: bool = False) -> None:
     """Call `write(tmp_dir)` on a sibling temp dir, then swap it in for `target` (all or nothing).
 
     An existing `target` is renamed to `backup_dir(target)` and deleted only once the new one is in
     place: at every moment one complete version exists, and `recover_dir` restores the old one if the
-    process dies between the two renames. One writer per target at a time (rank 0 saves)."""
+    process dies between the two renames. One writer per target at a time (rank 0 saves).
+
+    `keep_existing`: a cache entry, the same content whoever writes it (e.g. every DDP process filling
+    an empty cache at once): the first complete one stays and later writers drop theirs, so a process
+    already reading it never sees it swapped out from under it."""
     target = recover_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -75,7 +79,9 @@ def atomic_dir_write(target: Path, write) -> None:
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a checkpoint should get the usual mode
         write(tmp)
-        if target.exists():
+        if keep_existing and target.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif target.exists():
             shutil.rmtree(backup, ignore_errors=True)  # a backup left after a finished swap: stale
             os.replace(target, backup)
             os.replace(tmp, target)

@@ -239,7 +239,7 @@ def _converted_gguf_dir(path: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
         raise SelfMTPError(f"could not load GGUF {path}: {_first_line(exc)}") from exc
-    save_checkpoint(model, tokenizer, target)
+    save_checkpoint(model, tokenizer, target, keep_existing=True)  # a cache entry
     return target
 
 
@@ -306,7 +306,7 @@ def _smollm2_tokenizer_dir() -> Path:
     target = recover_dir(cache_dir() / "tokenizers" / f"smollm2-{_file_fingerprint(gguf)}")
     if not (target / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        atomic_dir_write(target, tokenizer.save_pretrained)
+        atomic_dir_write(target, tokenizer.save_pretrained, keep_existing=True)  # a cache entry
     return target
 
 
@@ -390,8 +390,9 @@ def _init_row_from_stats(weight: torch.Tensor, row: int, reference_rows: int, ge
 # Saving
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
-    """Write a standard HF checkpoint (safetensors + config + tokenizer) atomically.
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, keep_existing: bool = False) -> Path:
+    """Write a standard HF checkpoint (safetensors + config + tokenizer) atomically (`keep_existing`:
+    a cache entry, see files.atomic_dir_write).
 
     The directory appears complete or not at all: we write a sibling temp dir and rename it.
     A GGUF-sourced model's `quantization_config` is dropped since the weights are now float.
@@ -407,7 +408,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    atomic_dir_write(out_dir, write)
+    atomic_dir_write(out_dir, write, keep_existing=keep_existing)
     return out_dir
 
 
