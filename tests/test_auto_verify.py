@@ -79,23 +79,62 @@ def test_each_row_kind_has_its_own_stats_and_cap():
     assert load.chosen == {"exact": {4: 1, 8: 1}, "lossy": {1: 1, 8: 1}}
 
 
-def test_a_cap_limits_masks_and_lookup_drafts_but_feeds_the_drafts_already_made(peaked, monkeypatch):
-    """Cap 4 feeds 3 masks; the next pass, capped to 1, still feeds the 3 drafts those masks made (paid
-    for) and no masks, and counts 1 + 3 proposals; then plain 1-token passes. Output: greedy."""
+def test_a_cap_limits_masks_and_drafts_even_those_already_made(peaked, monkeypatch):
+    """Cap 4 feeds 3 masks; the next pass, capped to 2, feeds 1 of the 3 drafts they made and 1 mask and
+    counts 2 proposals; capped to 1, the passes feed the row's one token. Output: greedy."""
     monkeypatch.setattr("selfmtp.decoding.verify.DRAFT_MIN_CONFIDENCE", 0.0)  # every mask proposal drafts
     prompt = peaked.encode("The capital of France is", chat=False)
     decoder = BatchDecoder(peaked.model, tokenizer=peaked.tokenizer)
     row = decoder.add(prompt, Verify(4), max_new_tokens=20, load_aware=True)
     (first,) = decoder.step(max_proposals=4)
     assert row.state.tokens_fed == [len(prompt) + 3] and first.proposed == 1  # nothing paid before it
-    (second,) = decoder.step(max_proposals=1)
-    assert row.state.tokens_fed[-1] == 1 + 3 and second.proposed == 4
+    assert len(row.exact.drafts) == 3
+    (second,) = decoder.step(max_proposals=2)
+    assert row.state.tokens_fed[-1] == 1 + 1 + 1 and second.proposed == 2
     for _ in range(3):
         (event,) = decoder.step(max_proposals=1)
         assert row.state.tokens_fed[-1] == 1 and event.proposed == 1 and len(event.token_ids) == 1
     while decoder.active:
         decoder.step(max_proposals=1)
     assert row.token_ids == greedy(peaked, prompt, 20)
+
+
+class RecordingModel:
+    """The model, recording what every forward pass is fed."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, **kwargs):
+        self.calls.append({"input_ids": kwargs["input_ids"].clone(), "logits_to_keep": kwargs["logits_to_keep"]})
+        return self.model(**kwargs)
+
+
+def test_a_cap_of_one_is_the_ntp_pass_for_every_row_kind(peaked, monkeypatch):
+    """After a pass at cap 4 that made drafts and kept several tokens, passes at cap 1 of a batch of a
+    lossy auto row, an exact auto row with lookup and an NTP row feed what an all-NTP batch feeds: one
+    token per row, no mask, one logit column; and every row gets the tokens it gets alone."""
+    monkeypatch.setattr("selfmtp.decoding.verify.DRAFT_MIN_CONFIDENCE", 0.0)  # every mask proposal drafts
+    prompts = [peaked.encode(text, chat=False) for text in (REPEATS, "The capital of France is", "Once upon a")]
+    recorder = RecordingModel(peaked.model)
+    decoder = BatchDecoder(recorder, tokenizer=peaked.tokenizer)
+    kinds = [(ConfAdapt(1e-9, 4), True), (Verify(4, lookup=True), True), (NTP(), False)]  # tau ~0: keeps all 4
+    rows = [decoder.add(p, s, max_new_tokens=12, load_aware=aware) for p, (s, aware) in zip(prompts, kinds, strict=True)]
+    decoder.step(max_proposals=4)
+    assert rows[1].exact.drafts and len(rows[0].state.pending) == 4  # drafts made, tokens kept
+    del recorder.calls[:]
+    while decoder.active:
+        decoder.step(max_proposals=1)
+    # the lossy row's 4 kept tokens are real tokens, owed by any strategy: the first pass is 4 wide
+    assert [call["input_ids"].shape[1] for call in recorder.calls] == [4] + [1] * (len(recorder.calls) - 1)
+    assert all(call["logits_to_keep"] == 1 for call in recorder.calls)
+    assert not any(bool((call["input_ids"] == decoder.mask_id).any()) for call in recorder.calls)
+    fed_after = [row.state.tokens_fed[1:] for row in rows]
+    assert fed_after[0][0] == 4 and {n for fed in fed_after for n in fed[1:]} | set(fed_after[1]) == {1}
+    assert [row.token_ids for row in rows[1:]] == [greedy(peaked, p, 12) for p in prompts[1:]]
 
 
 def test_masks_paid_for_that_draft_nothing_count_as_rejections(peaked, monkeypatch):
