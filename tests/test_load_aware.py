@@ -19,6 +19,7 @@ from selfmtp.decoding.load_aware import (
     ProposalRule,
     monotone_from_above,
 )
+from selfmtp.errors import SelfMTPError
 from selfmtp.serving.config import resolve_strategy
 from selfmtp.serving.engine import Engine, Request
 
@@ -189,6 +190,16 @@ def test_pass_cost_interpolates_and_extrapolates():
     assert cost(1) == 1.0 and cost(2) == 1.5 and cost(4) == 4.0
     assert cost(7) == 10.0  # beyond the probe: the last slope (2 per token)
     assert cost(0) == 1.0
+
+
+def test_pass_cost_reads_back_what_the_server_logs():
+    logged = "pass cost by tokens fed: " + SMOLLM2_QUIET.describe()
+    assert logged.endswith("1: 59.0 ms, 2: 99.4 ms, 4: 99.7 ms, 8: 112.5 ms, 16: 149.2 ms, 32: 210.0 ms, 64: 369.0 ms")
+    parsed = PassCost.parse(logged).points
+    assert [n for n, _ in parsed] == [n for n, _ in SMOLLM2_QUIET.points]
+    assert [s for _, s in parsed] == pytest.approx([s for _, s in SMOLLM2_QUIET.points])  # approx: ms -> s division
+    with pytest.raises(SelfMTPError, match="no pass cost"):
+        PassCost.parse("pass cost by tokens fed:")
 
 
 def test_auto_strategy_names():
