@@ -11,11 +11,11 @@ samples the server's RSS. Writes bench_serve.json, README.md (tables) and bench_
 --output. With several --model (each with its --prompts) the models run one after another and share
 one table file and plot, led by a summary of each strategy's paired ratio to NTP.
 
-The figures of record (ntp, ConfAdapt, verify and the two load-aware modes, three models, every
-server with --prepack; SmolLM2 gets 8 prompts it continues for 48 tokens, one per row at
+The figures of record (ntp, ConfAdapt, verify and the two load-aware modes, three models, the
+SmolLM2 servers with --prepack; SmolLM2 gets 8 prompts it continues for 48 tokens, one per row at
 concurrency 8; about 17 minutes on a quiet 2-core machine at 1 thread):
 
-    python scripts/bench_serve.py --prepack \
+    python scripts/bench_serve.py --prepack smollm2-135m --prepack smollm2-135m-mtp \
       --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
       --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts8.txt \
       --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts8.txt \
@@ -67,8 +67,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=120)
     parser.add_argument("--memory-requests", type=int, default=500, help="0: no memory run")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
-    parser.add_argument("--prepack", action="store_true",
-                        help="serve with --prepack (the probed cost curve is then the one every mode runs on)")
+    parser.add_argument("--prepack", action="append", default=[], metavar="MODEL",
+                        help="serve this --model with --prepack (repeat; every mode of it runs on the curve probed "
+                             "with it; it makes multi-token passes cheaper on SmolLM2, dearer on the tiny demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--replot", action="store_true", help="redraw --output's table and plot from its json"
@@ -100,7 +101,7 @@ def bench_model(
     port = free_port()
     command = [sys.executable, "-m", "selfmtp", "serve", "--model", model, "--port", str(port), "--served-name",
                "bench", "--max-batch", str(max(levels)), "--max-queue", "256", "--threads", str(args.threads),
-               "--seed", str(args.seed), "--strategy", "auto:0.9:8"] + ["--prepack"] * args.prepack  # fmt: skip
+               "--seed", str(args.seed), "--strategy", "auto:0.9:8"] + ["--prepack"] * (model in args.prepack)  # fmt: skip
     log_path = out / f"server-{Path(model).name}.log"
     log = open(log_path, "w")  # noqa: SIM115 - kept open for the server's lifetime
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

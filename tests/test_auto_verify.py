@@ -79,18 +79,17 @@ def test_each_row_kind_has_its_own_stats_and_cap():
     assert load.chosen == {"exact": {4: 1, 8: 1}, "lossy": {1: 1, 8: 1}}
 
 
-def test_a_cap_limits_masks_and_drafts_even_those_already_made(peaked, monkeypatch):
-    """Cap 4 feeds 3 masks; the next pass, capped to 2, feeds 1 of the 3 drafts they made and 1 mask and
-    counts 2 proposals; capped to 1, the passes feed the row's one token. Output: greedy."""
+def test_a_cap_limits_masks_and_lookup_drafts_but_feeds_the_drafts_already_made(peaked, monkeypatch):
+    """Cap 4 feeds 3 masks; the next pass, capped to 1, still feeds the 3 drafts those masks made (paid
+    for) and no masks, and counts 1 + 3 proposals; then plain 1-token passes. Output: greedy."""
     monkeypatch.setattr("selfmtp.decoding.verify.DRAFT_MIN_CONFIDENCE", 0.0)  # every mask proposal drafts
     prompt = peaked.encode("The capital of France is", chat=False)
     decoder = BatchDecoder(peaked.model, tokenizer=peaked.tokenizer)
     row = decoder.add(prompt, Verify(4), max_new_tokens=20, load_aware=True)
     (first,) = decoder.step(max_proposals=4)
     assert row.state.tokens_fed == [len(prompt) + 3] and first.proposed == 1  # nothing paid before it
-    assert len(row.exact.drafts) == 3
-    (second,) = decoder.step(max_proposals=2)
-    assert row.state.tokens_fed[-1] == 1 + 1 + 1 and second.proposed == 2
+    (second,) = decoder.step(max_proposals=1)
+    assert row.state.tokens_fed[-1] == 1 + 3 and second.proposed == 4
     for _ in range(3):
         (event,) = decoder.step(max_proposals=1)
         assert row.state.tokens_fed[-1] == 1 and event.proposed == 1 and len(event.token_ids) == 1
@@ -114,9 +113,10 @@ class RecordingModel:
 
 
 def test_a_cap_of_one_is_the_ntp_pass_for_every_row_kind(peaked, monkeypatch):
-    """After a pass at cap 4 that made drafts and kept several tokens, passes at cap 1 of a batch of a
-    lossy auto row, an exact auto row with lookup and an NTP row feed what an all-NTP batch feeds: one
-    token per row, no mask, one logit column; and every row gets the tokens it gets alone."""
+    """After a pass at cap 4 that made drafts and kept several tokens, a batch of a lossy auto row, an
+    exact auto row with lookup and an NTP row at cap 1 feeds the tokens and drafts that pass paid for
+    (the rule charged them to it), then exactly what an all-NTP batch feeds: one token per row, no
+    mask, no lookup draft, one logit column; and every row gets the tokens it gets alone."""
     monkeypatch.setattr("selfmtp.decoding.verify.DRAFT_MIN_CONFIDENCE", 0.0)  # every mask proposal drafts
     prompts = [peaked.encode(text, chat=False) for text in (REPEATS, "The capital of France is", "Once upon a")]
     recorder = RecordingModel(peaked.model)
@@ -128,12 +128,12 @@ def test_a_cap_of_one_is_the_ntp_pass_for_every_row_kind(peaked, monkeypatch):
     del recorder.calls[:]
     while decoder.active:
         decoder.step(max_proposals=1)
-    # the lossy row's 4 kept tokens are real tokens, owed by any strategy: the first pass is 4 wide
+    # first pass: the lossy row's 4 kept tokens and the exact row's token + 3 drafts, all paid for already
+    assert [row.state.tokens_fed[1] for row in rows] == [4, 1 + 3, 1]
     assert [call["input_ids"].shape[1] for call in recorder.calls] == [4] + [1] * (len(recorder.calls) - 1)
-    assert all(call["logits_to_keep"] == 1 for call in recorder.calls)
+    assert [call["logits_to_keep"] for call in recorder.calls] == [4] + [1] * (len(recorder.calls) - 1)
     assert not any(bool((call["input_ids"] == decoder.mask_id).any()) for call in recorder.calls)
-    fed_after = [row.state.tokens_fed[1:] for row in rows]
-    assert fed_after[0][0] == 4 and {n for fed in fed_after for n in fed[1:]} | set(fed_after[1]) == {1}
+    assert {n for row in rows for n in row.state.tokens_fed[2:]} == {1}
     assert [row.token_ids for row in rows[1:]] == [greedy(peaked, p, 12) for p in prompts[1:]]
 
 

@@ -111,16 +111,15 @@ class ExactRow:
     def plan(self, state: _Row, real_count: int, context: int | None) -> Plan:
         """Drafts and masks for this pass, fewer where the budget or the context would not use them.
 
-        `state.k` caps the drafts and the masks (k - 1 each; a load-aware row's cap, else K), so a
-        cap of 1 is the NTP pass: one token fed, whatever drafts the last pass made (every row of the
-        batch pays for the widest row's tokens, so drafts the rule cannot afford are dropped).
+        `state.k` caps the masks and lookup drafts (k - 1 each; a load-aware row's cap, else K): mask
+        drafts are fed whatever it is, since the pass that made them has been paid for.
         """
         left = state.budget - len(state.token_ids)  # tokens this row may still emit (>= 1)
         if not self.drafts and self.strategy.lookup and (self.strategy.tree or self.wait or self.misses):
             self.drafts = prompt_lookup(self.prompt + state.token_ids, min(self.lookup_width, state.k - 1))
             self.from_lookup = bool(self.drafts)
-        drafts = self.drafts[: min(left, state.k) - 1]  # a pass emits at most drafts + 1 tokens
-        self.proposed = 1 + min(max(min(self.paid, state.k - 1), len(drafts)), left - 1)
+        drafts = self.drafts[: left - 1]  # a pass emits at most drafts + 1 tokens
+        self.proposed = 1 + min(max(self.paid, len(drafts)), left - 1)
         last_position = real_count + len(state.pending) + len(drafts) - 1
         n_masks = 0 if self.wait else min(self.width, state.k - 1, left - len(drafts) - 2)  # next drafts fit the budget
         if context is not None:
