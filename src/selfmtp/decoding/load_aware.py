@@ -151,12 +151,14 @@ def monotone_from_above(points: list[tuple[int, float]]) -> list[tuple[int, floa
 
 
 def pass_clock(device):
-    """The probe's clock: process CPU seconds on a CPU, else wall seconds after a synchronize."""
-    if torch.device(device).type == "cpu":
+    """The probe's clock: process CPU seconds on a CPU, else wall seconds (after a synchronize on CUDA)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
         return time.process_time
 
     def wall() -> float:
-        torch.cuda.synchronize(device)
+        if kind == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter()
 
     return wall
