@@ -11,14 +11,15 @@ samples the server's RSS. Writes bench_serve.json, README.md (tables) and bench_
 --output. With several --model (each with its --prompts) the models run one after another and share
 one table file and plot, led by a summary of each strategy's paired ratio to NTP.
 
-The figures of record (ntp, ConfAdapt, verify and the two load-aware modes, three models, about 14
-minutes on a quiet 2-core machine):
+The figures of record (ntp, ConfAdapt, verify and the two load-aware modes, three models, the
+SmolLM2 servers with --prepack; SmolLM2 gets 8 prompts it continues for 48 tokens, one per row at
+concurrency 8; about 17 minutes on a quiet 2-core machine at 1 thread):
 
-    python scripts/bench_serve.py \
+    python scripts/bench_serve.py --prepack smollm2-135m --prepack smollm2-135m-mtp \
       --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
-      --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
-      --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \
-      --concurrency 1,2,4,8 --requests 1 --rounds 3 --max-tokens 48 --memory-requests 0 \
+      --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts8.txt \
+      --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts8.txt \
+      --concurrency 1,2,4,8 --requests 1 --rounds 4 --max-tokens 48 --memory-requests 0 \
       --output docs/measurements/serve-all-modes-cpu
 
     python scripts/bench_serve.py --model runs/demo/train/final \
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=120)
     parser.add_argument("--memory-requests", type=int, default=500, help="0: no memory run")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    parser.add_argument("--prepack", action="append", default=[], metavar="MODEL",
+                        help="serve this --model with --prepack (repeat; every mode of it runs on the curve probed "
+                             "with it; it makes multi-token passes cheaper on SmolLM2, dearer on the tiny demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--replot", action="store_true", help="redraw --output's table and plot from its json"
@@ -97,7 +101,7 @@ def bench_model(
     port = free_port()
     command = [sys.executable, "-m", "selfmtp", "serve", "--model", model, "--port", str(port), "--served-name",
                "bench", "--max-batch", str(max(levels)), "--max-queue", "256", "--threads", str(args.threads),
-               "--seed", str(args.seed), "--strategy", "auto:0.9:8"]  # fmt: skip
+               "--seed", str(args.seed), "--strategy", "auto:0.9:8"] + ["--prepack"] * (model in args.prepack)  # fmt: skip
     log_path = out / f"server-{Path(model).name}.log"
     log = open(log_path, "w")  # noqa: SIM115 - kept open for the server's lifetime
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -223,6 +227,13 @@ def paired_ratios(by: dict, strategy: str, level: int) -> list[float]:
     return [a / (b["tokens"] / b["seconds"]) for a, b in zip(rate, ntp["rounds"], strict=True)]
 
 
+def tokens_per_request(cell: dict) -> str:
+    """Mean completion tokens of a cell's answered requests: well below --max-tokens, the prompts end early
+    and the cell measures prefill more than decoding."""
+    answered = cell["requests"] - cell["failed"]
+    return f"{cell['tokens'] / answered:.1f}" if answered else "-"
+
+
 def ratio_text(ratios: list[float]) -> str:
     if len(ratios) == 1:
         return f"{ratios[0]:.2f}x"
@@ -236,15 +247,17 @@ def report(result: dict, strategies: list[str], levels: list[int]) -> str:
         f"    {result['command']}", f"    # server: {result['server_command']}", "",
         f"Start-up probe ({result['pass_cost_log']}).", "",
         "tokens/s: all rounds pooled; vs ntp: per round over NTP's in the same round, median [min-max] over rounds.", "",
-        "| concurrency | strategy | tokens/s | vs ntp | median latency s | max latency s | tokens/pass | failed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| concurrency | strategy | tokens/s | vs ntp | median latency s | max latency s | tokens/pass | tokens/request "
+        "| failed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for level in levels:
         for strategy in strategies:
             r = by[(strategy, level)]
             ratio = ratio_text(paired_ratios(by, strategy, level))
             lines.append(f"| {level} | {strategy} | {r['tokens_per_second']:.3g} | {ratio} | {r['latency_median']:.2f} | "
-                         f"{r['latency_max']:.2f} | {r['tokens_per_pass']:.2f} | {r['failed']} |")  # fmt: skip
+                         f"{r['latency_max']:.2f} | {r['tokens_per_pass']:.2f} | {tokens_per_request(r)} | "
+                         f"{r['failed']} |")  # fmt: skip
     mem = result["memory"]
     rss = [f"{n}: {b / 2**20:.0f} MiB" for n, b in mem["rss_by_requests"]]
     if mem["requests"]:

@@ -26,8 +26,7 @@ def probed_curve(bench_serve_json: str, model: str) -> PassCost:
     """The start-up probe a bench_serve run logged for `model` ("pass cost by tokens fed: 1: 53.2 ms, ...")."""
     runs = json.load(open(bench_serve_json))
     run = next(r for r in runs.get("models", [runs]) if r["model"] == model)
-    points = [item.split(": ") for item in run["pass_cost_log"].split(": ", 1)[1].split(", ")]
-    return PassCost([(int(tokens), float(ms.removesuffix(" ms")) / 1000) for tokens, ms in points])
+    return PassCost.parse(run["pass_cost_log"])
 
 
 def main() -> None:

@@ -98,6 +98,45 @@ def test_a_cap_limits_masks_and_lookup_drafts_but_feeds_the_drafts_already_made(
     assert row.token_ids == greedy(peaked, prompt, 20)
 
 
+class RecordingModel:
+    """The model, recording what every forward pass is fed."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, **kwargs):
+        self.calls.append({"input_ids": kwargs["input_ids"].clone(), "logits_to_keep": kwargs["logits_to_keep"]})
+        return self.model(**kwargs)
+
+
+def test_a_cap_of_one_is_the_ntp_pass_for_every_row_kind(peaked, monkeypatch):
+    """After a pass at cap 4 that made drafts and kept several tokens, a batch of a lossy auto row, an
+    exact auto row with lookup and an NTP row at cap 1 feeds the tokens and drafts that pass paid for
+    (the rule charged them to it), then exactly what an all-NTP batch feeds: one token per row, no
+    mask, no lookup draft, one logit column; and every row gets the tokens it gets alone."""
+    monkeypatch.setattr("selfmtp.decoding.verify.DRAFT_MIN_CONFIDENCE", 0.0)  # every mask proposal drafts
+    prompts = [peaked.encode(text, chat=False) for text in (REPEATS, "The capital of France is", "Once upon a")]
+    recorder = RecordingModel(peaked.model)
+    decoder = BatchDecoder(recorder, tokenizer=peaked.tokenizer)
+    kinds = [(ConfAdapt(1e-9, 4), True), (Verify(4, lookup=True), True), (NTP(), False)]  # tau ~0: keeps all 4
+    rows = [decoder.add(p, s, max_new_tokens=12, load_aware=aware) for p, (s, aware) in zip(prompts, kinds, strict=True)]
+    decoder.step(max_proposals=4)
+    assert rows[1].exact.drafts and len(rows[0].state.pending) == 4  # drafts made, tokens kept
+    del recorder.calls[:]
+    while decoder.active:
+        decoder.step(max_proposals=1)
+    # first pass: the lossy row's 4 kept tokens and the exact row's token + 3 drafts, all paid for already
+    assert [row.state.tokens_fed[1] for row in rows] == [4, 1 + 3, 1]
+    assert [call["input_ids"].shape[1] for call in recorder.calls] == [4] + [1] * (len(recorder.calls) - 1)
+    assert [call["logits_to_keep"] for call in recorder.calls] == [4] + [1] * (len(recorder.calls) - 1)
+    assert not any(bool((call["input_ids"] == decoder.mask_id).any()) for call in recorder.calls)
+    assert {n for row in rows for n in row.state.tokens_fed[2:]} == {1}
+    assert [row.token_ids for row in rows[1:]] == [greedy(peaked, p, 12) for p in prompts[1:]]
+
+
 def test_masks_paid_for_that_draft_nothing_count_as_rejections(peaked, monkeypatch):
     """Masks whose proposals are too unconfident to feed cost a pass its width and gave nothing: the next
     pass counts 1 + 3 proposals with 1 token kept, so the rule's stats see the masks did not pay."""

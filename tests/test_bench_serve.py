@@ -28,5 +28,5 @@ def test_ratios_pair_each_round_with_ntp_s_same_round(tmp_path):
               "memory": {"requests": 0, "failed": 0, "rss_by_requests": []}, "engine_end": {"engine": {}},
               "load_average_end": [0.0, 0.0, 0.0]}  # fmt: skip
     text = bench.write_report(result, ["ntp", "auto"], [1], tmp_path)
-    assert "| 1 | auto | 3.5 | 1.10x [1.00-1.20] |" in text
+    assert "| 1 | auto | 3.5 | 1.10x [1.00-1.20] | 1.00 | 2.00 | 1.00 | 210.0 | 0 |" in text  # 630 tokens, 3 requests
     assert (tmp_path / "bench_serve.png").stat().st_size > 0

@@ -11,23 +11,30 @@ j - 1 also kept position j (`AcceptanceStats`; a ConfAdapt run is a leading run,
 says something when j - 1 was kept).
 
 - Exploit: the k that maximises `B * E(k) / cost(B * (w + k - 1))` with the cautious estimate
-  `q_j = kept_j / (seen_j + 1)`. An untried position counts as one rejection, so the server starts
-  at NTP and only uses masks it has seen kept. k = 1 (NTP) is always a candidate.
+  `q_j = kept_j / (seen_j + 1)`, if it promises MIN_GAIN (5%) more tokens/s than the proposals the
+  pass has anyway (NTP, or a fixed row's k), else those. An untried position counts as one
+  rejection, so the server starts at NTP and only uses masks it has seen kept; the margin keeps it
+  at NTP where the curve's own error (a few percent) could turn a predicted gain into a loss.
 - Explore: the k in (exploit, 2 x exploit] with the best expected tokens/s under the optimistic
   estimate `q_j = (kept_j + 1) / (seen_j + 1)` (from NTP that is one mask, the cheapest pass that
   can learn something new; where masks are kept the choice climbs 1, 2, 4, 8 in a few passes), and
-  only when both hold: (a) that optimistic rate beats the exploit choice's (the gap between the two
-  estimates is 1 / (seen_j + 1), so a position seen rejected a few times is no longer tried where
-  masks cost time), and (b) the seconds spent on exploration beyond the exploit choice, by the
-  probed curve, stay within `explore_share` (3%) of the seconds of all passes so far.
+  only when both hold: (a) that optimistic rate beats the exploit choice's by MIN_GAIN (an untried
+  position is optimistically always kept, so a k the curve says cannot pay even then is never
+  tried; the gap between the two estimates is 1 / (seen_j + 1), so a position seen rejected a few
+  times is no longer tried where masks cost time), and (b) the seconds spent on exploration beyond
+  the exploit choice, by the probed curve, stay within `explore_share` (EXPLORE_SHARE, 2%) of the
+  seconds of all passes so far.
 
-So when masks are never kept the exploit choice is NTP on every pass and the exploration is capped:
-the passes cost at most 1 / (1 - explore_share) of NTP's (<= 3.1% more), and in practice stop after
-a handful of tries once (a) fails. When masks are kept the cautious estimate approaches the true
-rate and the choice the k with the highest expected tokens/s: k_max where a pass costs about the
-same whatever it is fed (one request, a GPU at small batch), NTP once compute is the bottleneck
-(many requests on a CPU), the break-even in between. Evidence fades over `window` observations
-per position, so the choice follows a change of workload.
+The bound: by the curve, exploration adds at most EXPLORE_SHARE of all seconds, and the exploit
+choice never expects fewer tokens/s than NTP (its estimate is below the true rate in expectation),
+so a run's expected tokens/s is at least (1 - EXPLORE_SHARE) x NTP's, whatever the acceptance
+(test_load_aware.py simulates it over curves, acceptance rates and batch widths). When masks are
+never kept the exploit choice is NTP on every pass and exploration stops after a handful of tries
+once (a) fails. When masks are kept the cautious estimate approaches the true rate and the choice
+the k with the highest expected tokens/s: k_max where a pass costs about the same whatever it is
+fed (one request, a GPU at small batch), NTP once compute is the bottleneck (many requests on a
+CPU), the break-even in between. Evidence fades over `window` observations per position, so the
+choice follows a change of workload.
 
 Measured on the 2-core CPU under load (docs/measurements/serve-loadaware-cpu-loaded/, concurrency 1
 and 4): on SmolLM2-135M, whose masks are never kept, `auto` ran NTP passes on 61 of 67 passes and
@@ -44,17 +51,21 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import re
+import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from selfmtp.decoding.kv_cache import preallocated_cache
+from selfmtp.errors import SelfMTPError
 
 PROBE_TOKENS = (1, 2, 4, 8, 16)  # tokens fed per row in the start-up probe
 PROBE_ROWS = (1, 2, 4, 8)  # batch widths in the start-up probe
 PROBE_PREFIX = 48  # cached tokens per row before the timed passes (attention is part of the cost)
-EXPLORE_SHARE = 0.03  # the most of all passes' seconds that exploration may add
+EXPLORE_SHARE = 0.02  # the most of all passes' seconds that exploration may add
+MIN_GAIN = 0.05  # tokens/s more proposals must promise beyond the cheaper choice's (the probed curve's error)
 PROBE_SECONDS = 1.0  # the probe goes on for at least this long (more rounds where passes are quick)
 MAX_PROBE_ROUNDS = 200
 
@@ -78,40 +89,54 @@ class PassCost:
         (xa, ya), (xb, yb) = self.points[i - 1], self.points[i]
         return ya + (yb - ya) * (tokens - xa) / (xb - xa)
 
+    def describe(self) -> str:
+        """'1: 59.0 ms, 2: 99.4 ms, ...' (what `selfmtp serve` logs at start-up; `parse` reads it back)."""
+        return ", ".join(f"{tokens}: {seconds * 1000:.1f} ms" for tokens, seconds in self.points)
+
+    @classmethod
+    def parse(cls, text: str) -> PassCost:
+        """A curve from `describe`'s text (with or without the log line's "pass cost by tokens fed: ")."""
+        points = re.findall(r"(\d+): ([0-9.]+) ms", text)
+        if not points:
+            raise SelfMTPError(f"no pass cost in {text!r}: expected '1: 59.0 ms, 2: 99.4 ms, ...'")
+        return cls(sorted((int(tokens), float(ms) / 1000) for tokens, ms in points))
+
     @classmethod
     def measure(cls, model, *, max_rows: int = 8, rounds: int = 5, min_seconds: float = PROBE_SECONDS,
                 seed: int = 0) -> PassCost:  # fmt: skip
         """Time cached passes of the loaded model for a few batch widths and tokens per row.
 
-        Every size is timed once per round and keeps its fastest time: a burst of load from other
-        processes slows one round, not every try of one size. At least `rounds` rounds, and more
-        until `min_seconds` have passed (up to MAX_PROBE_ROUNDS): a small model's round lasts a few
-        milliseconds, less than one burst of load, so a few rounds alone would all fall inside one.
+        Every size is timed once per round, at least `rounds` rounds and more until `min_seconds`
+        of the clock have passed (up to MAX_PROBE_ROUNDS), and keeps its median time. On a CPU the
+        clock is the process's CPU time: a pass that other processes preempt is not charged for
+        their time, so a busy machine gives the same curve as a quiet one, only later (wall-clock
+        minima were off by up to 4x on a machine shared with training jobs, and the rule then
+        refused the demo student's masks). On a GPU it is wall time after a synchronize.
         """
         generator = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
-        fastest: dict[tuple[int, int], float] = {}
+        clock = pass_clock(model.device)
+        samples: dict[tuple[int, int], list[float]] = {}
         with torch.inference_mode():
             caches = {}
             for rows in [r for r in PROBE_ROWS if r <= max(1, max_rows)]:
                 caches[rows] = preallocated_cache(model)
                 prefix = torch.randint(0, vocab, (rows, PROBE_PREFIX), generator=generator).to(model.device)
                 model(input_ids=prefix, past_key_values=caches[rows], use_cache=True, logits_to_keep=1)
-            start_all = time.perf_counter()
+            start_all = clock()
             for done in itertools.count():
-                if done >= MAX_PROBE_ROUNDS or (done >= rounds and time.perf_counter() - start_all >= min_seconds):
+                if done >= MAX_PROBE_ROUNDS or (done >= rounds and clock() - start_all >= min_seconds):
                     break
                 for (rows, cache), fed in itertools.product(caches.items(), PROBE_TOKENS):
                     ids = torch.randint(0, vocab, (rows, fed), generator=generator).to(model.device)
-                    start = time.perf_counter()
+                    start = clock()
                     model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=fed)
-                    _synchronize(model.device)
-                    seconds = time.perf_counter() - start
+                    seconds = clock() - start
                     cache.crop(-fed)
-                    fastest[rows, fed] = min(seconds, fastest.get((rows, fed), math.inf))
+                    samples.setdefault((rows, fed), []).append(seconds)
         by_tokens: dict[int, list[float]] = {}
-        for (rows, fed), seconds in fastest.items():
-            by_tokens.setdefault(rows * fed, []).append(seconds)
+        for (rows, fed), seconds in samples.items():
+            by_tokens.setdefault(rows * fed, []).append(statistics.median(seconds))
         return cls(monotone_from_above(sorted((tokens, sum(s) / len(s)) for tokens, s in by_tokens.items())))
 
 
@@ -125,9 +150,18 @@ def monotone_from_above(points: list[tuple[int, float]]) -> list[tuple[int, floa
     return smoothed[::-1]
 
 
-def _synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+def pass_clock(device):
+    """The probe's clock: process CPU seconds on a CPU, else wall seconds (after a synchronize on CUDA)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return time.process_time
+
+    def wall() -> float:
+        if kind == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return wall
 
 
 @dataclass
@@ -175,6 +209,7 @@ class ProposalRule:
     stats: AcceptanceStats
     cost: PassCost
     explore_share: float = EXPLORE_SHARE
+    min_gain: float = MIN_GAIN
     fed_per_proposal: int = 1  # tokens a row feeds per proposal beyond the first: 1 mask; exact rows 2 (draft + mask)
     seconds: float = 0.0  # all chosen passes, by the probed curve
     explored: float = 0.0  # what exploration passes cost beyond the exploit choice, by the curve
@@ -197,14 +232,16 @@ class ProposalRule:
                 self._seconds[rows, fed_per_row] = seconds
         cautious = self.stats.expected_tokens()
         # ties go to fewer masks: the same speed for less compute
-        exploit = max(range(least, k_max + 1), key=lambda k: (cautious[k] / seconds[k], -k))
+        best = max(range(least, k_max + 1), key=lambda k: (cautious[k] / seconds[k], -k))
+        gain = 1.0 + self.min_gain  # more than the pass has anyway must beat it by more than the curve's error
+        exploit = best if cautious[best] / seconds[best] >= gain * cautious[least] / seconds[least] else least
         chosen = exploit
         if exploit < k_max:
             optimistic = self.stats.expected_tokens(optimistic=True)
             tries = range(exploit + 1, min(k_max, 2 * exploit) + 1)  # up to twice as many: log steps
             probe = max(tries, key=lambda k: (optimistic[k] / seconds[k], -k))
             extra = seconds[probe] - seconds[exploit]
-            worth = optimistic[probe] / seconds[probe] > cautious[exploit] / seconds[exploit]
+            worth = optimistic[probe] / seconds[probe] >= gain * cautious[exploit] / seconds[exploit]
             affordable = self.explored + extra <= self.explore_share * (self.seconds + seconds[probe])
             if worth and affordable:
                 chosen, self.explored, self.explorations = probe, self.explored + extra, self.explorations + 1

@@ -18,7 +18,7 @@ def build(mtp, config: ServeConfig, log=print):
     pass_cost = None
     if config.probe:
         pass_cost = PassCost.measure(mtp.model, max_rows=config.max_batch)
-        log("pass cost by tokens fed: " + ", ".join(f"{n}: {s * 1000:.1f} ms" for n, s in pass_cost.points))
+        log("pass cost by tokens fed: " + pass_cost.describe())
     strategy, _ = resolve_strategy(config.strategy)
     engine = Engine(mtp, max_batch=config.max_batch, max_queue=config.max_queue, pass_cost=pass_cost,
                     auto_k_max=strategy.k_max).start()  # fmt: skip
