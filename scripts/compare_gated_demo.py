@@ -79,15 +79,19 @@ def recipes(args, data: dict[str, Path], out: Path) -> dict:
     demo = DemoConfig(seed=args.seed, progress=False)
     gated = replace(demo, gated=True, lr=args.gated_lr)
     overrides = {"masks_per_row": args.masks_per_row} if args.masks_per_row else {}
-    return {
+    every = {
         "demo": train_config(demo, data["demo"], out / "demo"),
         "gated": replace(
             train_config(gated, data["gated"], out / "gated"),
             output=str(out / "gated"),
             lora_rank=args.gated_rank,
+            supervision=args.gated_supervision,
+            teacher_mode=args.gated_teacher,
+            gated_head=args.gated_head,
             **overrides,
         ),
     }
+    return {name: every[name] for name in args.recipes}
 
 
 def train_side_by_side(args, runs: dict, out: Path) -> dict[str, dict]:
@@ -142,7 +146,7 @@ def evaluate(args, finals: dict[str, Path], out: Path) -> None:
             "--limit",
             str(args.eval_problems),
             "--strategies",
-            STRATEGIES,
+            args.strategies,
             "--max-new-tokens",
             "120",
             "--batch-size",
@@ -171,18 +175,19 @@ def strategy_rows(folder: Path) -> dict[str, dict]:
 
 
 def table(summary: dict) -> str:
-    names = list(summary["results"]["gated"])
+    shown = list(summary["results"])
+    names = list(summary["results"][shown[-1]])
     lines = [
         f"# tiny-gsm at equal CPU time: demo recipe vs gated ({summary['cpu_budget_s']:.0f} CPU s each)",
         "",
         "| strategy | "
-        + " | ".join(f"{r}: accuracy, vs teacher, same tokens as teacher, tokens/pass" for r in RECIPES)
+        + " | ".join(f"{r}: accuracy, vs teacher, same tokens as teacher, tokens/pass" for r in shown)
         + " |",
-        "|---|" + "---|" * len(RECIPES),
+        "|---|" + "---|" * len(shown),
     ]
     for strategy in names:
         cells = []
-        for recipe in RECIPES:
+        for recipe in shown:
             row = summary["results"][recipe].get(strategy)
             if row is None:
                 cells.append("-")
@@ -200,7 +205,7 @@ def table(summary: dict) -> str:
         "| recipe | steps trained | stopped by | CPU s counted by the budget | CPU s of the process (wait4) |",
         "|---|---|---|---|---|",
     ]
-    for recipe in RECIPES:
+    for recipe in shown:
         t = summary["training"][recipe]
         lines.append(
             f"| {recipe} | {t['steps']} | {t['stopped_by']} | {t['budget_cpu_s']:.1f} | {t['cpu_s']:.1f} |"
@@ -240,7 +245,15 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per child (two children run at once)"
     )
+    parser.add_argument("--recipes", type=lambda s: s.split(","), default=list(RECIPES),
+                        help="comma-separated, of demo,gated: a gated pilot trains the gated recipe only")
+    parser.add_argument("--strategies", default=STRATEGIES, help="for `selfmtp eval` (teacher first)")
     parser.add_argument("--gated-lr", type=float, default=1e-3)
+    parser.add_argument("--gated-head", action="store_true", help="gated only: gate the final norm and output head too")
+    parser.add_argument("--gated-supervision", default="offline", choices=("offline", "online"),
+                        help="gated only: offline targets from the forward, or online rollout targets")
+    parser.add_argument("--gated-teacher", default="hard", choices=("hard", "soft"),
+                        help="gated only: the teacher's argmax (hard) or its distribution (soft, KL)")
     parser.add_argument("--gated-rank", type=int, default=0, help="0: full deltas; R: gated LoRA of rank R")
     parser.add_argument(
         "--masks-per-row", type=int, help="gated only: the dense layout (default: the demo's regions)"
@@ -271,7 +284,7 @@ def main() -> None:
         "training": training,
         "machine": f"{os.cpu_count()} CPUs",
         "recipes": {n: asdict(r) for n, r in final_recipes.items()},
-        "results": {n: strategy_rows(out / f"eval-{n}") for n in RECIPES},
+        "results": {n: strategy_rows(out / f"eval-{n}") for n in final_recipes},
         "command": " ".join(["python", *sys.argv]),
         "wall_s": time.perf_counter() - start,
         "load_average_at_end": os.getloadavg(),

@@ -139,6 +139,12 @@ def _add_setup_flags(add) -> None:
         help="train deltas that act only at <mtp> positions (LoRA with --lora-rank, "
         "else full): real tokens stay the original model exactly; final/ holds the deltas and names the base",
     )
+    add(
+        "--gated-head",
+        action="store_true",
+        help="with --gated: also gate the final norm and the output head (a delta beside the head's weight, "
+        "so a head tied to the embeddings stays tied; real positions' logits stay the original's)",
+    )
     add("--attn", dest="attn_implementation", choices=["sdpa", "eager"], help="default: sdpa")
     add(
         "--parallel",

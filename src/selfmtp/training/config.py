@@ -57,6 +57,7 @@ class TrainConfig:
     lora_export: str = "merged"  # merged | adapter
     # deltas (LoRA with lora_rank, else full) acting only at <mtp> positions (models/gated.py)
     gated: bool = False
+    gated_head: bool = False  # also gate the final norm and the output head (a delta of the same kind)
     seed: int = 0
     device: str = "cpu"
     attn_implementation: str = "sdpa"
@@ -132,6 +133,7 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
         (not config.gated or (config.teacher is None and config.prefix_loss == 0),
          "--gated: the teacher is the original model inside the student's own forward, and real positions do not "
          "train: drop --teacher-model and --prefix-loss"),
+        (config.gated or not config.gated_head, "--gated-head goes with --gated"),
         (config.eval_every >= 0 and config.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (config.eval_decode_prompts >= 0 and config.eval_decode_tokens >= 1, "--eval-decode-prompts must be >= 0, "
          "--eval-decode-tokens >= 1"),

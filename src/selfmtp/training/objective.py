@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmtp.models.gated import gated_token_id, mask_query_attention
+from selfmtp.models.gated import gated_head_logits, gated_token_id, mask_query_attention
 from selfmtp.training.layout import MTPLayout, fill_rollout, model_attention_mask, padded_causal_attention
 
 TEACHER_MODES = ("hard", "soft")
@@ -59,24 +59,29 @@ class SelectedLogits(nn.Module):
         implementation = getattr(decoder.config, "_attn_implementation", "sdpa")
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else decoder.dtype
         mask = model_attention_mask(attention_mask, implementation, dtype)
-        gated = gated_token_id(self.lm) is not None and torch.is_grad_enabled()
+        token = gated_token_id(self.lm)
+        gated = token is not None and torch.is_grad_enabled()
         with mask_query_attention(self.lm) if gated else nullcontext():
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
-        head = self.lm.get_output_embeddings()
+        if token is None:
+            return self.lm.get_output_embeddings()(hidden[rows, cols])
+        is_mask = input_ids[rows, cols] == token
         if not gated:
-            return head(hidden[rows, cols])
-        return _gated_head(head, hidden, input_ids[rows, cols] == gated_token_id(self.lm), rows, cols)
+            return gated_head_logits(self.lm, hidden[rows, cols], is_mask)
+        return _gated_head(self.lm, hidden, is_mask, rows, cols)
 
 
-def _gated_head(head: nn.Module, hidden: torch.Tensor, is_mask: torch.Tensor, rows, cols) -> torch.Tensor:
+def _gated_head(lm: nn.Module, hidden: torch.Tensor, is_mask: torch.Tensor, rows, cols) -> torch.Tensor:
     """Logits at (rows, cols) of a gated forward: with a graph at mask positions, without one (each distinct
     real position once) elsewhere; in the order asked."""
     where_mask, where_real = is_mask.nonzero().squeeze(1), (~is_mask).nonzero().squeeze(1)
     flat = rows[where_real] * hidden.shape[1] + cols[where_real]
     distinct, inverse = torch.unique(flat, return_inverse=True)
     with torch.no_grad():
-        real = head(hidden.reshape(-1, hidden.shape[-1])[distinct])[inverse]
-    masked = head(hidden[rows[where_mask], cols[where_mask]])
+        real_in = hidden.reshape(-1, hidden.shape[-1])[distinct]
+        real = gated_head_logits(lm, real_in, torch.zeros(len(distinct), dtype=torch.bool, device=hidden.device))[inverse]
+    masked_in = hidden[rows[where_mask], cols[where_mask]]
+    masked = gated_head_logits(lm, masked_in, torch.ones(len(where_mask), dtype=torch.bool, device=hidden.device))
     order = torch.cat([where_mask, where_real]).argsort()
     return torch.cat([masked, real.to(masked.dtype)])[order]
 

@@ -127,10 +127,10 @@ def build_student_and_teacher(student, teacher_model, config):
         from selfmtp.models.gated import apply_gate, continue_gated
 
         if is_gated(student):  # --model names a gated directory: train its deltas further
-            continue_gated(student, rank=config.lora_rank)
+            continue_gated(student, rank=config.lora_rank, head=config.gated_head)
         else:
             student = apply_gate(student, mtp_token_id=mtp_token_id(student), rank=config.lora_rank,
-                                 alpha=config.lora_alpha)
+                                 alpha=config.lora_alpha, head=config.gated_head)
         return student, (gated_teacher(student) if config.supervision == "online" else None)
     if teacher_model is not None:
         if teacher_model.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
