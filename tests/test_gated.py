@@ -197,6 +197,30 @@ def test_in_forward_targets_are_the_base_models_relabelling():
     assert ours_stats.summary()["agreement_by_j"][0] == 1.0  # j = 1 is a real position: the base's own choice
 
 
+def test_soft_in_forward_targets_are_kl_to_the_base_models_distribution():
+    """Offline soft under the gate: the loss is KL(P_base || P_student) with P_base the base model's next-token
+    distribution after the ground-truth prefix (a separate base pass here), one-hot EOS past the end."""
+    from selfmtp.training.objective import distillation_loss
+
+    base, gated, tokenizer = gated_tiny(4)
+    _, _, layout = layout_batch(tokenizer)
+    mask = mtp_token_id_of(tokenizer)
+    with torch.no_grad():
+        loss, stats = mtp_loss(SelectedLogits(gated), None, layout, teacher_mode="soft", supervision="offline",
+                               mtp_token_id=mask, eos_token_id=tokenizer.eos_token_id, targets_from_forward=True)
+        student = SelectedLogits(gated)(layout.input_ids, layout.position_ids, layout.attention_mask,
+                                        layout.sup_batch, layout.sup_pos)
+        teacher = frozen_teacher(base)(layout.input_ids, layout.position_ids, layout.attention_mask,
+                                       layout.sup_batch, layout.sup_context)
+        student[:, mask] = teacher[:, mask] = float("-inf")
+        eos = torch.full_like(layout.sup_target, tokenizer.eos_token_id)
+        targets = torch.where(layout.sup_past_eos, eos, teacher.argmax(-1))
+        expected = distillation_loss(torch.log_softmax(student, -1), teacher, "soft", targets=targets,
+                                     forced=layout.sup_past_eos).mean()
+    assert abs(loss.item() - expected.item()) < 1e-5  # the same sums over rows in another order (float32)
+    assert stats.summary()["agreement_by_j"][0] == 1.0
+
+
 def test_online_teacher_is_the_base_model_on_the_rollout():
     base, gated, tokenizer = gated_tiny(0)
     _, _, layout = layout_batch(tokenizer)

@@ -62,7 +62,7 @@ def _add_objective_flags(add) -> None:
         "--teacher",
         dest="teacher_mode",
         choices=TEACHER_MODES,
-        help="hard (default): teacher argmax targets; soft: KL to its distribution",
+        help="hard (default): teacher argmax targets; soft: KL to its distribution (online; offline under --gated)",
     )
     add("--supervision", choices=SUPERVISION, help=f"{SUPERVISION_HELP} (default: online)")
     add("--block-attention", choices=BLOCK_ATTENTION, help="default: causal")

@@ -212,9 +212,10 @@ def mtp_loss(
     KL: it anchors plain k=1 decoding to the original model, whatever text the data holds).
     `targets_from_forward` (gated models, offline): the target of each supervised position is the argmax
     at the GT position before it in the SAME forward, which under the gate is the original model's
-    next-token choice: offline supervision with no teacher and no relabelling pass.
+    next-token choice: offline supervision with no teacher and no relabelling pass. With
+    `teacher_mode="soft"` the loss is KL to the original model's whole distribution there instead.
     """
-    _check_modes(teacher_mode, supervision, prefix_target)
+    _check_modes(teacher_mode, supervision, prefix_target, soft_offline=targets_from_forward)
     n_sup, use_prefix = layout.sup_pos.numel(), prefix_loss_weight > 0
     teacher_prefix = use_prefix and prefix_target == "teacher"
     online = supervision == "online"
@@ -240,6 +241,9 @@ def mtp_loss(
         eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
         targets = torch.where(layout.sup_past_eos, eos, t_sup.argmax(dim=-1))
         per_position = distillation_loss(student_lp, t_sup, teacher_mode, targets=targets, forced=layout.sup_past_eos)
+    elif targets_from_forward and teacher_mode == "soft":  # gated offline: the original model's distribution
+        targets = layout.sup_target
+        per_position = distillation_loss(student_lp, in_forward, "soft", targets=targets, forced=layout.sup_past_eos)
     else:  # the ground truth, or the teacher's choices the layout was relabelled with (offline)
         targets, per_position = layout.sup_target, -student_lp.gather(1, layout.sup_target[:, None])[:, 0]
 
@@ -319,13 +323,13 @@ def distillation_loss(student_lp, t_logits, teacher_mode: str, *, targets=None, 
     return (torch.xlogy(t_probs, t_probs) - t_probs * student_lp.masked_fill(t_probs == 0, 0)).sum(-1)
 
 
-def _check_modes(teacher_mode: str, supervision: str, prefix_target: str) -> None:
+def _check_modes(teacher_mode: str, supervision: str, prefix_target: str, *, soft_offline: bool = False) -> None:
     for value, allowed, name in ((teacher_mode, TEACHER_MODES, "teacher_mode"), (supervision, SUPERVISION, "supervision"),
                                  (prefix_target, PREFIX_TARGETS, "prefix_target")):  # fmt: skip
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    if supervision == "offline" and teacher_mode != "hard":
-        raise ValueError("offline supervision learns the teacher's argmax (hard); soft targets need online")
+    if supervision == "offline" and teacher_mode != "hard" and not soft_offline:
+        raise ValueError("offline supervision learns the teacher's argmax (hard); soft targets need online or gating")
 
 
 def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, prefix_agree, k_max) -> StepStats:
