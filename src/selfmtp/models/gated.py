@@ -179,6 +179,10 @@ class GatedNorm(_GatedRows):
         self.eps = base.variance_epsilon
         self.delta = nn.Parameter(torch.zeros_like(base.weight))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
     def delta_of(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         return self.delta * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
