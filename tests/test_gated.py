@@ -381,6 +381,7 @@ def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch, head):
     (["--gated", "--prefix-loss", "1"], "--gated: the teacher is the original model"),
     (["--gated", "--teacher-model", "tiny"], "--gated: the teacher is the original model"),
     (["--masks-per-row", "32", "--regions", "4"], "--masks-per-row must be >= 1 and replaces --regions"),
+    (["--gated-head"], "--gated-head goes with --gated"),
 ])
 def test_cli_user_errors(data, tmp_path, capsys, flags, message):
     from selfmtp.cli import main
