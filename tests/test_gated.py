@@ -292,6 +292,20 @@ def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_lin
         assert err.startswith("selfmtp: error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_gated_head_run_trains_saves_and_exports_its_head(data, tmp_path):
+    """`--gated-head` end to end: final/ and an exported checkpoint carry the head's and norm's deltas (trained:
+    non-zero), and load with the gate on them."""
+    out = tmp_path / "run"
+    train(gated_config(data, out, steps=2, lr=1e-2, save_every=2, gated_head=True))
+    assert _export_script().main([str(out), "--output", str(tmp_path / "exported")]) == 0
+    trained = load_file(str(out / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    assert trained["lm_head.lora_B"].abs().sum() > 0 and trained["model.norm.delta"].abs().sum() > 0
+    for directory in (out / "final", tmp_path / "exported"):
+        loaded, _ = load_model(str(directory))
+        assert loaded.gated.head and set(gated_state(loaded)) == set(trained)
+        assert all(torch.equal(t, trained[n]) for n, t in gated_state(loaded).items())
+
+
 def test_gated_dir_with_a_missing_or_other_base_is_a_clean_error(data, tmp_path):
     out = tmp_path / "run"
     train(gated_config(data, out, steps=1))
