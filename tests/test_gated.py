@@ -17,7 +17,8 @@ from conftest import ddp_worker, free_port, load_script, metrics, tiny_train_con
 from selfmtp.decoding.loop import generate_batch
 from selfmtp.decoding.strategies import Static
 from selfmtp.errors import SelfMTPError
-from selfmtp.models.gated import GATED_WEIGHTS, apply_gate, gated_state, save_gated_dir
+from selfmtp.models.gated import apply_gate, gated_state
+from selfmtp.models.gated_dir import GATED_WEIGHTS, save_gated_dir
 from selfmtp.models.loading import load_model, mtp_token_id
 from selfmtp.training.layout import fill_rollout, model_attention_mask
 from selfmtp.training.objective import (
@@ -437,7 +438,7 @@ def test_bf16_export_stores_the_gated_weights_rounded_and_loads_them(tmp_path):
 
 def test_smollm2_mtp_alias_names_a_packaged_gated_dir_on_the_smollm2_base():
     from selfmtp.models.adapters import base_spec
-    from selfmtp.models.gated import is_gated_dir
+    from selfmtp.models.gated_dir import is_gated_dir
     from selfmtp.models.loading import ALIASES, parse_model_spec
 
     assert parse_model_spec("smollm2-135m-mtp").kind == "alias"

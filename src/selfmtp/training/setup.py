@@ -165,7 +165,7 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
 
     setattr(student.config, K_MAX_CONFIG_KEY, config.k_max)
     if config.gated:
-        from selfmtp.models.gated import gated_base_spec, save_gated_dir
+        from selfmtp.models.gated_dir import gated_base_spec, save_gated_dir
 
         return save_gated_dir(student, tokenizer, final_dir, base_spec=gated_base_spec(config.model), seed=config.seed,
                               k_max=config.k_max)
