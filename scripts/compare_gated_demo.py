@@ -14,6 +14,14 @@ the child, which adds the final export) is reported beside the budget. The two r
 side, one process and one thread each (on 2 cores they do not compete), and so do their evaluations.
 Every child has its own SELFMTP_CACHE, so no run reuses another's teacher targets.
 
+`--recipes` picks what trains (default demo,gated), --at-once at a time: the gated variants `gated-head`
+(final norm and output head gated too), `gated-soft` (KL to the original model's distribution instead of
+its argmax, from the same forward) and `gated-head-soft` are the levers of the ConfAdapt pilots
+(docs/measurements/tiny-gsm-gated-vs-demo-cpu/pilots.md), e.g.
+
+    PYTHONPATH=src python scripts/compare_gated_demo.py --recipes gated-head,gated-soft --cpu-budget 540 \
+        --strategies teacher,verify:8,confadapt:0.95:8,confadapt:0.9:8 --output runs/gated-levers
+
 Evaluation (as `selfmtp eval`): teacher greedy, static:1, verify:8, verify:8:tree, ConfAdapt 0.95 and 0.9
 (k_max 8) on generated tiny-gsm test problems (never trained on). The table gives accuracy, the paired
 difference to the teacher, how many generations are token for token the teacher's, and tokens per pass
@@ -35,7 +43,14 @@ from selfmtp.demo import DemoConfig, train_config, write_training_problems
 from selfmtp.evaluation.report import pooled_tokens_per_pass, write_text_atomic
 
 STRATEGIES = "teacher,static:1,verify:8,verify:8:tree,confadapt:0.95:8,confadapt:0.9:8"
-RECIPES = ("demo", "gated")
+# The gated recipe and its variants (the levers of pilots.md): TrainConfig overrides of the gated recipe.
+GATED_VARIANTS = {
+    "gated": {},
+    "gated-head": {"gated_head": True},  # the final norm and the output head gated too
+    "gated-soft": {"teacher_mode": "soft"},  # KL to the original model's distribution, from the same forward
+    "gated-head-soft": {"gated_head": True, "teacher_mode": "soft"},
+}
+RECIPES = ("demo", *GATED_VARIANTS)
 CURVE_STRATEGIES = ("verify:8", "confadapt:0.95:8", "confadapt:0.9:8")
 
 
@@ -76,18 +91,16 @@ def train_command(recipe, path: Path) -> list[str]:
 
 
 def recipes(args, data: dict[str, Path], out: Path) -> dict:
+    """Every recipe by name: the demo's and the gated variants (the gated ones train on data["gated"])."""
     demo = DemoConfig(seed=args.seed, progress=False)
     gated = replace(demo, gated=True, lr=args.gated_lr)
     overrides = {"masks_per_row": args.masks_per_row} if args.masks_per_row else {}
-    return {
-        "demo": train_config(demo, data["demo"], out / "demo"),
-        "gated": replace(
-            train_config(gated, data["gated"], out / "gated"),
-            output=str(out / "gated"),
-            lora_rank=args.gated_rank,
-            **overrides,
-        ),
-    }
+    gated_recipe = replace(train_config(gated, data["gated"], out / "gated"), lora_rank=args.gated_rank,
+                           supervision=args.gated_supervision, **overrides)  # fmt: skip
+    every = {"demo": train_config(demo, data["demo"], out / "demo")}
+    for name, variant in GATED_VARIANTS.items():
+        every[name] = replace(gated_recipe, output=str(out / name), **variant)
+    return every
 
 
 def train_side_by_side(args, runs: dict, out: Path) -> dict[str, dict]:
@@ -142,7 +155,7 @@ def evaluate(args, finals: dict[str, Path], out: Path) -> None:
             "--limit",
             str(args.eval_problems),
             "--strategies",
-            STRATEGIES,
+            args.strategies,
             "--max-new-tokens",
             "120",
             "--batch-size",
@@ -171,18 +184,19 @@ def strategy_rows(folder: Path) -> dict[str, dict]:
 
 
 def table(summary: dict) -> str:
-    names = list(summary["results"]["gated"])
+    shown = list(summary["results"])
+    names = list(summary["results"][shown[-1]])
     lines = [
         f"# tiny-gsm at equal CPU time: demo recipe vs gated ({summary['cpu_budget_s']:.0f} CPU s each)",
         "",
         "| strategy | "
-        + " | ".join(f"{r}: accuracy, vs teacher, same tokens as teacher, tokens/pass" for r in RECIPES)
+        + " | ".join(f"{r}: accuracy, vs teacher, same tokens as teacher, tokens/pass" for r in shown)
         + " |",
-        "|---|" + "---|" * len(RECIPES),
+        "|---|" + "---|" * len(shown),
     ]
     for strategy in names:
         cells = []
-        for recipe in RECIPES:
+        for recipe in shown:
             row = summary["results"][recipe].get(strategy)
             if row is None:
                 cells.append("-")
@@ -200,7 +214,7 @@ def table(summary: dict) -> str:
         "| recipe | steps trained | stopped by | CPU s counted by the budget | CPU s of the process (wait4) |",
         "|---|---|---|---|---|",
     ]
-    for recipe in RECIPES:
+    for recipe in shown:
         t = summary["training"][recipe]
         lines.append(
             f"| {recipe} | {t['steps']} | {t['stopped_by']} | {t['budget_cpu_s']:.1f} | {t['cpu_s']:.1f} |"
@@ -240,7 +254,15 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per child (two children run at once)"
     )
+    parser.add_argument("--recipes", type=lambda s: s.split(","), default=["demo", "gated"],
+                        help=f"comma-separated, of {','.join(RECIPES)} (default demo,gated); trained and "
+                        "evaluated --at-once at a time")
+    parser.add_argument("--at-once", type=int, default=2, help="children side by side (one per core)")
+    parser.add_argument("--strategies", default=STRATEGIES, help="for `selfmtp eval` (teacher first)")
     parser.add_argument("--gated-lr", type=float, default=1e-3)
+    parser.add_argument("--gated-supervision", default="offline", choices=("offline", "online"),
+                        help="gated only: offline targets from the forward, or online rollout targets")
+
     parser.add_argument("--gated-rank", type=int, default=0, help="0: full deltas; R: gated LoRA of rank R")
     parser.add_argument(
         "--masks-per-row", type=int, help="gated only: the dense layout (default: the demo's regions)"
@@ -254,24 +276,29 @@ def main() -> None:
     parser.add_argument("--teacher", default="tiny-gsm-teacher")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if set(args.recipes) - set(RECIPES) or args.at_once < 1:
+        parser.error(f"--recipes takes names of {', '.join(RECIPES)}; --at-once must be >= 1")
     start, out = time.perf_counter(), Path(args.output)
     data = {
         name: write_training_problems(DemoConfig(train_problems=problems, seed=args.seed), out / "data")
         for name, problems in (("demo", args.train_problems), ("gated", args.gated_train_problems or args.train_problems))
     }  # the same generator and seed: the smaller set is the start of the larger one
+    every = recipes(args, data, out)
     final_recipes = {
-        name: replace(recipe, steps=args.max_steps, cpu_budget=args.cpu_budget, save_every=0)
-        for name, recipe in recipes(args, data, out).items()
+        name: replace(every[name], steps=args.max_steps, cpu_budget=args.cpu_budget, save_every=0)
+        for name in args.recipes
     }
-    training = train_side_by_side(args, final_recipes, out)
-    evaluate(args, {n: Path(r.output) / "final" for n, r in final_recipes.items()}, out)
-    curve = gated_curve(args, recipes(args, data, out)["gated"], out) if args.curve else None
+    training = {}
+    for names in (args.recipes[i : i + args.at_once] for i in range(0, len(args.recipes), args.at_once)):
+        training |= train_side_by_side(args, {n: final_recipes[n] for n in names}, out)
+        evaluate(args, {n: Path(final_recipes[n].output) / "final" for n in names}, out)
+    curve = gated_curve(args, every["gated"], out) if args.curve else None
     summary = {
         "cpu_budget_s": args.cpu_budget,
         "training": training,
         "machine": f"{os.cpu_count()} CPUs",
         "recipes": {n: asdict(r) for n, r in final_recipes.items()},
-        "results": {n: strategy_rows(out / f"eval-{n}") for n in RECIPES},
+        "results": {n: strategy_rows(out / f"eval-{n}") for n in final_recipes},
         "command": " ".join(["python", *sys.argv]),
         "wall_s": time.perf_counter() - start,
         "load_average_at_end": os.getloadavg(),

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from selfmtp.errors import SelfMTPError
-from selfmtp.models.gated import apply_gate, gated_base_spec, is_gated, load_gated_state, save_gated_dir
+from selfmtp.models.gated import apply_gate, is_gated, load_gated_state
+from selfmtp.models.gated_dir import gated_base_spec, save_gated_dir
 from selfmtp.models.loading import load_model, mtp_token_id
 from selfmtp.training.state import RUN_SETTINGS, STEP_DIR, list_checkpoints
 
@@ -45,7 +46,8 @@ def export(argv: list[str] | None = None) -> None:
         raise SelfMTPError(f"no checkpoint{'' if args.step is None else f' at step {args.step}'} in {run / 'checkpoints'}")
     model, tokenizer = load_model(settings["model"], seed=settings["seed"])
     if not is_gated(model):  # a run that continued a saved gated directory loads gated already
-        apply_gate(model, mtp_token_id=mtp_token_id(model), rank=settings["lora_rank"], alpha=settings["lora_alpha"])
+        apply_gate(model, mtp_token_id=mtp_token_id(model), rank=settings["lora_rank"], alpha=settings["lora_alpha"],
+                   head=settings.get("gated_head", False))
     load_gated_state(model, load_file(str(checkpoints[-1] / "trainable.safetensors")), where=str(checkpoints[-1]))
     base = gated_base_spec(settings["model"])  # the original model, as the run's own final/ names it
     save_gated_dir(model, tokenizer, args.output, base_spec=base, seed=settings["seed"],

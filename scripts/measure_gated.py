@@ -7,7 +7,8 @@ Settings, each a full optimizer step (forward, backward, AdamW) with offline tar
 - `lora`            peft LoRA on every linear + the `<mtp>` row, targets relabelled beforehand (not timed),
 - `gated-lora`      gated LoRA of the same rank, targets read from the same forward (models/gated.py),
 - `gated-full`      gated full deltas,
-- `*-dense`         the same with --dense-factor times the default regions per row (more masks per row).
+- `*-dense`         the same with --dense-factor times the default regions per row (more masks per row),
+- `gated-*-head`    the same with the final norm and the output head gated too (`train --gated-head`).
 Steps go round-robin over the settings after one warm-up each, so background load hits all alike; the
 median wall and process-CPU time per step are reported (CPU time is robust to other jobs on a shared
 machine), with supervised positions (and mask positions, j >= 2) per CPU second, and each setting's step
@@ -37,7 +38,8 @@ def make_student(base, setting: str, rank: int):
     model = copy.deepcopy(base)
     model.train()
     if setting.startswith("gated"):
-        return apply_gate(model, mtp_token_id=mtp_token_id(model), rank=0 if "full" in setting else rank)
+        return apply_gate(model, mtp_token_id=mtp_token_id(model), rank=0 if "full" in setting else rank,
+                          head="-head" in setting)
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",

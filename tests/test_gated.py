@@ -4,6 +4,7 @@ gated final/ directory as a model spec (round trip, resume, DDP, clear errors)."
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,8 @@ from conftest import load_script, metrics, run_ddp, tiny_train_config
 from selfmtp.decoding.loop import generate_batch
 from selfmtp.decoding.strategies import Static
 from selfmtp.errors import SelfMTPError
-from selfmtp.models.gated import GATED_WEIGHTS, apply_gate, gated_state, save_gated_dir
+from selfmtp.models.gated import apply_gate, gated_state
+from selfmtp.models.gated_dir import GATED_WEIGHTS, save_gated_dir
 from selfmtp.models.loading import load_model, mtp_token_id
 from selfmtp.training.layout import fill_rollout, model_attention_mask
 from selfmtp.training.objective import (
@@ -30,11 +32,12 @@ from selfmtp.training.trainer import TrainConfig, train
 from test_objective import make_layout
 
 
-def gated_tiny(rank: int, *, seed: int = 1):
-    """(base, gated, tokenizer): the tiny model, and a second copy with random non-zero gated deltas."""
+def gated_tiny(rank: int, *, seed: int = 1, head: bool = False):
+    """(base, gated, tokenizer): the tiny model, and a second copy with random non-zero gated deltas (with
+    `head`, on the final norm and the output head too; the tiny model's head is tied to its embeddings)."""
     base, tokenizer = load_model("tiny", seed=0)
     gated, _ = load_model("tiny", seed=0)
-    apply_gate(gated, mtp_token_id=mtp_token_id(gated), rank=rank)
+    apply_gate(gated, mtp_token_id=mtp_token_id(gated), rank=rank, head=head)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in gated.parameters():
@@ -64,10 +67,10 @@ def kv_rows(cache, keep: torch.Tensor) -> list[torch.Tensor]:
     return [t.transpose(1, 2)[keep] for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
-@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize(("rank", "head"), [(0, False), (4, False), (0, True), (4, True)])
 @pytest.mark.parametrize("grad", [False, True])  # the inference path and the training (mask-rows-only) path
-def test_real_positions_are_the_base_model_bit_for_bit_in_the_training_layout(rank, grad):
-    base, gated, tokenizer = gated_tiny(rank)
+def test_real_positions_are_the_base_model_bit_for_bit_in_the_training_layout(rank, head, grad):
+    base, gated, tokenizer = gated_tiny(rank, head=head)
     _, _, layout = layout_batch(tokenizer)
     is_mask = layout.input_ids == mtp_token_id_of(tokenizer)
     assert is_mask.any()
@@ -82,10 +85,11 @@ def test_real_positions_are_the_base_model_bit_for_bit_in_the_training_layout(ra
     assert (logits[is_mask] - base_logits[is_mask]).abs().amax(-1).min() > 0
 
 
-def test_real_positions_are_the_base_model_in_cached_decoding():
+@pytest.mark.parametrize("head", [False, True])
+def test_real_positions_are_the_base_model_in_cached_decoding(head):
     """Prefill, then a pass of new real tokens plus masks at the tail (the decode loop's shape): logits and
     cache entries of the real tokens are the base model's."""
-    base, gated, tokenizer = gated_tiny(4)
+    base, gated, tokenizer = gated_tiny(4, head=head)
     mask = mtp_token_id_of(tokenizer)
     prompt = torch.tensor([tokenizer.encode("Natalia sold clips to 48 of her friends in April")])
     step = torch.tensor([[11, 12, 13, mask, mask, mask]])
@@ -93,8 +97,11 @@ def test_real_positions_are_the_base_model_in_cached_decoding():
     for model in (base, gated):
         with torch.inference_mode():
             first = model(input_ids=prompt, use_cache=True)
+            again = copy.deepcopy(first.past_key_values)  # a pass appends to the cache it is given
             second = model(input_ids=step, past_key_values=first.past_key_values, use_cache=True)
+            kept = model(input_ids=step, past_key_values=again, use_cache=True, logits_to_keep=4)
         outs.append((first.logits, second.logits, second.past_key_values))
+        assert torch.equal(kept.logits, second.logits[:, -4:])  # the head's mask rows follow logits_to_keep's slice
     (b1, b2, b_kv), (g1, g2, g_kv) = outs
     assert torch.equal(b1, g1) and torch.equal(b2[:, :3], g2[:, :3])
     real = torch.ones(1, prompt.shape[1] + step.shape[1], dtype=torch.bool)
@@ -115,8 +122,9 @@ def test_static1_of_a_gated_model_is_transformers_greedy_of_the_base():
         assert result.token_ids == expected
 
 
-def test_gradients_reach_mask_rows_only_and_a_step_changes_only_gated_weights():
-    _, gated, tokenizer = gated_tiny(4)
+@pytest.mark.parametrize("head", [False, True])
+def test_gradients_reach_mask_rows_only_and_a_step_changes_only_gated_weights(head):
+    _, gated, tokenizer = gated_tiny(4, head=head)
     _, _, layout = layout_batch(tokenizer)
     is_mask = layout.input_ids == mtp_token_id_of(tokenizer)
     grads = []
@@ -143,6 +151,34 @@ def test_gradients_reach_mask_rows_only_and_a_step_changes_only_gated_weights():
     changed = {name for name in after if not torch.equal(after[name], before[name])}
     assert changed == set(gated_state(gated))  # every gated weight, the <mtp> row among them, and nothing else
     assert "gated.mtp_embedding" in changed
+    assert ("lm_head.lora_B" in changed and "model.norm.delta" in changed) == head
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_the_gated_head_trains_from_mask_rows_only_and_changes_their_logits_only(rank):
+    """A gated head's delta (and the final norm's) get a gradient from the logits of mask rows and none from real
+    rows; with the head's delta zeroed, mask logits change and real ones do not."""
+    base, gated, tokenizer = gated_tiny(rank, head=True)
+    mask = mtp_token_id_of(tokenizer)
+    ids = torch.tensor([tokenizer.encode("Natalia sold clips to 48 of her friends") + [mask] * 3])
+    is_mask = ids == mask
+    head_weights = [p for name, p in gated.named_parameters() if name.startswith(("lm_head.", "model.norm.")) and p.requires_grad]
+    assert len(head_weights) == (3 if rank else 2)
+    for rows, expect_grad in ((~is_mask, False), (is_mask, True)):
+        gated.zero_grad(set_to_none=True)
+        logits = gated(input_ids=ids).logits
+        logits[rows].square().sum().backward()
+        grads = [p.grad for p in head_weights]
+        assert all(g is None or not g.any() for g in grads) if not expect_grad else all(g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():
+        before = gated(input_ids=ids).logits
+        for name, p in gated.named_parameters():
+            if name.startswith("lm_head.") and not name.endswith("lora_A"):
+                p.zero_()
+        after = gated(input_ids=ids).logits
+        reference = base(input_ids=ids).logits
+    assert torch.equal(after[~is_mask], before[~is_mask]) and torch.equal(after[~is_mask], reference[~is_mask])
+    assert (after[is_mask] - before[is_mask]).abs().amax(-1).min() > 0
 
 
 def test_in_forward_targets_are_the_base_models_relabelling():
@@ -160,6 +196,30 @@ def test_in_forward_targets_are_the_base_models_relabelling():
     assert torch.equal(ours_stats.agree_hits, their_stats.agree_hits)
     assert abs(ours.item() - theirs.item()) < 1e-5  # same targets; the head ran on more rows (float32 matmul order)
     assert ours_stats.summary()["agreement_by_j"][0] == 1.0  # j = 1 is a real position: the base's own choice
+
+
+def test_soft_in_forward_targets_are_kl_to_the_base_models_distribution():
+    """Offline soft under the gate: the loss is KL(P_base || P_student) with P_base the base model's next-token
+    distribution after the ground-truth prefix (a separate base pass here), one-hot EOS past the end."""
+    from selfmtp.training.objective import distillation_loss
+
+    base, gated, tokenizer = gated_tiny(4)
+    _, _, layout = layout_batch(tokenizer)
+    mask = mtp_token_id_of(tokenizer)
+    with torch.no_grad():
+        loss, stats = mtp_loss(SelectedLogits(gated), None, layout, teacher_mode="soft", supervision="offline",
+                               mtp_token_id=mask, eos_token_id=tokenizer.eos_token_id, targets_from_forward=True)
+        student = SelectedLogits(gated)(layout.input_ids, layout.position_ids, layout.attention_mask,
+                                        layout.sup_batch, layout.sup_pos)
+        teacher = frozen_teacher(base)(layout.input_ids, layout.position_ids, layout.attention_mask,
+                                       layout.sup_batch, layout.sup_context)
+        student[:, mask] = teacher[:, mask] = float("-inf")
+        eos = torch.full_like(layout.sup_target, tokenizer.eos_token_id)
+        targets = torch.where(layout.sup_past_eos, eos, teacher.argmax(-1))
+        expected = distillation_loss(torch.log_softmax(student, -1), teacher, "soft", targets=targets,
+                                     forced=layout.sup_past_eos).mean()
+    assert abs(loss.item() - expected.item()) < 1e-5  # the same sums over rows in another order (float32)
+    assert stats.summary()["agreement_by_j"][0] == 1.0
 
 
 def test_online_teacher_is_the_base_model_on_the_rollout():
@@ -233,6 +293,20 @@ def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_lin
         assert err.startswith("selfmtp: error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_gated_head_run_trains_saves_and_exports_its_head(data, tmp_path):
+    """`--gated-head` end to end: final/ and an exported checkpoint carry the head's and norm's deltas (trained:
+    non-zero), and load with the gate on them."""
+    out = tmp_path / "run"
+    train(gated_config(data, out, steps=2, lr=1e-2, save_every=2, gated_head=True))
+    assert _export_script().main([str(out), "--output", str(tmp_path / "exported")]) == 0
+    trained = load_file(str(out / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    assert trained["lm_head.lora_B"].abs().sum() > 0 and trained["model.norm.delta"].abs().sum() > 0
+    for directory in (out / "final", tmp_path / "exported"):
+        loaded, _ = load_model(str(directory))
+        assert loaded.gated.head and set(gated_state(loaded)) == set(trained)
+        assert all(torch.equal(t, trained[n]) for n, t in gated_state(loaded).items())
+
+
 def test_gated_dir_with_a_missing_or_other_base_is_a_clean_error(data, tmp_path):
     out = tmp_path / "run"
     train(gated_config(data, out, steps=1))
@@ -275,7 +349,8 @@ def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path):
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-5  # same: gradients summed differently
 
 
-def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
+@pytest.mark.parametrize("head", [False, True])
+def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch, head):
     """Reference: every row computes base + gate * delta with plain autograd (no detaching, no row selection),
     attention runs once over every query with a graph, and the head runs on every position with one."""
     from contextlib import nullcontext
@@ -283,7 +358,7 @@ def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
     from selfmtp.models import gated as gated_module
     from selfmtp.training import objective
 
-    _, model, tokenizer = gated_tiny(4)
+    _, model, tokenizer = gated_tiny(4, head=head)
     _, _, layout = layout_batch(tokenizer)
     model.train()
 
@@ -301,9 +376,15 @@ def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
         gate = (torch.zeros(self.gate.numel, dtype=x.dtype).index_fill_(0, self.gate.rows, 1.0))
         return self.base(x) + gate.view(*x.shape[:-1], 1) * self.delta_of(x)
 
+    def naive_head(self, x, is_mask):
+        return self.base(x) + is_mask.to(x.dtype)[..., None] * self.delta_of(x)
+
     monkeypatch.setattr(gated_module.GatedLinear, "forward", naive_forward)
+    monkeypatch.setattr(gated_module.GatedNorm, "forward", naive_forward)
+    monkeypatch.setattr(gated_module.GatedHead, "forward", naive_head)
     monkeypatch.setattr(objective, "mask_query_attention", lambda model: nullcontext())
-    monkeypatch.setattr(objective, "_gated_head", lambda head, hidden, is_mask, rows, cols: head(hidden[rows, cols]))
+    monkeypatch.setattr(objective, "_gated_head", lambda lm, hidden, is_mask, rows, cols: gated_module.gated_head_logits(
+        lm, hidden[rows, cols], is_mask))
     reference = grads()
     for name, grad in reference.items():
         assert grad.abs().max() > 0
@@ -315,6 +396,7 @@ def test_mask_row_gradients_equal_a_naive_gated_forward(monkeypatch):
     (["--gated", "--prefix-loss", "1"], "--gated: the teacher is the original model"),
     (["--gated", "--teacher-model", "tiny"], "--gated: the teacher is the original model"),
     (["--masks-per-row", "32", "--regions", "4"], "--masks-per-row must be >= 1 and replaces --regions"),
+    (["--gated-head"], "--gated-head goes with --gated"),
 ])
 def test_cli_user_errors(data, tmp_path, capsys, flags, message):
     from selfmtp.cli import main
@@ -324,10 +406,25 @@ def test_cli_user_errors(data, tmp_path, capsys, flags, message):
     assert err.startswith("selfmtp: error: ") and message in err and len(err.splitlines()) == 1
 
 
+def test_a_gated_head_round_trips_through_save_and_load(tmp_path):
+    """save_gated_dir -> load_model: the head's and norm's deltas come back with the gate on them (the same logits
+    everywhere), the head stays tied to the embeddings, and the embeddings are the base's."""
+    base, gated, tokenizer = gated_tiny(0, head=True)
+    save_gated_dir(gated, tokenizer, tmp_path / "head", base_spec="tiny", seed=0)
+    loaded, _ = load_model(str(tmp_path / "head"))
+    assert {"lm_head.delta", "model.norm.delta"} <= set(gated_state(loaded))
+    assert all(torch.equal(t, gated_state(gated)[n]) for n, t in gated_state(loaded).items())
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert torch.equal(loaded.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    _, _, layout = layout_batch(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(forward_with_kv(loaded, layout)[0], forward_with_kv(gated, layout)[0])
+
+
 def test_bf16_export_stores_the_gated_weights_rounded_and_loads_them(tmp_path):
     """What a committed checkpoint holds (`save_gated_dir(dtype=bfloat16)`): the deltas rounded to bf16,
     loaded back into float32 parameters exactly; the base's <mtp> surgery rows are kept in float32."""
-    _, gated, tokenizer = gated_tiny(rank=4)
+    _, gated, tokenizer = gated_tiny(rank=4, head=True)
     save_gated_dir(gated, tokenizer, tmp_path / "bf16", base_spec="tiny", seed=0, dtype=torch.bfloat16)
     stored = load_file(str(tmp_path / "bf16" / GATED_WEIGHTS))
     deltas = gated_state(gated)
@@ -341,7 +438,7 @@ def test_bf16_export_stores_the_gated_weights_rounded_and_loads_them(tmp_path):
 
 def test_smollm2_mtp_alias_names_a_packaged_gated_dir_on_the_smollm2_base():
     from selfmtp.models.adapters import base_spec
-    from selfmtp.models.gated import is_gated_dir
+    from selfmtp.models.gated_dir import is_gated_dir
     from selfmtp.models.loading import ALIASES, parse_model_spec
 
     assert parse_model_spec("smollm2-135m-mtp").kind == "alias"
@@ -357,6 +454,8 @@ def test_a_run_continues_from_a_saved_gated_directory(data, tmp_path):
     first = gated_weights(tmp_path / "first")
     with pytest.raises(SelfMTPError, match="rank 4 deltas but --lora-rank is 8"):
         train(gated_config(data, tmp_path / "bad", model=str(tmp_path / "first" / "final"), lora_rank=8, steps=1))
+    with pytest.raises(SelfMTPError, match="trained without a gated head: drop --gated-head"):
+        train(gated_config(data, tmp_path / "bad2", model=str(tmp_path / "first" / "final"), gated_head=True, steps=1))
     train(gated_config(data, tmp_path / "second", model=str(tmp_path / "first" / "final"), steps=1, lr=1e-6))
     second = gated_weights(tmp_path / "second")
     assert set(second) == set(first)

@@ -65,10 +65,11 @@ def test_prepack_refuses_other_dtypes_with_one_clear_error():
         load_model("tiny", seed=0, dtype="bfloat16", prepack=True)
 
 
-def test_gated_real_positions_are_still_the_base_model_bit_for_bit():
+@pytest.mark.parametrize("head", [False, True])
+def test_gated_real_positions_are_still_the_base_model_bit_for_bit(head):
     base, _ = load_model("tiny", seed=0, prepack=True)
     gated, _ = load_model("tiny", seed=0)
-    apply_gate(gated, mtp_token_id=mtp_token_id(gated), rank=4)
+    apply_gate(gated, mtp_token_id=mtp_token_id(gated), rank=4, head=head)
     with torch.no_grad():
         for p in gated.parameters():
             if p.requires_grad:

@@ -62,7 +62,7 @@ def _add_objective_flags(add) -> None:
         "--teacher",
         dest="teacher_mode",
         choices=TEACHER_MODES,
-        help="hard (default): teacher argmax targets; soft: KL to its distribution",
+        help="hard (default): teacher argmax targets; soft: KL to its distribution (online; offline under --gated)",
     )
     add("--supervision", choices=SUPERVISION, help=f"{SUPERVISION_HELP} (default: online)")
     add("--block-attention", choices=BLOCK_ATTENTION, help="default: causal")
@@ -138,6 +138,12 @@ def _add_setup_flags(add) -> None:
         action="store_true",
         help="train deltas that act only at <mtp> positions (LoRA with --lora-rank, "
         "else full): real tokens stay the original model exactly; final/ holds the deltas and names the base",
+    )
+    add(
+        "--gated-head",
+        action="store_true",
+        help="with --gated: also gate the final norm and the output head (a delta beside the head's weight, "
+        "so a head tied to the embeddings stays tied; real positions' logits stay the original's)",
     )
     add("--attn", dest="attn_implementation", choices=["sdpa", "eager"], help="default: sdpa")
     add(

@@ -209,7 +209,7 @@ def _hf_generate_engine(mtp, **generate_options):
 def gguf_for(config: BenchConfig) -> Path | None:
     """The GGUF llama.cpp should run: --gguf, the model spec itself, or the file an alias was converted from."""
     from selfmtp.models.adapters import base_spec
-    from selfmtp.models.gated import is_gated_dir
+    from selfmtp.models.gated_dir import is_gated_dir
     from selfmtp.models.loading import ALIASES, parse_model_spec, smollm2_gguf_path
 
     if config.gguf:

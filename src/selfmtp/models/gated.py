@@ -5,6 +5,9 @@
 B A x * alpha / r, B starts at zero) or a full delta (`rank == 0`: D x, a trainable copy of the weight's
 change, starts at zero). The `<mtp>` input embedding is a separate trainable row put in at mask positions
 by a hook on the embedding; the embedding matrix itself (and, when tied, the output head) is untouched.
+With `head=True` the final norm and the output head are gated too (`GatedNorm`: a delta on the norm's
+weight; `GatedHead`: a delta of the same kind as the decoder's on the head's weight, beside it, so a head
+tied to the input embeddings stays tied and untouched).
 
 The gate is computed inside the forward from `input_ids == mtp_id` by a pre-hook on the decoder, so every
 caller (training layout, KV-cached decoding with masks at the tail, the lm-eval adapter, transformers
@@ -45,15 +48,36 @@ class Gate:
         self.rows: torch.Tensor | None = None  # (n_mask,) indices into input_ids.reshape(-1)
         self.is_mask: torch.Tensor | None = None  # (B, L) bool
         self.numel = 0
+        # the last decoder pass's is_mask, kept for a gated output head, which runs after the gate closed
+        self.head_mask: torch.Tensor | None = None
 
     def set(self, input_ids: torch.Tensor) -> None:
         self.is_mask = input_ids == self.mtp_token_id
         self.rows = self.is_mask.reshape(-1).nonzero().squeeze(1)
         self.numel = input_ids.numel()
-        self._query_index = None
+        self._query_index = self.head_mask = None
 
     def clear(self) -> None:
         self.rows = self.is_mask = self._query_index = None
+
+    def rows_for(self, flat_in: torch.Tensor) -> torch.Tensor:
+        """The mask rows of a decoder module's input (B * L rows while the gate is open)."""
+        if self.rows is None:
+            raise SelfMTPError("a gated model was called without input_ids (inputs_embeds only): the <mtp> gate needs the ids")
+        if flat_in.shape[0] != self.numel:
+            raise RuntimeError(f"gated module got {flat_in.shape[0]} rows for {self.numel} input ids")
+        return self.rows
+
+    def take_head_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Which rows of the output head's input `x` (B, L', H) are masks: the last decoder pass's, its last L'
+        positions (as transformers' `logits_to_keep` slices them). Used once: a later call needs a new pass."""
+        mask, self.head_mask = self.head_mask, None
+        if mask is None:
+            raise RuntimeError("a gated output head was called without a decoder pass before it (or twice after one): "
+                               "pass is_mask")
+        if x.dim() != 3 or x.shape[0] != mask.shape[0] or x.shape[1] > mask.shape[1]:
+            raise RuntimeError(f"gated output head got input {tuple(x.shape)} after a pass over {tuple(mask.shape)}")
+        return mask[:, mask.shape[1] - x.shape[1]:]
 
     def query_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions (B, M), valid (B, M)): each row's mask positions in order, padded to the most masks in
@@ -67,13 +91,47 @@ class Gate:
         return self._query_index
 
 
-class GatedLinear(nn.Module):
-    """`base(x)` at every row, `base(x) + delta(x)` at the gate's rows; `base` stays frozen."""
+class _GatedRows(nn.Module):
+    """`base(x)` at every row, `base(x) + delta_of(x)` at the mask rows; `base` stays frozen. Real rows are
+    written once by `base` and never touched again (not even by + 0): they are the base model bit for bit."""
+
+    def __init__(self, base: nn.Module, gate: Gate):
+        super().__init__()
+        self.base, self.gate = base, gate
+        base.requires_grad_(False)
+
+    def delta_of(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def base_rows(self, masked_in: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+        """The base at the mask rows with a gradient path to their input (`computed`: its output there)."""
+        return self.base(masked_in)
+
+    def gated(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        flat_in = x.reshape(-1, x.shape[-1])
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False))
+        if not trainable:  # inference: base on all rows, delta added in place on the mask rows only
+            out = self.base(x)
+            if rows.numel():
+                flat_out = out.view(-1, out.shape[-1])
+                flat_out.index_add_(0, rows, self.delta_of(flat_in[rows]).to(out.dtype))
+            return out
+        # Training: real rows are constants (no graph); mask rows are recomputed with grad and copied in.
+        # Always run the delta path (even for zero mask rows) so DDP sees every parameter used.
+        with torch.no_grad():
+            out = self.base(x.detach())
+        flat_out = out.reshape(-1, out.shape[-1])
+        masked_in = flat_in[rows]
+        masked_out = self.base_rows(masked_in, flat_out[rows]) + self.delta_of(masked_in)
+        return flat_out.index_copy_(0, rows, masked_out.to(out.dtype)).view(out.shape)  # in place: no full copy
+
+
+class GatedLinear(_GatedRows):
+    """A decoder linear layer with a gated delta: LoRA (`rank > 0`) or full (`rank == 0`)."""
 
     def __init__(self, base: nn.Linear, gate: Gate, *, rank: int, alpha: float | None):
-        super().__init__()
-        self.base, self.gate, self.rank = base, gate, rank
-        base.requires_grad_(False)
+        super().__init__(base, gate)
+        self.rank = rank
         out_features, in_features = base.weight.shape
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         if rank:
@@ -89,28 +147,48 @@ class GatedLinear(nn.Module):
             return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
         return x @ self.delta.t()
 
+    def base_rows(self, masked_in: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+        return _BaseRows.apply(masked_in, computed, self.base.weight)  # the base is not run twice on them
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.gate.rows
-        if rows is None:
-            raise SelfMTPError("a gated model was called without input_ids (inputs_embeds only): the <mtp> gate needs the ids")
-        flat_in = x.reshape(-1, x.shape[-1])
-        if flat_in.shape[0] != self.gate.numel:
-            raise RuntimeError(f"gated linear got {flat_in.shape[0]} rows for {self.gate.numel} input ids")
-        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False))
-        if not trainable:  # inference: base on all rows, delta added in place on the mask rows only
-            out = self.base(x)
-            if rows.numel():
-                flat_out = out.view(-1, out.shape[-1])
-                flat_out.index_add_(0, rows, self.delta_of(flat_in[rows]).to(out.dtype))
-            return out
-        # Training: real rows are constants (no graph); mask rows are recomputed with grad and copied in.
-        # Always run the delta path (even for zero mask rows) so DDP sees every parameter used.
-        with torch.no_grad():
-            out = self.base(x.detach())
-        flat_out = out.reshape(-1, out.shape[-1])
-        masked_in = flat_in[rows]
-        masked_out = _BaseRows.apply(masked_in, flat_out[rows], self.base.weight) + self.delta_of(masked_in)
-        return flat_out.index_copy_(0, rows, masked_out.to(out.dtype)).view(out.shape)  # in place: no full copy
+        return self.gated(x, self.gate.rows_for(x.reshape(-1, x.shape[-1])))
+
+
+class GatedHead(GatedLinear):
+    """The output head with a gated delta (`apply_gate(head=True)`). It runs after the decoder, where the gate is
+    closed: its mask rows are given (`is_mask`, one flag per row of `x`: SelectedLogits) or are the last decoder
+    pass's (`Gate.take_head_mask`). `weight` is the base head's, so a head tied to the embeddings stays so."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor, is_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pending = self.gate.take_head_mask(x) if is_mask is None else None
+        self.gate.head_mask = None  # an explicit is_mask answers for the pass too
+        is_mask = pending if is_mask is None else is_mask
+        return self.gated(x, is_mask.reshape(-1).nonzero().squeeze(1))
+
+
+class GatedNorm(_GatedRows):
+    """The decoder's final RMSNorm with a gated delta on its weight (`apply_gate(head=True)`): at mask rows
+    `(w + delta) * x / rms(x)`, the weight entering linearly as in Llama's RMSNorm."""
+
+    def __init__(self, base: nn.Module, gate: Gate):
+        super().__init__(base, gate)
+        self.eps = base.variance_epsilon
+        self.delta = nn.Parameter(torch.zeros_like(base.weight))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def delta_of(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.delta * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gated(x, self.gate.rows_for(x.reshape(-1, x.shape[-1])))
 
 
 class _BaseRows(torch.autograd.Function):
@@ -176,20 +254,22 @@ def mask_query_attention(model: nn.Module):
 class GatedModel(nn.Module):
     """Holds the gate and the trainable `<mtp>` embedding row; registered on the model as `gated`."""
 
-    def __init__(self, gate: Gate, mtp_row: torch.Tensor, rank: int, alpha: float | None):
+    def __init__(self, gate: Gate, mtp_row: torch.Tensor, rank: int, alpha: float | None, head: bool):
         super().__init__()
-        self.gate, self.rank, self.alpha = gate, rank, alpha
+        self.gate, self.rank, self.alpha, self.head = gate, rank, alpha, head
         self.mtp_embedding = nn.Parameter(mtp_row.detach().clone())
 
 
-def apply_gate(model: nn.Module, *, mtp_token_id: int, rank: int = 0, alpha: float | None = None) -> nn.Module:
-    """Freeze `model`, wrap its decoder linears in gated deltas, add the gated `<mtp>` row; in place."""
+def apply_gate(model: nn.Module, *, mtp_token_id: int, rank: int = 0, alpha: float | None = None,
+               head: bool = False) -> nn.Module:
+    """Freeze `model`, wrap its decoder linears in gated deltas, add the gated `<mtp>` row; with `head`, gate the
+    final norm and the output head too; in place."""
     if is_gated(model):
         raise ValueError("the model is already gated")
     model.requires_grad_(False)
     gate = Gate(mtp_token_id)
     embeddings = model.get_input_embeddings()
-    model.gated = GatedModel(gate, embeddings.weight[mtp_token_id], rank, alpha)
+    model.gated = GatedModel(gate, embeddings.weight[mtp_token_id], rank, alpha, head)
     wrapped = 0
     for module in list(model.get_decoder().modules()):
         for child_name, child in list(module.named_children()):
@@ -201,15 +281,20 @@ def apply_gate(model: nn.Module, *, mtp_token_id: int, rank: int = 0, alpha: flo
             module._selfmtp_gate = gate
     if not wrapped:
         raise SelfMTPError(f"no decoder linear layer named {', '.join(GATED_TARGETS)} found: cannot gate this model")
+    if head:
+        _gate_norm_and_head(model, gate, rank=rank, alpha=alpha)
 
     def set_gate(_module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             gate.clear()
+            gate.head_mask = None
         else:
             gate.set(input_ids)
 
     def clear_gate(_module, _args, _output):
+        if head:
+            gate.head_mask = gate.is_mask
         gate.clear()
 
     def put_mtp_row(_module, args, output):
@@ -227,31 +312,40 @@ def apply_gate(model: nn.Module, *, mtp_token_id: int, rank: int = 0, alpha: flo
     return model
 
 
+def _gate_norm_and_head(model: nn.Module, gate: Gate, *, rank: int, alpha: float | None) -> None:
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(head, nn.Linear) or norm is None or not hasattr(norm, "variance_epsilon"):
+        raise SelfMTPError("--gated-head needs a linear output head and an RMSNorm `norm` at the decoder's end "
+                           "(Llama-style models): this model has neither")
+    decoder.norm = GatedNorm(norm, gate)
+    model.set_output_embeddings(GatedHead(head, gate, rank=rank, alpha=alpha))
+
+
+def gated_head_logits(model: nn.Module, hidden: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
+    """The output head on rows `hidden` (N, H), `is_mask` (N,) saying which are `<mtp>` positions (a gated
+    head adds its delta there; any other head ignores it)."""
+    head = model.get_output_embeddings()
+    return head(hidden, is_mask=is_mask) if isinstance(head, GatedHead) else head(hidden)
+
+
 def is_gated(model: nn.Module) -> bool:
     return isinstance(getattr(model, "gated", None), GatedModel)
 
 
-def continue_gated(model: nn.Module, *, rank: int) -> None:
+def continue_gated(model: nn.Module, *, rank: int, head: bool = False) -> None:
     """Make a loaded gated model's deltas trainable again (a run that starts from a saved gated directory,
     e.g. the next session of a long run); everything else stays frozen."""
     if model.gated.rank != rank:
         raise SelfMTPError(f"the gated model has rank {model.gated.rank} deltas but --lora-rank is {rank}: "
                            "pass the rank it was trained with")
+    if model.gated.head != head:
+        raise SelfMTPError(f"the gated model was trained {'with' if model.gated.head else 'without'} a gated head: "
+                           f"{'pass' if model.gated.head else 'drop'} --gated-head")
     model.requires_grad_(False)
     params = dict(model.named_parameters())
     for name in gated_state(model):
         params[name].requires_grad_(True)
-
-
-def gated_base_spec(spec: str) -> str:
-    """The base model spec of `spec`: its recorded base when `spec` is a gated directory (or alias of one)."""
-    from pathlib import Path
-
-    from selfmtp.models.adapters import base_spec
-    from selfmtp.models.loading import ALIASES
-
-    path = ALIASES[spec]() if spec in ALIASES else Path(spec)
-    return base_spec(path) if path.is_dir() and is_gated_dir(path) else spec
 
 
 def gated_token_id(model: nn.Module) -> int | None:
@@ -291,98 +385,3 @@ def base_weights_fingerprint(model: nn.Module) -> str:
             digest.update(f"{name}:{tuple(weight.shape)}".encode())
             digest.update(weight.reshape(-1)[:4096].float().cpu().numpy().tobytes())
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and loading: a gated directory is a model spec of its own.
-
-GATED_WEIGHTS = "gated_model.safetensors"
-SURGERY_ROWS = ("surgery.mtp_input_row", "surgery.mtp_output_row")
-
-
-def is_gated_dir(path) -> bool:
-    from pathlib import Path
-
-    return (Path(path) / GATED_WEIGHTS).is_file()
-
-
-def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed: int, k_max: int | None = None,
-                   dtype: torch.dtype | None = None):
-    """Write `out_dir` atomically: the gated weights (safetensors), the base's `<mtp>` surgery rows (so
-    loading does not depend on the seed it is loaded with), the tokenizer, and `selfmtp.json` naming the
-    base spec and the seed it was loaded with (`tiny` weights depend on it), the gate settings, the trained
-    `k_max` (loading puts it in the config, where bare `verify` reads it) and a fingerprint of the base weights. `dtype` (e.g. bfloat16, to commit a small file) stores the gated
-    weights rounded to it; the surgery rows stay as they are, since they belong to the base model."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from selfmtp.files import atomic_dir_write
-    from selfmtp.models.adapters import write_base_record
-    from selfmtp.models.loading import mtp_token_id
-
-    token = mtp_token_id(model)
-    tensors = {name: t.to(dtype or t.dtype) for name, t in gated_state(model).items()} | _surgery_rows(model, token)
-    record = {"base_seed": seed, "gated": {"rank": model.gated.rank, "alpha": model.gated.alpha, "targets": list(GATED_TARGETS),
-                        "mtp_token_id": token, "base_fingerprint": base_weights_fingerprint(model)}}
-    if k_max is not None:
-        record["gated"]["k_max"] = int(k_max)
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / GATED_WEIGHTS), metadata={"format": "selfmtp-gated"})
-        tokenizer.save_pretrained(tmp)
-        write_base_record(tmp, base_spec, extra=record)
-
-    atomic_dir_write(Path(out_dir), write)
-    return Path(out_dir)
-
-
-def _surgery_rows(model: nn.Module, token: int) -> dict[str, torch.Tensor]:
-    rows = {SURGERY_ROWS[0]: model.get_input_embeddings().weight[token]}
-    output = model.get_output_embeddings()
-    if output is not None and output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-        rows[SURGERY_ROWS[1]] = output.weight[token]
-    return {name: row.detach().cpu().contiguous() for name, row in rows.items()}
-
-
-def load_gated_dir(directory, *, seed: int, attn_implementation: str):
-    """(gated model, tokenizer) for a directory written by `save_gated_dir`, float32 on the CPU."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from selfmtp.decoding.strategies import K_MAX_CONFIG_KEY
-    from selfmtp.models.adapters import BASE_RECORD, base_spec
-    from selfmtp.models.loading import load_model, mtp_token_id
-
-    directory = Path(directory)
-    try:
-        record = json.loads((directory / BASE_RECORD).read_text())
-        settings, seed = record["gated"], int(record.get("base_seed", seed))
-        spec = base_spec(directory)
-        tensors = load_file(str(directory / GATED_WEIGHTS))
-    except (OSError, KeyError, TypeError, ValueError) as exc:
-        raise SelfMTPError(f"{directory}: unreadable gated model ({exc.__class__.__name__}: {exc})") from exc
-    try:
-        model, tokenizer = load_model(spec, seed=seed, attn_implementation=attn_implementation)
-    except SelfMTPError as exc:
-        raise SelfMTPError(f"{directory}: could not load its base model {spec!r}: {exc}") from exc
-    token = mtp_token_id(model)
-    if token != settings.get("mtp_token_id"):
-        raise SelfMTPError(f"{directory}: <mtp> is token {settings.get('mtp_token_id')} in the gated model but {token} "
-                           f"on its base {spec!r}: it was trained on another base")
-    with torch.no_grad():
-        for name, weight in ((SURGERY_ROWS[0], model.get_input_embeddings().weight),
-                             (SURGERY_ROWS[1], getattr(model.get_output_embeddings(), "weight", None))):
-            if name in tensors:
-                weight[token] = tensors.pop(name)
-    apply_gate(model, mtp_token_id=token, rank=int(settings["rank"]), alpha=settings.get("alpha"))
-    load_gated_state(model, tensors, where=str(directory))
-    if base_weights_fingerprint(model) != settings.get("base_fingerprint"):
-        raise SelfMTPError(f"{directory}: its base {spec!r} holds other weights than the ones it was trained on "
-                           "(fingerprint mismatch)")
-    if isinstance(settings.get("k_max"), int):
-        setattr(model.config, K_MAX_CONFIG_KEY, settings["k_max"])
-    model.eval()
-    return model, tokenizer

@@ -32,7 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import atomic_dir_write, recover_dir
 from selfmtp.models.adapters import base_spec, is_adapter_dir, load_adapter_dir
-from selfmtp.models.gated import is_gated_dir, load_gated_dir
+from selfmtp.models.gated_dir import is_gated_dir, load_gated_dir
 
 MTP_TOKEN = "<mtp>"
 MTP_CONFIG_KEY = "mtp_mask_token_id"

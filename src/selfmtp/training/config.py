@@ -57,6 +57,7 @@ class TrainConfig:
     lora_export: str = "merged"  # merged | adapter
     # deltas (LoRA with lora_rank, else full) acting only at <mtp> positions (models/gated.py)
     gated: bool = False
+    gated_head: bool = False  # also gate the final norm and the output head (a delta of the same kind)
     seed: int = 0
     device: str = "cpu"
     attn_implementation: str = "sdpa"
@@ -113,8 +114,8 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
         (config.prefix_target in PREFIX_TARGETS, f"--prefix-target must be one of {PREFIX_TARGETS}"),
         (config.prefix_target == "ground-truth" or config.supervision != "ground-truth",
          "--prefix-target teacher needs a teacher: --supervision online or offline"),
-        (config.supervision != "offline" or config.teacher_mode == "hard",
-         "--supervision offline learns the teacher's argmax: it takes --teacher hard (soft needs online)"),
+        (config.supervision != "offline" or config.teacher_mode == "hard" or config.gated,
+         "--supervision offline learns the teacher's argmax: it takes --teacher hard (soft needs online or --gated)"),
         (config.block_attention in BLOCK_ATTENTION, f"--block-attention must be one of {BLOCK_ATTENTION}"),
         (config.k_sampling in K_SAMPLING, f"--k-sampling must be one of {K_SAMPLING}"),
         (config.k_max >= 1, "--k-max must be >= 1"),
@@ -132,6 +133,7 @@ def validate(config: TrainConfig, *, check_files: bool = True) -> None:
         (not config.gated or (config.teacher is None and config.prefix_loss == 0),
          "--gated: the teacher is the original model inside the student's own forward, and real positions do not "
          "train: drop --teacher-model and --prefix-loss"),
+        (config.gated or not config.gated_head, "--gated-head goes with --gated"),
         (config.eval_every >= 0 and config.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (config.eval_decode_prompts >= 0 and config.eval_decode_tokens >= 1, "--eval-decode-prompts must be >= 0, "
          "--eval-decode-tokens >= 1"),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfmtp.models.gated import gated_token_id, mask_query_attention
+from selfmtp.models.gated import gated_head_logits, gated_token_id, mask_query_attention
 from selfmtp.training.layout import MTPLayout, fill_rollout, model_attention_mask, padded_causal_attention
 
 TEACHER_MODES = ("hard", "soft")
@@ -59,24 +59,29 @@ class SelectedLogits(nn.Module):
         implementation = getattr(decoder.config, "_attn_implementation", "sdpa")
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled() else decoder.dtype
         mask = model_attention_mask(attention_mask, implementation, dtype)
-        gated = gated_token_id(self.lm) is not None and torch.is_grad_enabled()
+        token = gated_token_id(self.lm)
+        gated = token is not None and torch.is_grad_enabled()
         with mask_query_attention(self.lm) if gated else nullcontext():
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
-        head = self.lm.get_output_embeddings()
+        if token is None:
+            return self.lm.get_output_embeddings()(hidden[rows, cols])
+        is_mask = input_ids[rows, cols] == token
         if not gated:
-            return head(hidden[rows, cols])
-        return _gated_head(head, hidden, input_ids[rows, cols] == gated_token_id(self.lm), rows, cols)
+            return gated_head_logits(self.lm, hidden[rows, cols], is_mask)
+        return _gated_head(self.lm, hidden, is_mask, rows, cols)
 
 
-def _gated_head(head: nn.Module, hidden: torch.Tensor, is_mask: torch.Tensor, rows, cols) -> torch.Tensor:
+def _gated_head(lm: nn.Module, hidden: torch.Tensor, is_mask: torch.Tensor, rows, cols) -> torch.Tensor:
     """Logits at (rows, cols) of a gated forward: with a graph at mask positions, without one (each distinct
     real position once) elsewhere; in the order asked."""
     where_mask, where_real = is_mask.nonzero().squeeze(1), (~is_mask).nonzero().squeeze(1)
     flat = rows[where_real] * hidden.shape[1] + cols[where_real]
     distinct, inverse = torch.unique(flat, return_inverse=True)
     with torch.no_grad():
-        real = head(hidden.reshape(-1, hidden.shape[-1])[distinct])[inverse]
-    masked = head(hidden[rows[where_mask], cols[where_mask]])
+        real_in = hidden.reshape(-1, hidden.shape[-1])[distinct]
+        real = gated_head_logits(lm, real_in, torch.zeros(len(distinct), dtype=torch.bool, device=hidden.device))[inverse]
+    masked_in = hidden[rows[where_mask], cols[where_mask]]
+    masked = gated_head_logits(lm, masked_in, torch.ones(len(where_mask), dtype=torch.bool, device=hidden.device))
     order = torch.cat([where_mask, where_real]).argsort()
     return torch.cat([masked, real.to(masked.dtype)])[order]
 
@@ -207,9 +212,10 @@ def mtp_loss(
     KL: it anchors plain k=1 decoding to the original model, whatever text the data holds).
     `targets_from_forward` (gated models, offline): the target of each supervised position is the argmax
     at the GT position before it in the SAME forward, which under the gate is the original model's
-    next-token choice: offline supervision with no teacher and no relabelling pass.
+    next-token choice: offline supervision with no teacher and no relabelling pass. With
+    `teacher_mode="soft"` the loss is KL to the original model's whole distribution there instead.
     """
-    _check_modes(teacher_mode, supervision, prefix_target)
+    _check_modes(teacher_mode, supervision, prefix_target, soft_offline=targets_from_forward)
     n_sup, use_prefix = layout.sup_pos.numel(), prefix_loss_weight > 0
     teacher_prefix = use_prefix and prefix_target == "teacher"
     online = supervision == "online"
@@ -235,6 +241,9 @@ def mtp_loss(
         eos = torch.full_like(layout.sup_target, eos_token_id if eos_token_id is not None else 0)
         targets = torch.where(layout.sup_past_eos, eos, t_sup.argmax(dim=-1))
         per_position = distillation_loss(student_lp, t_sup, teacher_mode, targets=targets, forced=layout.sup_past_eos)
+    elif targets_from_forward and teacher_mode == "soft":  # gated offline: the original model's distribution
+        targets = layout.sup_target
+        per_position = distillation_loss(student_lp, in_forward, "soft", targets=targets, forced=layout.sup_past_eos)
     else:  # the ground truth, or the teacher's choices the layout was relabelled with (offline)
         targets, per_position = layout.sup_target, -student_lp.gather(1, layout.sup_target[:, None])[:, 0]
 
@@ -314,13 +323,13 @@ def distillation_loss(student_lp, t_logits, teacher_mode: str, *, targets=None, 
     return (torch.xlogy(t_probs, t_probs) - t_probs * student_lp.masked_fill(t_probs == 0, 0)).sum(-1)
 
 
-def _check_modes(teacher_mode: str, supervision: str, prefix_target: str) -> None:
+def _check_modes(teacher_mode: str, supervision: str, prefix_target: str, *, soft_offline: bool = False) -> None:
     for value, allowed, name in ((teacher_mode, TEACHER_MODES, "teacher_mode"), (supervision, SUPERVISION, "supervision"),
                                  (prefix_target, PREFIX_TARGETS, "prefix_target")):  # fmt: skip
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    if supervision == "offline" and teacher_mode != "hard":
-        raise ValueError("offline supervision learns the teacher's argmax (hard); soft targets need online")
+    if supervision == "offline" and teacher_mode != "hard" and not soft_offline:
+        raise ValueError("offline supervision learns the teacher's argmax (hard); soft targets need online or gating")
 
 
 def _stats(layout, top_lp, rollout, targets, loss_sum, prefix_sum, prefix_agree, k_max) -> StepStats:

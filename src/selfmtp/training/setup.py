@@ -127,10 +127,10 @@ def build_student_and_teacher(student, teacher_model, config):
         from selfmtp.models.gated import apply_gate, continue_gated
 
         if is_gated(student):  # --model names a gated directory: train its deltas further
-            continue_gated(student, rank=config.lora_rank)
+            continue_gated(student, rank=config.lora_rank, head=config.gated_head)
         else:
             student = apply_gate(student, mtp_token_id=mtp_token_id(student), rank=config.lora_rank,
-                                 alpha=config.lora_alpha)
+                                 alpha=config.lora_alpha, head=config.gated_head)
         return student, (gated_teacher(student) if config.supervision == "online" else None)
     if teacher_model is not None:
         if teacher_model.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
@@ -165,7 +165,7 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
 
     setattr(student.config, K_MAX_CONFIG_KEY, config.k_max)
     if config.gated:
-        from selfmtp.models.gated import gated_base_spec, save_gated_dir
+        from selfmtp.models.gated_dir import gated_base_spec, save_gated_dir
 
         return save_gated_dir(student, tokenizer, final_dir, base_spec=gated_base_spec(config.model), seed=config.seed,
                               k_max=config.k_max)
