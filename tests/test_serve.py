@@ -53,7 +53,9 @@ def delta(server, before, key):
     return server.engine.snapshot()[key] - before[key]
 
 
-@pytest.mark.parametrize("strategy", ["ntp", "confadapt:0.6:4", "auto:0.6:4", "verify:4", "verify:4:tree:lookup"])
+# Lossy `auto` is not here: its mask count follows the load and what earlier requests taught the rule, so
+# two requests may decode differently by design; the exact `auto:verify` must give greedy text whatever it chose.
+@pytest.mark.parametrize("strategy", ["ntp", "confadapt:0.6:4", "auto:verify:4", "verify:4", "verify:4:tree:lookup"])
 def test_chat_streamed_equals_whole_equals_generate(peaked, client, strategy):
     whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0,
                                            extra_body={"strategy": strategy})  # fmt: skip
@@ -68,7 +70,7 @@ def test_chat_streamed_equals_whole_equals_generate(peaked, client, strategy):
         ref = reference(peaked, CHAT, strategy, 24, chat=True)
         assert streamed == ref.text
         assert usage["forward_passes"] == ref.forward_passes and whole.usage.completion_tokens == ref.num_tokens
-    if strategy.startswith("verify"):  # exact: the same text as greedy k=1
+    if "verify" in strategy:  # exact: the same text as greedy k=1
         assert streamed == reference(peaked, CHAT, "static:1", 24, chat=True).text
     # one chunk per forward pass, each saying how many tokens that pass gave
     passes = [c for c in chunks if c.choices]
