@@ -9,6 +9,7 @@ that the test left them as it found them: tests pass in any order (`-p random_or
 from __future__ import annotations
 
 import faulthandler
+import gc
 import hashlib
 import json
 import os
@@ -105,7 +106,27 @@ def ddp_worker(rank: int, world: int, port: int, cfg) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
+    _check_group_outlives_its_holders()
     train(cfg)
+
+
+def _check_group_outlives_its_holders() -> None:
+    """Fail a run whose DDP or FSDP modules are still alive when the trainer destroys the process group: they hold
+    the group in C++, and a group whose last holder is one of them is destroyed under the GIL, where gloo's
+    destructor can deadlock with its own worker threads (trainer._destroy_process_group)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    destroy = dist.destroy_process_group
+
+    def checked(*args, **kwargs):
+        gc.collect()
+        holders = [type(o).__name__ for o in gc.get_objects()
+                   if isinstance(o, (torch.nn.parallel.DistributedDataParallel, FSDPModule))]  # fmt: skip
+        assert not holders, f"process group destroyed while {holders} still hold it"
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = checked
 
 
 # A 2-step tiny run takes ~10 s quiet and ~60 s beside a training job; a run past this is stuck (e.g. a

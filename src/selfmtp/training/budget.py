@@ -10,7 +10,7 @@ budget, plus the CPU seconds earlier processes of the same run had used up to th
 The rule, checked at step boundaries: stop before a step that would overrun, i.e. when
 spent + the last step's CPU > budget. Under a cosine schedule the decay is drawn over the budget (the
 lr multiplier reads `fraction()`), so each run ends its schedule when its budget ends. With several
-processes every measure is the maximum over them, so all processes agree on the lr and on the stop.
+processes and a budget every measure is the maximum over them, so all processes agree on the lr and on the stop.
 A budgeted run's lr curve follows measured time: it is reproducible in its data and plan per step
 (seed, step), not bit for bit.
 """
@@ -42,9 +42,10 @@ class CpuBudget:
         self.last_step, self.spent = spent - self.spent, spent
 
     def _measure(self, world: int, device) -> float:
-        """The run's CPU seconds so far, the maximum over processes."""
+        """The run's CPU seconds so far: the maximum over processes under a budget (they must agree on the lr and the
+        stop), else this process's own (a collective per step would buy nothing)."""
         value = torch.tensor([self.before + process_cpu_seconds()], dtype=torch.float64, device=device)
-        if world > 1:
+        if world > 1 and self.seconds is not None:
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return float(value.item())
 

@@ -16,6 +16,7 @@ fingerprints, which --resume checks), `summary.json`, and with offline supervisi
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import time
@@ -82,6 +83,32 @@ def _train(config: TrainConfig) -> dict:
     validate(config)
     started = time.perf_counter()
     rank, world, device, owns_group = _init_distributed(config)
+    try:
+        summary, stopped = _train_in_group(config, started, rank, world, device), None
+    except Interrupted as stop:  # every process stops at the same step (agreed in the loop)
+        summary, stopped = None, stop.with_traceback(None)  # its traceback would keep the run's frame alive
+    if world > 1:
+        dist.barrier()
+    if owns_group:
+        _destroy_process_group()
+    if stopped is not None:
+        raise stopped
+    return summary
+
+
+def _destroy_process_group() -> None:
+    """Destroy the group once nothing else holds it. DDP's C++ reducer holds the group too, and a group
+    whose last holder is the reducer is destroyed under the GIL: gloo's destructor then joins its worker
+    threads, one of which may need the GIL to free the last collective's tensor, a deadlock (a rare CI
+    hang at the end of a 2-process run). So the run's objects are freed first (gc: modules hold cycles),
+    and the group dies here, in `destroy_process_group`, whose binding releases the GIL."""
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _train_in_group(config: TrainConfig, started: float, rank: int, world: int, device) -> dict:
+    """Everything that holds the process group (the DDP module) lives in this frame, so it is freed when
+    this returns, before the group is destroyed (`_destroy_process_group`)."""
     out, resuming, resume_from = prepare_output(config, rank)
     if world > 1:
         dist.barrier()  # every process checks the output directory before rank 0 writes to it
@@ -112,10 +139,6 @@ def _train(config: TrainConfig) -> dict:
     }  # fmt: skip
     if rank == 0:
         write_json_atomic(out / "summary.json", summary)  # demo reads it
-    if world > 1:
-        dist.barrier()
-    if owns_group:
-        dist.destroy_process_group()
     return summary
 
 
