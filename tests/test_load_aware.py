@@ -31,16 +31,18 @@ DEMO_CPU = PassCost([(1, 0.0087), (16, 0.0089), (32, 0.012), (64, 0.0204), (128,
 def simulate(rule: ProposalRule, keep_rates, passes: int, *, rows: int = 1, seed: int = 0) -> list[int]:
     """Run `passes` passes; position j of a row is kept with probability keep_rates[j] once j - 1 was."""
     draw = random.Random(seed)
-    chosen = []
-    for _ in range(passes):
-        k = rule.choose(rows=rows, fed_per_row=1)
-        for _ in range(rows):
-            run = 1
-            while run < k and draw.random() < keep_rates.get(run + 1, 0.0):
-                run += 1
-            rule.stats.record(proposed=k, accepted=run)
-        chosen.append(k)
-    return chosen
+    return [run_pass(rule, keep_rates, rows, draw) for _ in range(passes)]
+
+
+def run_pass(rule: ProposalRule, keep_rates, rows: int, draw: random.Random) -> int:
+    """One pass: the rule's k; each row's run is drawn and recorded in the rule's stats."""
+    k = rule.choose(rows=rows, fed_per_row=1)
+    for _ in range(rows):
+        run = 1
+        while run < k and draw.random() < keep_rates.get(run + 1, 0.0):
+            run += 1
+        rule.stats.record(proposed=k, accepted=run)
+    return k
 
 
 def cost_of(chosen: list[int], cost: PassCost, rows: int = 1) -> float:
@@ -105,12 +107,7 @@ def test_the_rule_expects_at_least_ntp_less_the_exploration_share(curve, keep, r
     rates = dict.fromkeys(range(2, 9), keep)
     draw, tokens, seconds = random.Random(0), 0.0, 0.0
     for _ in range(1500):
-        k = rule.choose(rows=rows, fed_per_row=1)
-        for _ in range(rows):
-            run = 1
-            while run < k and draw.random() < rates[run + 1]:
-                run += 1
-            rule.stats.record(proposed=k, accepted=run)
+        k = run_pass(rule, rates, rows, draw)
         tokens, seconds = tokens + rows * expected_tokens(rates, k), seconds + curve(rows * k)
         assert rule.explored <= EXPLORE_SHARE * rule.seconds * (1 + 1e-12)  # 1e-12: float sums
     assert tokens / seconds >= (1 - EXPLORE_SHARE) * rows / curve(rows)
@@ -131,12 +128,7 @@ def test_a_rule_that_learns_its_cost_expects_at_least_ntp_where_the_probe_under_
     rates = {**dict.fromkeys(range(3, 9), 0.1), 2: keep}
     draw, tokens, seconds = random.Random(1), [], []
     for _ in range(1500):
-        k = rule.choose(rows=rows, fed_per_row=1)
-        for _ in range(rows):
-            run = 1
-            while run < k and draw.random() < rates[run + 1]:
-                run += 1
-            rule.stats.record(proposed=k, accepted=run)
+        k = run_pass(rule, rates, rows, draw)
         rule.cost.observe(rows * k, true(rows * k))
         tokens.append(rows * expected_tokens(rates, k))
         seconds.append(true(rows * k))
