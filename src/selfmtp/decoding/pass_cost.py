@@ -5,9 +5,11 @@ start-up by timing cached passes of the loaded model. `LearnedPassCost` is the c
 rule (`load_aware.ProposalRule`) reads while serving: the probe's curve, corrected by the decode
 loop's own timed passes (`batch.BatchDecoder.step` times each pass with `pass_clock`, the probe's
 clock, and reports the tokens it fed). The probe times bare model calls; a served pass also lays
-out its rows, reads out, checks drafts and crops the cache, and on SmolLM2 a pass carrying drafts
-cost +14.7% where the probe said +25% for a +54% measured (docs/measurements/serve-trace-cpu/
-session9-mtp-c1-c8): a rule priced by the probe alone drafts where drafting loses.
+out its rows, reads out, checks drafts and crops the cache. On smollm2-135m-mtp the served 2-token
+passes of exact rows cost 1.47x an NTP pass where the probe said 1.25x (docs/measurements/
+serve-trace-cpu/session9-mtp-c1-c8), and a rule priced by the probe alone drafted on 35% of passes
+at 0.90x NTP's tokens/s; priced by the learned curve (2 tokens: 1.61x), on 2.2% at 1.00x
+(serve-trace-cpu/session10-fixed-vs-learned-c1).
 
 How the learned curve is built (`LearnedPassCost.refresh`, every REFRESH_EVERY passes):
 - each pass gives a ratio, its seconds over the probe's price for its tokens fed, kept per size
