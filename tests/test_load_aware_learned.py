@@ -7,12 +7,21 @@ test runs the real decoder with a fake clock that a wrapped forward advances by 
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
+import torch
 
 from selfmtp.decoding.batch import BatchDecoder
 from selfmtp.decoding.load_aware import AcceptanceStats, LoadAware, ProposalRule
-from selfmtp.decoding.pass_cost import LEARN_MIN, TRUST_PASSES, LearnedPassCost, PassCost, size_bucket
+from selfmtp.decoding.pass_cost import (
+    LEARN_MIN,
+    TRUST_PASSES,
+    LearnedPassCost,
+    PassCost,
+    pass_clock,
+    size_bucket,
+)
 from selfmtp.decoding.strategies import resolve_strategy
 
 # SmolLM2-135M's probe as session 9's trace took it (ms -> s); the served passes carrying drafts
@@ -122,3 +131,29 @@ def test_the_decoder_reports_every_pass_with_its_tokens_fed(tiny):
     assert cost.passes == steps
     ratios = [r for window in cost.ratios.values() for r in window]
     assert ratios == pytest.approx([1.0] * steps)  # approx: float sums of milliseconds
+
+
+def test_the_learned_curve_stays_monotone():
+    """2-token passes measured dearer than 4-token ones (noise, or a size seen under a burst of load):
+    feeding more must still never look cheaper, as on the probe's curve."""
+    cost = LearnedPassCost(PROBE)
+    for _ in range(TRUST_PASSES):
+        cost.observe(1, PROBE(1))
+        cost.observe(2, 3 * PROBE(2))
+        cost.observe(4, PROBE(4))
+    cost.refresh()
+    prices = [cost(t) for t in range(1, 40)]
+    assert all(a <= b for a, b in zip(prices, prices[1:], strict=False))
+
+
+def test_pass_clock_counts_the_computing_threads_cpu_time():
+    """One torch thread: the model computes in the calling thread, and the process's CPU time would also
+    count the server's HTTP thread (docs/measurements/pass-clock-cpu); more: torch's workers share the pass."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert pass_clock("cpu") is time.thread_time
+        torch.set_num_threads(2)
+        assert pass_clock("cpu") is time.process_time
+    finally:
+        torch.set_num_threads(threads)
