@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from selfmtp.decoding.pass_cost import LearnedPassCost, PassCost
 
 EXPLORE_SHARE = 0.02  # the most of all passes' seconds that exploration may add
-MIN_GAIN = 0.05  # tokens/s more proposals must promise beyond the cheaper choice's (the probed curve's error)
+MIN_GAIN = 0.05  # tokens/s more proposals must promise beyond the cheaper choice's (the curve's error)
 
 
 @dataclass
