@@ -18,6 +18,11 @@ stats carry over from level to level as they do in a server. Every pass is timed
   median for a pass of the same width, as a share of the mode's decode seconds;
 - throughput: tokens / seconds of all passes, per round over NTP's in the same round (median, min-max).
 
+The rule prices passes by the curve `selfmtp serve` uses: the probe's, corrected by the passes the
+decoder times (`pass_cost.LearnedPassCost`); the report ends with the probe's and the learned price
+per size and the passes timed at each. `--fixed-curve` keeps the probe's curve all run (the rule
+before the curve was learned), for a before/after comparison.
+
     python scripts/trace_serve.py --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts.txt \\
       --prepack --output docs/measurements/serve-trace-cpu/smollm2-135m
 
@@ -38,7 +43,8 @@ import torch
 
 from selfmtp.api import MTPModel, read_prompts
 from selfmtp.decoding.batch import BatchDecoder
-from selfmtp.decoding.load_aware import LoadAware, PassCost
+from selfmtp.decoding.load_aware import LoadAware
+from selfmtp.decoding.pass_cost import LearnedPassCost, PassCost, pass_clock
 from selfmtp.decoding.strategies import resolve_strategy
 from selfmtp.files import write_json_atomic, write_text_atomic
 
@@ -58,6 +64,8 @@ def main() -> None:
     parser.add_argument("--prepack", action="store_true", help="as `selfmtp serve --prepack`")
     parser.add_argument("--curve", help="the rule's pass costs as `selfmtp serve` logs them ('1: 59.0 ms, 2: 99.4 ms, "
                         "...'), e.g. a quiet machine's, instead of probing here (the passes are still timed)")
+    parser.add_argument("--fixed-curve", action="store_true",
+                        help="price passes by the probed (or --curve) curve all run, not learn it from the timed passes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -68,8 +76,9 @@ def main() -> None:
     mtp = MTPModel.from_pretrained(args.model, seed=args.seed, prepack=args.prepack)
     prompts = [mtp.encode(p, chat=False) for p in read_prompts(args.prompts)]
     started = time.perf_counter()
-    cost = PassCost.parse(args.curve) if args.curve else PassCost.measure(mtp.model, max_rows=max(levels))
+    probe = PassCost.parse(args.curve) if args.curve else PassCost.measure(mtp.model, max_rows=max(levels))
     probe_seconds = time.perf_counter() - started
+    cost = probe if args.fixed_curve else LearnedPassCost(probe, clock=pass_clock(mtp.model.device))
     load_aware = LoadAware(cost, 16)
     pad = mtp.tokenizer.pad_token_id if mtp.tokenizer.pad_token_id is not None else 0
     decoder = BatchDecoder(mtp.model, tokenizer=mtp.tokenizer, pad_token_id=pad, compact_cache=True,
@@ -83,7 +92,7 @@ def main() -> None:
                          passes[mode, level], rule_seconds)  # fmt: skip
     result = {
         "command": "python " + " ".join(sys.argv), "model": args.model, "prepack": args.prepack,
-        "probe_seconds": probe_seconds, "pass_cost": cost.points,
+        "probe_seconds": probe_seconds, "pass_cost": probe.points, "learned": learned_table(cost),
         "cells": [summarise(passes, mode, level) for level in levels for mode in modes],
         "chosen": load_aware.chosen, "explorations": load_aware.explorations,
     }  # fmt: skip
@@ -96,9 +105,9 @@ def main() -> None:
 
 
 def time_rule(load_aware: LoadAware) -> list[float]:
-    """Wrap the decoder's rule so that its seconds per pass (caps + record) add up in the list returned."""
+    """Wrap the decoder's rule so that its seconds per pass (caps + record + observe) add up in the list returned."""
     spent = [0.0]
-    for name in ("caps", "record"):
+    for name in ("caps", "record", "observe"):
         inner = getattr(load_aware, name)
 
         def timed(*a, _inner=inner, **kw):
@@ -171,6 +180,14 @@ def summarise(passes, mode: str, level: int) -> dict:
     }  # fmt: skip
 
 
+def learned_table(cost) -> list[dict] | None:
+    """Per size: the probe's and the learned price and the passes timed there (None with --fixed-curve)."""
+    if not isinstance(cost, LearnedPassCost):
+        return None
+    cost.refresh()  # the passes since the last rebuild count too
+    return cost.table()
+
+
 def median_by_rows(passes: list[dict]) -> dict[int, float]:
     by = defaultdict(list)
     for p in passes:
@@ -188,7 +205,9 @@ def report(result: dict) -> str:
     lines = [
         f"# Pass trace of the serving loop: {result['model']}{' (--prepack)' if result['prepack'] else ''}", "",
         f"    {result['command']}", "",
-        f"Pass cost the rule used ({result['probe_seconds']:.1f} s to probe or parse): {curve}.", "",
+        f"Probed pass cost ({result['probe_seconds']:.1f} s to probe or parse): {curve}.", "",
+        "The rule priced passes by " + ("this curve all run (--fixed-curve)." if result.get("learned") is None else
+                                        "this curve corrected by the passes it timed (the table at the end)."), "",
         "| concurrency | mode | passes (decode) | extra-fed share | tokens/row-pass of those | NTP-sized pass / NTP's, by rows "
         "| rule ms/pass | explore passes | explored share (curve) | extra cost share (measured) | tokens/s | vs ntp |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -205,6 +224,13 @@ def report(result: dict) -> str:
         )  # fmt: skip
     lines += ["", f"Rule's choices over the run (kind -> proposals: passes): {json.dumps(result['chosen'])}; "
               f"explorations {result['explorations']}.", ""]  # fmt: skip
+    if result.get("learned"):
+        lines += ["Pass cost by tokens fed at the end of the run: the probe's and the learned price, and the passes "
+                  "timed at that size (sizes with none take the correction of the sizes around them).", "",
+                  "| tokens fed | probe ms | learned ms | learned / probe | passes timed |", "|---|---|---|---|---|"]
+        lines += [f"| {r['tokens']} | {r['probe_ms']:.1f} | {r['learned_ms']:.1f} | {r['learned_ms'] / r['probe_ms']:.2f} "
+                  f"| {r['passes']} |" for r in result["learned"]]  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -254,6 +254,12 @@ def test_bounded_load(peaked, server, client):
             assert text == refs[prompt, strategy]
     assert delta(server, before, "completed") == 48 and delta(server, before, "failed") == 0
     assert server.engine.snapshot()["active"] == 0
+    url = server.base_url.removesuffix("/v1") + "/health"
+    engine = json.loads(urllib.request.urlopen(url, timeout=60).read())["engine"]
+    # every pass was timed into the curve the load-aware rule reads, and /health shows it
+    assert engine["pass_cost"]["passes_timed"] - before["pass_cost"]["passes_timed"] == engine["passes"] - before["passes"]
+    assert engine["pass_cost"]["learned"] != engine["pass_cost"]["probe"]
+    assert engine["pass_seconds"]["engine_thread_cpu"] > before["pass_seconds"]["engine_thread_cpu"]
 
 
 def test_exact_strategies_are_served():

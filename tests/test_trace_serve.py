@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import load_script
+from selfmtp.decoding.pass_cost import TRUST_PASSES, LearnedPassCost, PassCost
 
 
 def p(rows, seconds, extra=0, tokens=1, prefill=False, explored=0.0, curve=1.0):
@@ -28,3 +29,22 @@ def test_summary_splits_passes_that_fed_extra_tokens_from_ntp_sized_ones():
     assert cell["extra_cost_share"] == pytest.approx((0.5 + 0.5) / 5.2)  # beyond NTP's 1.0 s, of 5.2 decode s
     assert cell["explored_share_by_curve"] == pytest.approx(0.5 / 5) and cell["explore_passes"] == 1
     assert cell["vs_ntp"] == pytest.approx([(12 / 8.2) / (10 / 7.0)])  # tokens/s over NTP's, same round
+
+
+def test_report_shows_the_probe_and_the_learned_price_per_size():
+    """Passes of 2 tokens timed at 1.5x the probe's price: the report's table says so at that size."""
+    trace = load_script("trace_serve")
+    probe = PassCost([(1, 0.010), (2, 0.012), (4, 0.014)])
+    cost = LearnedPassCost(probe)
+    for _ in range(TRUST_PASSES):
+        cost.observe(1, 0.010)
+        cost.observe(2, 0.018)
+    passes = {("ntp", 1): [p(1, 1.0)], ("auto", 1): [p(1, 1.0)]}
+    result = {"command": "trace", "model": "m", "prepack": False, "probe_seconds": 1.0, "pass_cost": probe.points,
+              "learned": trace.learned_table(cost), "cells": [trace.summarise(passes, "auto", 1)], "chosen": {},
+              "explorations": 0}  # fmt: skip
+    text = trace.report(result)
+    assert "| 1 | 10.0 | 10.0 | 1.00 | 16 |" in text and "| 2 | 12.0 | 18.0 | 1.50 | 16 |" in text
+    assert "| 4 | 14.0 | 21.0 | 1.50 | 0 |" in text  # beyond the learned sizes: at least their correction
+    assert "--fixed-curve" not in text
+    assert "--fixed-curve" in trace.report({**result, "learned": None})

@@ -28,10 +28,13 @@ class MTPModel:
 
     def load_aware(self, max_rows: int = 1):
         """The `LoadAware` rule of `auto` strategies: times cached passes of up to `max_rows` rows once."""
-        from selfmtp.decoding.load_aware import LoadAware, PassCost
+        from selfmtp.decoding.load_aware import LoadAware
+        from selfmtp.decoding.pass_cost import LearnedPassCost, PassCost, pass_clock
 
         if self._load_aware[0] < max_rows:
-            self._load_aware = (max_rows, LoadAware(PassCost.measure(self.model, max_rows=max_rows)))
+            probe = PassCost.measure(self.model, max_rows=max_rows)
+            cost = LearnedPassCost(probe, clock=pass_clock(self.model.device))  # corrected by the passes it times
+            self._load_aware = (max_rows, LoadAware(cost))
         return self._load_aware[1]
 
     @classmethod

@@ -197,10 +197,14 @@ class BatchDecoder:
         """One forward pass of every active row; finished rows leave the batch before this returns.
 
         Load-aware rows propose what the decoder's `LoadAware` allows this pass, or at most
-        `max_proposals` when given (1 = plain NTP passes for them).
+        `max_proposals` when given (1 = plain NTP passes for them). Where its curve is learned, the
+        whole pass is timed (layout, forward, readout, drafts, cache crops) and reported with the
+        tokens it fed, so the rule prices passes as this loop runs them.
         """
         if not self.active:
             return []
+        clock = self.load_aware.clock if self.load_aware is not None else None
+        started = clock() if clock is not None else 0.0
         rows = list(self.active)
         aware = [row for row in rows if row.load_aware]
         if max_proposals is not None:
@@ -235,6 +239,8 @@ class BatchDecoder:
             rejected.append(n)
         self._keep_accepted(fed[:, : fed.shape[1] - mask_width], rejected, mask_width)
         self._keep([row for row in rows if not row.finished])
+        if clock is not None:  # every token fed counts, pads too: the pass computes them all
+            self.load_aware.observe(input_ids.numel(), clock() - started)
         return events
 
     def _accept(self, row: BatchRow, plan: Plan, proposals, confidences, real_end: int, elapsed: float):

@@ -1,13 +1,15 @@
 """`selfmtp serve`: an OpenAI-compatible server with multi-token streaming and continuous batching.
 
-`serve(...)` loads a model, probes its pass cost (for the load-aware `auto` strategy), starts the
+`serve(...)` loads a model, probes its pass cost (for the load-aware `auto` strategy; the engine then
+corrects that curve by its own timed passes, `LearnedPassCost`), starts the
 engine thread (`engine.Engine`, stepping a `decoding.batch.BatchDecoder`) and runs uvicorn on the
 FastAPI app (`app.create_app`). `start_server` does the same in a background thread (tests, benchmarks).
 """
 
 from __future__ import annotations
 
-from selfmtp.decoding.load_aware import AcceptanceStats, PassCost, ProposalRule
+from selfmtp.decoding.load_aware import AcceptanceStats, ProposalRule
+from selfmtp.decoding.pass_cost import LearnedPassCost, PassCost
 from selfmtp.serving.config import AUTO_HELP, ServeConfig, resolve_strategy
 
 
@@ -26,6 +28,6 @@ def start_server(mtp, config: ServeConfig):
 
 
 __all__ = [
-    "AUTO_HELP", "AcceptanceStats", "PassCost", "ProposalRule", "ServeConfig", "resolve_strategy", "serve",
-    "start_server",
+    "AUTO_HELP", "AcceptanceStats", "LearnedPassCost", "PassCost", "ProposalRule", "ServeConfig", "resolve_strategy",
+    "serve", "start_server",
 ]  # fmt: skip

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
 from selfmtp.decoding.batch import BatchDecoder, BatchRow, StepEvent
-from selfmtp.decoding.load_aware import LoadAware, PassCost
+from selfmtp.decoding.load_aware import LoadAware
+from selfmtp.decoding.pass_cost import LearnedPassCost, PassCost
 from selfmtp.decoding.strategies import Strategy
 from selfmtp.serving.text import TextDeltas
 
@@ -54,6 +56,9 @@ class Request:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+# the passes' seconds by three clocks (`GET /health`): what the engine thread computed, what every
+# thread of the process did meanwhile (HTTP, torch workers), and the wall clock (pass_cost.pass_clock)
+PASS_CLOCKS = {"engine_thread_cpu": time.thread_time, "process_cpu": time.process_time, "wall": time.perf_counter}
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "context": "length"}
 
 
@@ -64,7 +69,7 @@ class Engine:
         *,
         max_batch: int = 8,
         max_queue: int = 64,
-        pass_cost: PassCost | None = None,
+        pass_cost: PassCost | LearnedPassCost | None = None,
         auto_k_max: int = 16,
     ):
         self.mtp = mtp
@@ -83,6 +88,7 @@ class Engine:
         self.stats = {
             "passes": 0, "row_passes": 0, "completed": 0, "failed": 0, "cancelled": 0, "joined_running_batch": 0,
             "largest_batch": 0, "proposals_chosen": {}, "exact_proposals_chosen": {}, "exploration_passes": 0,
+            "pass_seconds": dict.fromkeys(PASS_CLOCKS, 0.0),
         }  # fmt: skip
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="selfmtp-engine", daemon=True)
@@ -116,7 +122,13 @@ class Engine:
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {**self.stats, "active": len(self.decoder.active), "waiting": len(self.waiting)}
+            snapshot = {**self.stats, "pass_seconds": dict(self.stats["pass_seconds"]),
+                        "active": len(self.decoder.active), "waiting": len(self.waiting)}  # fmt: skip
+        if isinstance(self.pass_cost, LearnedPassCost):  # the curve the rule reads now, against the probe's
+            cost = self.pass_cost
+            snapshot["pass_cost"] = {"probe": cost.probe.describe(), "learned": cost.describe(),
+                                     "passes_timed": cost.passes}  # fmt: skip
+        return snapshot
 
     # --- the engine thread ---------------------------------------------------------------------
 
@@ -161,6 +173,7 @@ class Engine:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.decoder.active))
 
     def _step(self) -> None:
+        before = [clock() for clock in PASS_CLOCKS.values()]
         try:
             events = self.decoder.step()
         except Exception as error:  # the pass itself failed: every row in it fails, the server goes on
@@ -169,7 +182,10 @@ class Engine:
                 for row in self.decoder.clear():
                     self._fail(self.requests.pop(row), error)
             return
+        spent = [clock() - start for clock, start in zip(PASS_CLOCKS.values(), before, strict=True)]
         with self.lock:
+            for name, seconds in zip(PASS_CLOCKS, spent, strict=True):
+                self.stats["pass_seconds"][name] += seconds
             self.stats["passes"] += 1
             self.stats["row_passes"] += len(events)  # > passes exactly when rows shared passes
             if self.load_aware is not None:  # the load-aware caps chosen so far, by row kind

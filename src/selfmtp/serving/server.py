@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from selfmtp.decoding.load_aware import PassCost
+from selfmtp.decoding.pass_cost import LearnedPassCost, PassCost, pass_clock
 from selfmtp.serving.app import create_app
 from selfmtp.serving.config import ServeConfig, resolve_strategy
 from selfmtp.serving.engine import Engine
@@ -17,8 +17,9 @@ def build(mtp, config: ServeConfig, log=print):
     config.check()
     pass_cost = None
     if config.probe:
-        pass_cost = PassCost.measure(mtp.model, max_rows=config.max_batch)
-        log("pass cost by tokens fed: " + pass_cost.describe())
+        probe = PassCost.measure(mtp.model, max_rows=config.max_batch)
+        log("pass cost by tokens fed: " + probe.describe())
+        pass_cost = LearnedPassCost(probe, clock=pass_clock(mtp.model.device))  # corrected by the served passes
     strategy, _ = resolve_strategy(config.strategy)
     engine = Engine(mtp, max_batch=config.max_batch, max_queue=config.max_queue, pass_cost=pass_cost,
                     auto_k_max=strategy.k_max).start()  # fmt: skip
