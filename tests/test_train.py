@@ -175,16 +175,22 @@ def test_grad_accumulation_equals_big_batch(data, tmp_path):
     assert_weights_close(final_weights(tmp_path / "big"), final_weights(tmp_path / "accum"), 1e-5)
 
 
-# offline: the processes share the relabelling, and a resume takes the cached targets on every process
+# offline: the processes share the relabelling, and a resume takes the cached targets on every process;
+# online runs under a CPU budget too large to stop it, so the processes' per-step budget agreement (a collective
+# only under a budget) runs as well, and the run still stops at --steps on both
 @pytest.mark.parametrize("supervision", ["online", "offline"])
 def test_two_process_ddp_equals_one_process_with_double_batch(data, tmp_path, supervision):
-    ddp = tiny_train_config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2, supervision=supervision)
+    budget = 1e6 if supervision == "online" else None
+    ddp = tiny_train_config(data, tmp_path / "ddp", batch_size=2, steps=2, save_every=2, supervision=supervision,
+                            cpu_budget=budget)  # fmt: skip
     run_ddp(ddp)
     if supervision == "offline":
         resumed = replace(ddp, steps=3, resume=True)
         run_ddp(resumed)
     steps = 3 if supervision == "offline" else 2
-    train(tiny_train_config(data, tmp_path / "single", batch_size=4, steps=steps, supervision=supervision))
+    train(tiny_train_config(data, tmp_path / "single", batch_size=4, steps=steps, supervision=supervision,
+                            cpu_budget=budget))  # fmt: skip
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["stopped_by"] == "steps"
     for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["supervised"] == b["supervised"]
     assert_weights_close(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), 1e-5)
