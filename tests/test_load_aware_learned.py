@@ -133,6 +133,26 @@ def test_the_decoder_reports_every_pass_with_its_tokens_fed(tiny):
     assert ratios == pytest.approx([1.0] * steps)  # approx: float sums of milliseconds
 
 
+def test_a_fixed_curve_is_read_like_a_learned_one_and_learns_nothing(tiny):
+    """The decoder and /health read either curve the same way: a fixed one gives no clock (so no
+    pass is timed), ignores observations and reports itself as fixed."""
+    model, _ = tiny
+    fixed = PassCost(list(PROBE.points))
+    load_aware = LoadAware(fixed, k_max=4)
+    assert load_aware.clock is None and LoadAware(LearnedPassCost(PROBE, clock=time.thread_time)).clock is not None
+    decoder = BatchDecoder(model, load_aware=load_aware)
+    strategy, aware = resolve_strategy("auto:0.6:4")
+    decoder.add([5, 6, 7], strategy, max_new_tokens=6, load_aware=aware)
+    while decoder.active:
+        decoder.step()
+    load_aware.observe(2, 10 * PROBE(2))
+    assert fixed.points == PROBE.points and fixed.version == 0
+    assert fixed.report() == {"fixed": PROBE.describe()}
+    learned = LearnedPassCost(PROBE)
+    learned.observe(2, PROBE(2))
+    assert learned.report() == {"probe": PROBE.describe(), "learned": PROBE.describe(), "passes_timed": 1}
+
+
 def test_the_learned_curve_stays_monotone():
     """2-token passes measured dearer than 4-token ones (noise, or a size seen under a burst of load):
     feeding more must still never look cheaper, as on the probe's curve."""

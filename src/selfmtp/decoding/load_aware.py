@@ -205,7 +205,7 @@ class LoadAware:
     @property
     def clock(self):
         """What the decoder times its passes with, or None where the curve is fixed (nothing to learn)."""
-        return self.cost.clock if isinstance(self.cost, LearnedPassCost) else None
+        return self.cost.clock
 
     def observe(self, tokens: int, seconds: float) -> None:
         """One pass of the decoder fed `tokens` tokens and took `seconds` by `clock`."""

@@ -62,7 +62,18 @@ class PassCost:
     """Seconds one forward pass takes by the total tokens it feeds, piecewise linear between points."""
 
     points: list[tuple[int, float]]  # (tokens fed, seconds), ascending in tokens
-    version: ClassVar[int] = 0  # a fixed curve never changes (`LearnedPassCost` counts its rebuilds)
+    # A fixed curve never changes and learns nothing: the readers of a `LearnedPassCost` read these
+    # alike, so a decoder priced by either needs no branch (`version` counts rebuilds; no `clock`:
+    # the decoder need not time its passes).
+    version: ClassVar[int] = 0
+    clock: ClassVar = None
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """What a pass took changes nothing here (a `LearnedPassCost` learns from it)."""
+
+    def report(self) -> dict:
+        """The curve the rule reads, for /health."""
+        return {"fixed": self.describe()}
 
     def __call__(self, tokens: int) -> float:
         (x0, y0), last = self.points[0], len(self.points) - 1
@@ -208,6 +219,10 @@ class LearnedPassCost:
 
     def describe(self) -> str:
         return self.curve.describe()
+
+    def report(self) -> dict:
+        """The curve the rule reads now against the probe's, for /health."""
+        return {"probe": self.probe.describe(), "learned": self.describe(), "passes_timed": self.passes}
 
     def observe(self, tokens: int, seconds: float) -> None:
         """One pass fed `tokens` tokens (all rows, pads included) and took `seconds` by `clock`."""

@@ -124,10 +124,8 @@ class Engine:
         with self.lock:
             snapshot = {**self.stats, "pass_seconds": dict(self.stats["pass_seconds"]),
                         "active": len(self.decoder.active), "waiting": len(self.waiting)}  # fmt: skip
-        if isinstance(self.pass_cost, LearnedPassCost):  # the curve the rule reads now, against the probe's
-            cost = self.pass_cost
-            snapshot["pass_cost"] = {"probe": cost.probe.describe(), "learned": cost.describe(),
-                                     "passes_timed": cost.passes}  # fmt: skip
+        if self.pass_cost is not None:
+            snapshot["pass_cost"] = self.pass_cost.report()
         return snapshot
 
     # --- the engine thread ---------------------------------------------------------------------
