@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from selfmtp.models.gated import apply_gate
-from selfmtp.models.loading import load_model, mtp_token_id
+from selfmtp.models.loading import load_model
+from selfmtp.models.mtp_token import mtp_token_id
 from selfmtp.training.data import read_examples, tokenize_examples
 from selfmtp.training.layout import build_mtp_layout, default_regions
 from selfmtp.training.objective import SelectedLogits, frozen_teacher, mtp_loss, teacher_next_tokens

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from selfmtp.models.loading import load_model, mtp_token_id
+from selfmtp.models.loading import load_model
+from selfmtp.models.mtp_token import mtp_token_id
 from selfmtp.training.data import read_examples, tokenize_examples
 from selfmtp.training.layout import build_mtp_layout
 from selfmtp.training.objective import SelectedLogits, adapter_disabled_teacher, frozen_teacher, mtp_loss

@@ -11,7 +11,8 @@ import torch
 from conftest import DECISIVE_MARGIN, assert_decisive
 from selfmtp.api import MTPModel
 from selfmtp.cli import main
-from selfmtp.decoding.loop import generate_batch, summarize
+from selfmtp.decoding.loop import generate_batch
+from selfmtp.decoding.results import summarize
 from selfmtp.decoding.strategies import ConfAdapt, Static, parse_strategy
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.loading import load_model
@@ -348,7 +349,7 @@ def test_preallocated_cache_layer_matches_dynamic_layer():
 
 def test_chunk_views_show_one_block_per_pass():
     from selfmtp.decoding.chunk_view import render_html, render_terminal
-    from selfmtp.decoding.loop import Chunk, GenerationResult
+    from selfmtp.decoding.results import Chunk, GenerationResult
 
     chunks = [Chunk([1, 2, 3], "The cat", [0.9, 0.8, 0.95]), Chunk([4], " <sat>\n", [0.4])]
     result = GenerationResult(

@@ -19,7 +19,8 @@ from selfmtp.decoding.strategies import Static
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.gated import apply_gate, gated_state
 from selfmtp.models.gated_dir import GATED_WEIGHTS, save_gated_dir
-from selfmtp.models.loading import load_model, mtp_token_id
+from selfmtp.models.loading import load_model
+from selfmtp.models.mtp_token import mtp_token_id
 from selfmtp.training.layout import fill_rollout, model_attention_mask
 from selfmtp.training.objective import (
     SelectedLogits,

@@ -16,15 +16,13 @@ from selfmtp.cli import main
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import backup_dir
 from selfmtp.models.loading import (
-    MTP_TOKEN,
-    add_mtp_token,
     load_model,
     load_tokenizer,
-    mtp_token_id,
     parse_model_spec,
     save_checkpoint,
     smollm2_gguf_path,
 )
+from selfmtp.models.mtp_token import MTP_TOKEN, add_mtp_token, mtp_token_id
 
 PROMPT = "Natalia sold clips to 48 of her friends in April."
 

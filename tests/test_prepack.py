@@ -11,7 +11,8 @@ from torch import nn
 from selfmtp.api import MTPModel
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.gated import apply_gate
-from selfmtp.models.loading import load_model, mtp_token_id
+from selfmtp.models.loading import load_model
+from selfmtp.models.mtp_token import mtp_token_id
 from selfmtp.models.prepack import PrepackedLinear, prepack_available, prepack_linears
 
 pytestmark = pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN")

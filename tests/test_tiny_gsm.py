@@ -110,7 +110,8 @@ def test_tokenizer_round_trips_and_template_is_stable(tokenizer):
 
 
 def test_packaged_teacher_answers_test_problems():
-    from selfmtp.models.loading import load_model, mtp_token_id
+    from selfmtp.models.loading import load_model
+    from selfmtp.models.mtp_token import mtp_token_id
 
     model, tokenizer = load_model("tiny-gsm-teacher", add_mtp=False)
     assert mtp_token_id(model) is None and len(tokenizer) == model.config.vocab_size

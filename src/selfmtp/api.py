@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfmtp.decoding.kv_cache import has_plain_cache
-from selfmtp.decoding.loop import GenerationResult, generate_batch
+from selfmtp.decoding.loop import generate_batch
+from selfmtp.decoding.results import GenerationResult
 from selfmtp.decoding.strategies import Strategy, resolve_strategy
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import write_text_atomic
@@ -190,7 +191,7 @@ def format_result(result: GenerationResult, tokenizer, *, chunks: bool = False, 
 
 def format_results_summary(results: list[GenerationResult]) -> str:
     """One line over several generations: pooled and per-generation acceleration, mean speed."""
-    from selfmtp.decoding.loop import summarize
+    from selfmtp.decoding.results import summarize
 
     summary = summarize(results)
     return (

@@ -3,10 +3,12 @@
 `loop.generate_batch` decodes several prompts at once; a strategy (`strategies.parse_strategy`:
 ntp, static:K, confadapt:TAU...) answers how many of a pass's proposals to accept, and the exact
 `verify:K[:tree]` checks the masks' drafts in the next pass (`verify`); `kv_cache` is the
-croppable cache the loop runs on; `chunk_view` shows which tokens each forward pass produced.
+croppable cache the loop runs on; `results` is what a generation returns and how generations add
+up (`summarize`); `chunk_view` shows which tokens each forward pass produced.
 """
 
-from selfmtp.decoding.loop import Chunk, GenerationResult, generate_batch, summarize
+from selfmtp.decoding.loop import generate_batch
+from selfmtp.decoding.results import Chunk, GenerationResult, summarize
 from selfmtp.decoding.strategies import (
     NTP,
     STRATEGY_HELP,

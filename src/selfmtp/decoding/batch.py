@@ -28,7 +28,6 @@ from transformers import DynamicCache
 from selfmtp.decoding.kv_cache import PreallocatedLayer, has_plain_cache, preallocated_cache
 from selfmtp.decoding.load_aware import LoadAware
 from selfmtp.decoding.loop import (
-    GenerationResult,
     Plan,
     _accept,
     _context_length,
@@ -41,6 +40,7 @@ from selfmtp.decoding.loop import (
     greedy_readout,
     pass_layout,
 )
+from selfmtp.decoding.results import GenerationResult
 from selfmtp.decoding.strategies import Strategy, Verify, with_model_defaults
 from selfmtp.decoding.verify import ExactRow
 from selfmtp.errors import SelfMTPError

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 
-from selfmtp.decoding.loop import Chunk, GenerationResult, summarize
+from selfmtp.decoding.results import Chunk, GenerationResult, summarize
 
 # (smallest chunk size, ANSI 256-colour background, HTML colour): one token per pass stays neutral.
 SIZE_COLOURS = (

@@ -174,8 +174,8 @@ class SelfMTPLM(TemplateLM):
         return tuple(s for s in until if s), max_new_tokens
 
     def decoding_stats(self) -> dict:
-        """Acceleration over every generation so far: summary (as `selfmtp.decoding.loop.summarize`) + records."""
-        from selfmtp.decoding.loop import summarize
+        """Acceleration over every generation so far: summary (as `selfmtp.decoding.results.summarize`) + records."""
+        from selfmtp.decoding.results import summarize
 
         summary = summarize([_AsResult(r) for r in self._records])
         return {"strategy": self.strategy.name, "summary": summary, "generations": self._records}

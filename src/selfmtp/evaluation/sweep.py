@@ -157,7 +157,7 @@ def _add_coherence(config, task, runs, finished, models, output_dir: Path) -> No
 
 def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: bool = True) -> dict:
     """Decode all items with one strategy; returns {"row", "fingerprint", "outputs"}."""
-    from selfmtp.decoding.loop import summarize
+    from selfmtp.decoding.results import summarize
 
     prompts = [task.prompt(item, mtp.tokenizer) for item in task.items]
     results = []

@@ -51,7 +51,8 @@ def load_adapter_dir(directory: str | Path, *, seed: int, attn_implementation: s
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from selfmtp.models.loading import load_model, mtp_token_id
+    from selfmtp.models.loading import load_model
+    from selfmtp.models.mtp_token import mtp_token_id
 
     directory = Path(directory)
     spec = base_spec(directory)

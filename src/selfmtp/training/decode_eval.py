@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from selfmtp.decoding.loop import generate_batch, summarize
+from selfmtp.decoding.loop import generate_batch
+from selfmtp.decoding.results import summarize
 from selfmtp.decoding.strategies import NTP, Verify, parse_strategy
 from selfmtp.training.data import TokenRows
 

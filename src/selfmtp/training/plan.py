@@ -114,13 +114,8 @@ def shape_for_model(spec: str) -> Shape:
     """The shape of `--model SPEC` from its config alone (tiny: its options; GGUF: the converted config)."""
     from transformers import AutoConfig
 
-    from selfmtp.models.loading import (
-        ALIASES,
-        MTP_CONFIG_KEY,
-        _converted_gguf_dir,
-        load_tokenizer,
-        parse_model_spec,
-    )
+    from selfmtp.models.loading import ALIASES, _converted_gguf_dir, load_tokenizer, parse_model_spec
+    from selfmtp.models.mtp_token import MTP_CONFIG_KEY
 
     resolved = parse_model_spec(spec)
     if resolved.kind == "tiny":

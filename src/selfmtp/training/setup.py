@@ -29,7 +29,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from selfmtp.files import atomic_dir_write, write_bytes_atomic
 from selfmtp.models.adapters import write_base_record
-from selfmtp.models.loading import load_model, mtp_token_id, save_checkpoint
+from selfmtp.models.loading import load_model, save_checkpoint
+from selfmtp.models.mtp_token import mtp_token_id
 from selfmtp.progress import progress_bar
 from selfmtp.training.data import TokenRows, read_examples, tokenize_examples
 from selfmtp.training.objective import (

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from selfmtp.models.loading import mtp_token_id
+from selfmtp.models.mtp_token import mtp_token_id
 from selfmtp.training import parallel
 from selfmtp.training.config import TrainConfig
 from selfmtp.training.data import TokenRows
