@@ -68,7 +68,7 @@ class CompletionRequest(_Common):
 def create_app(engine: Engine, *, model_name: str, default_strategy: str, max_tokens_limit: int, api_key: str | None):
     """The FastAPI app serving `engine` (already started) under the model id `model_name`."""
     app = FastAPI(title="selfmtp", docs_url=None, redoc_url=None)
-    context = engine.decoder.context
+    completions = _Completions(engine, model_name, default_strategy, max_tokens_limit)
 
     @app.exception_handler(APIError)
     async def _api_error(_, error: APIError):
@@ -96,44 +96,42 @@ def create_app(engine: Engine, *, model_name: str, default_strategy: str, max_to
         body = await _parse(http, ChatRequest)
         messages = [m.model_dump() for m in body.messages]
         prompt_ids = _encode(lambda: engine.mtp.encode(messages, chat=True))
-        return await _complete(http, body, prompt_ids, body.max_completion_tokens or body.max_tokens, chat=True)
+        return await completions.answer(http, body, prompt_ids, body.max_completion_tokens or body.max_tokens, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(http: Request):
+    async def text(http: Request):
         body = await _parse(http, CompletionRequest)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise APIError(400, "give exactly one prompt per request", "invalid_prompt")
         prompt_ids = _encode(lambda: engine.mtp.encode(prompts[0], chat=False))
-        return await _complete(http, body, prompt_ids, body.max_tokens, chat=False)
+        return await completions.answer(http, body, prompt_ids, body.max_tokens, chat=False)
 
-    async def _complete(http: Request, body: _Common, prompt_ids: list[int], max_tokens: int | None, *, chat: bool):
-        if body.model != model_name:
-            raise APIError(404, f"The model {body.model!r} does not exist: this server serves {model_name!r}",
-                           "model_not_found")  # fmt: skip
-        _check_greedy(body)
-        if context is not None and len(prompt_ids) >= context:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} tokens",
-                           "context_length_exceeded")  # fmt: skip
-        if max_tokens is not None and max_tokens > max_tokens_limit:
-            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_tokens_limit}",
-                           "invalid_max_tokens")  # fmt: skip
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop must be up to 4 non-empty strings", "invalid_stop")
-        request = _engine_request(body.strategy or default_strategy, prompt_ids, max_tokens or max_tokens_limit, stops)
+    return app
+
+
+class _Completions:
+    """Both completion endpoints past parsing: check the request, queue it on the engine, answer it
+    whole or as a stream, and cancel its row whenever the client is gone before the answer is complete."""
+
+    def __init__(self, engine: Engine, model_name: str, default_strategy: str, max_tokens_limit: int):
+        self.engine, self.model_name = engine, model_name
+        self.default_strategy, self.max_tokens_limit = default_strategy, max_tokens_limit
+
+    async def answer(self, http: Request, body: _Common, prompt_ids: list[int], max_tokens: int | None, *, chat: bool):
+        request = self._engine_request(body, prompt_ids, max_tokens)
         try:
-            engine.submit(request)
+            self.engine.submit(request)
         except QueueFull as error:
             raise APIError(429, f"the server is busy ({error}); retry shortly", "queue_full",
                            kind="rate_limit_error", headers={"Retry-After": "1"}) from None  # fmt: skip
         except SelfMTPError as error:
             raise APIError(400, str(error), "invalid_request") from None
-        answer = _Answer(chat, model_name)
+        answer = _Answer(chat, self.model_name)
         try:
             first = await _next_event(http, request)
         except BaseException as error:
-            engine.cancel(request)
+            self.engine.cancel(request)
             if isinstance(error, _ClientGone):
                 return Response(status_code=499)  # nobody is listening
             raise
@@ -141,7 +139,7 @@ def create_app(engine: Engine, *, model_name: str, default_strategy: str, max_to
             return _internal_error(first).response()
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(http, request, answer, first, usage), media_type="text/event-stream")
+            return StreamingResponse(self._stream(http, request, answer, first, usage), media_type="text/event-stream")
         text, event = first.text, first
         try:
             while not event.finished:
@@ -151,12 +149,37 @@ def create_app(engine: Engine, *, model_name: str, default_strategy: str, max_to
             return Response(status_code=499)
         finally:
             if not event.finished:
-                engine.cancel(request)
+                self.engine.cancel(request)
         if event.error is not None:
             return _internal_error(event).response()
         return answer.whole(text, event)
 
-    async def _stream(http: Request, request: EngineRequest, answer: _Answer, event: Event, usage: bool):
+    def _engine_request(self, body: _Common, prompt_ids: list[int], max_tokens: int | None) -> EngineRequest:
+        """The engine's request for `body`, or the APIError that says what is wrong with it."""
+        if body.model != self.model_name:
+            raise APIError(404, f"The model {body.model!r} does not exist: this server serves {self.model_name!r}",
+                           "model_not_found")  # fmt: skip
+        _check_greedy(body)
+        context = self.engine.decoder.context
+        if context is not None and len(prompt_ids) >= context:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} tokens",
+                           "context_length_exceeded")  # fmt: skip
+        if max_tokens is not None and max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens_limit}",
+                           "invalid_max_tokens")  # fmt: skip
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop must be up to 4 non-empty strings", "invalid_stop")
+        try:
+            strategy, load_aware = resolve_strategy(body.strategy or self.default_strategy)
+        except SelfMTPError as error:
+            raise APIError(400, str(error), "invalid_strategy") from None
+        if load_aware and self.engine.pass_cost is None:
+            raise APIError(400, "this server was started without a pass-cost probe: 'auto' is off", "invalid_strategy")
+        budget = max_tokens or self.max_tokens_limit
+        return EngineRequest(prompt_ids, strategy, load_aware, budget, stops, asyncio.get_running_loop())
+
+    async def _stream(self, http: Request, request: EngineRequest, answer: _Answer, event: Event, usage: bool):
         try:
             passes = 0
             while True:
@@ -173,26 +196,16 @@ def create_app(engine: Engine, *, model_name: str, default_strategy: str, max_to
             yield "data: [DONE]\n\n"
         finally:  # the client went away (the generator is closed) or the answer is complete
             if not event.finished:
-                engine.cancel(request)
+                self.engine.cancel(request)
 
-    async def _next_event(http: Request, request: EngineRequest) -> Event:
-        while True:  # wake up now and then to notice a client that hung up
-            try:
-                return await asyncio.wait_for(request.events.get(), timeout=0.5)
-            except TimeoutError:
-                if await http.is_disconnected():
-                    raise _ClientGone from None
 
-    def _engine_request(strategy_name: str, prompt_ids, max_tokens: int, stops) -> EngineRequest:
+async def _next_event(http: Request, request: EngineRequest) -> Event:
+    while True:  # wake up now and then to notice a client that hung up
         try:
-            strategy, load_aware = resolve_strategy(strategy_name)
-        except SelfMTPError as error:
-            raise APIError(400, str(error), "invalid_strategy") from None
-        if load_aware and engine.pass_cost is None:
-            raise APIError(400, "this server was started without a pass-cost probe: 'auto' is off", "invalid_strategy")
-        return EngineRequest(prompt_ids, strategy, load_aware, max_tokens, stops, asyncio.get_running_loop())
-
-    return app
+            return await asyncio.wait_for(request.events.get(), timeout=0.5)
+        except TimeoutError:
+            if await http.is_disconnected():
+                raise _ClientGone from None
 
 
 async def _parse(http: Request, model: type[BaseModel]):
