@@ -8,6 +8,8 @@ choice. With stock SDPA the packaged tiny-gsm teacher in bf16 already differs th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +153,18 @@ def test_load_model_refuses_an_unknown_dtype():
 
     with pytest.raises(SelfMTPError, match="unknown dtype 'int4'"):
         load_model("tiny", dtype="int4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_the_shipped_real_model_s_exact_strategies_equal_its_greedy_in_bf16_and_int8(dtype):
+    """smollm2-135m-mtp on the 8 packaged GSM8K dev questions, 96 tokens (stock bf16 kernels: 3 of 8 equal)."""
+    import selfmtp
+    from selfmtp.api import MTPModel, read_prompts
+
+    mtp = MTPModel.from_pretrained("smollm2-135m-mtp", dtype=dtype)
+    prompts = read_prompts(Path(selfmtp.__file__).parent / "assets" / "gsm8k-dev-sample.jsonl")
+    reference = [r.token_ids for r in mtp.generate(prompts, strategy="ntp", max_new_tokens=96, chat=True)]
+    for strategy in ("verify:8", "verify:8:tree", "verify:8:lookup"):
+        results = mtp.generate(prompts, strategy=strategy, max_new_tokens=96, chat=True)
+        assert [r.token_ids for r in results] == reference, strategy

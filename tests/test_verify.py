@@ -314,6 +314,27 @@ def test_bf16_and_int8_verify_equals_the_same_dtype_s_greedy_with_no_margin_need
         assert sum(len(c.token_ids) > 1 for r in alone for c in r.chunks) >= 10  # drafts accepted: multi-token passes ran
 
 
+def test_bf16_rows_joining_a_running_batch_decode_exactly_as_alone(student_dir):
+    """What `serve` does in bf16: an exact row joins a running NTP batch mid-decode (its history is a hole for
+    the others, a verify pass next to 1-token rows); every row gives exactly its greedy tokens alone."""
+    from selfmtp.decoding.batch import BatchDecoder
+    from selfmtp.decoding.strategies import NTP
+    from selfmtp.evaluation.tasks import load_task
+
+    mtp = MTPModel.from_pretrained(student_dir, dtype="bfloat16")
+    task = load_task("tiny-gsm", limit=3)
+    prompts = [mtp.encode(task.prompt(item, mtp.tokenizer), chat=False) for item in task.items]
+    decoder = BatchDecoder(mtp.model, tokenizer=mtp.tokenizer, compact_cache=True)
+    rows = [decoder.add(prompts[0], NTP(), max_new_tokens=40), decoder.add(prompts[1], NTP(), max_new_tokens=12)]
+    for _ in range(4):
+        decoder.step()
+    rows.append(decoder.add(prompts[2], with_model_defaults(parse_strategy("verify:4:tree"), mtp.model), max_new_tokens=30))
+    while decoder.active:
+        decoder.step()
+    alone = [greedy(mtp, [p], n)[0].token_ids for p, n in zip(prompts, (40, 12, 30), strict=True)]
+    assert [row.token_ids for row in rows] == alone
+
+
 def test_tree_accepts_at_least_as_much_as_merged(student, gsm_prompts):
     merged = decode(student, gsm_prompts, "verify:4", 60)
     tree = decode(student, gsm_prompts, "verify:4:tree", 60)

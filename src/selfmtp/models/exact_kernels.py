@@ -51,15 +51,14 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if dropout:
         raise ValueError("rowwise attention is for inference (dropout must be 0)")
     batch, heads, queries, _ = query.shape
-    keys = key.shape[2]
+    gqa = heads != key.shape[1]
+    if queries == 1 and attention_mask is None:  # an NTP pass without pads: one query per row sees every key
+        return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa).transpose(1, 2), None
     if is_causal is None:  # as transformers' sdpa decides it: causal when no mask was built
         is_causal = queries > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    visible = _visible_keys(attention_mask, batch, queries, keys, query.device, is_causal)
-    counts = visible.sum(-1)
-    is_prefix = visible.cumprod(-1).sum(-1) == counts  # the visible keys are keys[:count]
-    gqa = heads != key.shape[1]
+    visible, counts, is_prefix = _layout(attention_mask, batch, queries, key.shape[2], query.device, is_causal)
     out = query.new_zeros(batch, queries, heads, value.shape[-1])
-    for b, (row_counts, row_prefix) in enumerate(zip(counts.tolist(), is_prefix.tolist(), strict=True)):
+    for b, (row_counts, row_prefix) in enumerate(zip(counts, is_prefix, strict=True)):
         for i, (count, prefix) in enumerate(zip(row_counts, row_prefix, strict=True)):
             if count == 0:  # a pad query that sees nothing: its output is never read
                 continue
@@ -71,6 +70,23 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             q = query[b : b + 1, :, i : i + 1]
             out[b, i] = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)[0, :, 0]
     return out, None
+
+
+_last_layout: list = [None, None]  # (the mask, its layout): every layer of a pass gets the same mask object
+
+
+def _layout(mask, batch: int, queries: int, keys: int, device, is_causal):
+    """(visible (B, Q, S) bool, counts [[int]], is_prefix [[bool]]): worked out once per pass, not per layer."""
+    key = (mask, batch, queries, keys, is_causal)
+    cached_key, layout = _last_layout
+    if cached_key is not None and cached_key[0] is mask and mask is not None and cached_key[1:] == key[1:]:
+        return layout
+    visible = _visible_keys(mask, batch, queries, keys, device, is_causal)
+    counts = visible.sum(-1)
+    is_prefix = visible.cumprod(-1).sum(-1) == counts  # the visible keys are keys[:count]
+    layout = (visible, counts.tolist(), is_prefix.tolist())
+    _last_layout[:] = [key, layout]  # holds the mask, so its identity cannot be reused while cached
+    return layout
 
 
 def _visible_keys(mask, batch: int, queries: int, keys: int, device, is_causal) -> torch.Tensor:
