@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from selfmtp.errors import SelfMTPError
 from selfmtp.models.gated import apply_gate, is_gated, load_gated_state
-from selfmtp.models.gated_dir import gated_base_spec, save_gated_dir
-from selfmtp.models.loading import load_model
+from selfmtp.models.gated_dir import save_gated_dir
+from selfmtp.models.loading import gated_base_spec, load_model
 from selfmtp.models.mtp_token import mtp_token_id
 from selfmtp.training.state import RUN_SETTINGS, STEP_DIR, list_checkpoints
 

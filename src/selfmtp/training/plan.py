@@ -114,7 +114,7 @@ def shape_for_model(spec: str) -> Shape:
     """The shape of `--model SPEC` from its config alone (tiny: its options; GGUF: the converted config)."""
     from transformers import AutoConfig
 
-    from selfmtp.models.loading import ALIASES, _converted_gguf_dir, load_tokenizer, parse_model_spec
+    from selfmtp.models.loading import ALIASES, converted_gguf_dir, load_tokenizer, parse_model_spec
     from selfmtp.models.mtp_token import MTP_CONFIG_KEY
 
     resolved = parse_model_spec(spec)
@@ -127,7 +127,7 @@ def shape_for_model(spec: str) -> Shape:
     elif resolved.kind == "gguf":
         from pathlib import Path
 
-        source = _converted_gguf_dir(Path(resolved.source))
+        source = converted_gguf_dir(Path(resolved.source))
     else:
         source = resolved.source
     try:
