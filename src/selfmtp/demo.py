@@ -2,7 +2,7 @@
 
 1. data     tiny-gsm training problems (procedural, seeded), written as jsonl
 2. teacher  the tiny Llama committed under `assets/tiny-gsm-teacher` (made by
-            scripts/make_tiny_gsm_teacher.py; >= 80% greedy accuracy on tiny-gsm test)
+            benchmarks/make_tiny_gsm_teacher.py; >= 80% greedy accuracy on tiny-gsm test)
 3. train    self-distillation of that teacher into a multi-token predictor (offline targets by default)
 4. eval     the sweep: the teacher's own greedy accuracy ("step 0"), static k, ConfAdapt
 5. report   the table, results.json, results.md, pareto.png, and chunks.html (one answer, one

@@ -10,7 +10,7 @@ Every figure is bytes per device for one optimizer step of `selfmtp train`:
     transient   FSDP only: the all-gathered root (embeddings, output head) and two decoder layers
                 (current + prefetched) in the compute dtype, and one layer's unsharded gradient
     activations what the student's forward saves for backward (`activation_bytes`), which
-                `scripts/plan_check.py` measures on a real step with `torch.autograd.graph.saved_tensors_hooks`
+                `benchmarks/plan_check.py` measures on a real step with `torch.autograd.graph.saved_tensors_hooks`
 FSDP divides weights, gradients, optimizer and teacher by the device count; DDP holds them whole.
 Not counted: the CUDA context and allocator fragmentation (keep the headroom `HEADROOM` leaves).
 """
@@ -158,7 +158,7 @@ def activation_bytes(shape: Shape, *, tokens: int, layout_len: int, supervised: 
     layers: the final norm (3 hidden-size tensors), the float32 log-softmax of the selected logits,
     and with LoRA the head weight peft rebuilds with the trainable `<mtp>` row (vocab x hidden).
     Checkpointing keeps each layer's input and mask, and recomputes one layer at a time in backward.
-    Measured against real steps by scripts/plan_check.py."""
+    Measured against real steps by benchmarks/plan_check.py."""
     e = DTYPE_BYTES[dtype]
     layer = tokens * e * (10 * shape.hidden + 4 * shape.intermediate + layout_len + 7 * lora_rank)
     kept = tokens * e * (shape.hidden + layout_len) if checkpointing else layer
