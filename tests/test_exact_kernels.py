@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfmtp.decoding.kv_cache import preallocated_cache
-from selfmtp.decoding.loop import attention_mask
+from selfmtp.decoding.pass_layout import attention_mask
 from selfmtp.models.exact_kernels import (
     ROWWISE_ATTENTION,
     RowChunkedLinear,

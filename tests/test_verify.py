@@ -15,7 +15,8 @@ import torch
 
 from selfmtp.api import MTPModel
 from selfmtp.decoding.batch import BatchDecoder
-from selfmtp.decoding.loop import Plan, attention_mask, generate_batch, pass_layout
+from selfmtp.decoding.loop import generate_batch
+from selfmtp.decoding.pass_layout import Plan, attention_mask, pass_layout
 from selfmtp.decoding.results import summarize
 from selfmtp.decoding.strategies import Verify, parse_strategy, with_model_defaults
 from selfmtp.decoding.verify import confident_run, prompt_lookup

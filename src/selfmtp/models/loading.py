@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -136,13 +137,15 @@ def load_model(
     if resolved.kind == "tiny":
         model, tokenizer = _build_tiny(resolved.options, seed=seed, attn_implementation=attn_implementation)
     elif resolved.kind == "gguf":
-        model, tokenizer = _load_hf_dir(_converted_gguf_dir(Path(resolved.source)), attn_implementation)
+        model, tokenizer = _load_hf_dir(converted_gguf_dir(Path(resolved.source)), attn_implementation)
     else:
         source = ALIASES[resolved.source]() if resolved.kind == "alias" else resolved.source
+        # adapter and gated directories name a base model: they receive this loader, never import it
+        load_base = partial(load_model, attn_implementation=attn_implementation)
         if resolved.kind != "hub" and is_adapter_dir(source):
-            model, tokenizer = load_adapter_dir(source, seed=seed, attn_implementation=attn_implementation)
+            model, tokenizer = load_adapter_dir(source, load_base, seed=seed)
         elif resolved.kind != "hub" and is_gated_dir(source):
-            model, tokenizer = load_gated_dir(source, seed=seed, attn_implementation=attn_implementation)
+            model, tokenizer = load_gated_dir(source, load_base, seed=seed)
         else:
             model, tokenizer = _load_hf_dir(source, attn_implementation, hub=resolved.kind == "hub")
     if add_mtp:
@@ -166,6 +169,12 @@ def load_model(
         decode["exact_kernels"] = make_decoding_exact(model).to_dict()
     model.selfmtp_decode = decode
     return model, tokenizer
+
+
+def gated_base_spec(spec: str) -> str:
+    """The base model spec of `spec`: its recorded base when `spec` is a gated directory (or alias of one)."""
+    path = ALIASES[spec]() if spec in ALIASES else Path(spec)
+    return base_spec(path) if path.is_dir() and is_gated_dir(path) else spec
 
 
 DECODE_DTYPES = ("auto", *DTYPES, "int8")
@@ -254,7 +263,7 @@ def model_fingerprint(spec: str, *, seed: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _converted_gguf_dir(path: Path) -> Path:
+def converted_gguf_dir(path: Path) -> Path:
     """Dequantise a GGUF into a float32 HF checkpoint in the cache (once) and return its directory."""
     arch = gguf_architecture(path)
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
@@ -295,7 +304,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def _smollm2_dir() -> Path:
-    return _converted_gguf_dir(smollm2_gguf_path())
+    return converted_gguf_dir(smollm2_gguf_path())
 
 
 def tiny_gsm_teacher_dir() -> Path:

@@ -1,6 +1,6 @@
 """Cached pass cost by tokens fed, per decode dtype, and the output head's matmul alone: `--dtype` on this CPU.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/measure_pass_cost.py --model smollm2-135m \
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/measure_pass_cost.py --model smollm2-135m \
         --threads 1,2 --output docs/measurements/decode-dtype-cpu
 
 Variants: float32, float32 with `--prepack`, bfloat16 (stock kernels), bfloat16 with the batch-invariant
