@@ -110,6 +110,16 @@ def test_an_overwritten_directory_is_on_the_disk_before_its_old_version_is_delet
     assert parent_flushed < aside + 1 + index(file_events[aside + 1:], ("rmtree", backup))  # then deleted
 
 
+def test_the_folders_a_first_checkpoint_creates_are_on_the_disk_too(tmp_path, file_events):
+    """`run/checkpoints/` made for the first checkpoint: each new folder's name is flushed (its parent fsynced)."""
+    target = tmp_path / "run" / "checkpoints" / "step-0000001"
+    atomic_dir_write(target, lambda d: (d / "a").write_text("1"))
+    published, _ = publish_of(file_events, target)
+    flushed = [event[1] for event in file_events[:published] if event[0] == "fsync"]
+    assert str(tmp_path.resolve()) in flushed and str((tmp_path / "run").resolve()) in flushed
+    assert_published_durably(file_events, target, ["a"])
+
+
 def test_an_atomic_file_is_flushed_then_renamed_then_its_folder_flushed(tmp_path, file_events):
     path = tmp_path / "results.json"
     write_bytes_atomic(path, b"{}")

@@ -47,10 +47,22 @@ def fsync_tree(root: str | Path) -> None:
         fsync_path(folder)
 
 
+def make_dirs(path: str | Path) -> None:
+    """`mkdir -p path`, durably: the parent of each directory it creates is fsynced (a new name is on the
+    disk only once the directory holding it is)."""
+    missing, path = [], Path(path)
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        fsync_path(folder.parent)
+
+
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write via a temp file in the same folder, fsync, rename, fsync the folder: a crash or a power
     loss leaves the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results are for everyone to read
@@ -123,7 +135,7 @@ def atomic_dir_write(target: Path, write, *, keep_existing: bool = False) -> Non
     an empty cache at once): the first complete one stays and later writers drop theirs, so a process
     already reading it never sees it swapped out from under it."""
     target = recover_dir(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a checkpoint should get the usual mode

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from selfmtp.errors import SelfMTPError
-from selfmtp.files import swap_into_place
+from selfmtp.files import make_dirs, swap_into_place
 from selfmtp.training.state import prune_checkpoints
 
 SHARDED_MARKER = ".metadata"  # DCP's index file: what tells a sharded checkpoint from a safetensors one
@@ -49,7 +49,8 @@ def save_sharded_state(root: Path, step: int, head: torch.nn.Module, optimizer, 
     tmp = root / f".{target.name}.tmp"  # the same name on every process
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-        tmp.mkdir(parents=True)
+        make_dirs(root)
+        tmp.mkdir()
     dist.barrier()
     model_state, optim_state = _trainable_states(head, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))

@@ -61,6 +61,7 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     middle of a deletion never leaves a half-deleted `step-N` that looks like a checkpoint."""
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         doomed = old.with_name(f".{old.name}.pruned")
+        shutil.rmtree(doomed, ignore_errors=True)  # one a kill left, if no --resume has cleared it
         os.replace(old, doomed)
         shutil.rmtree(doomed)
 
