@@ -8,6 +8,7 @@ normaliser (1/2 of the gradient gives ~1e-3 on weights after one step at lr 3e-3
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,10 +68,14 @@ def test_bfloat16_trains_and_tracks_float32(data, tmp_path, parallel):
     assert final_weights(tmp_path / "bf16")["model.norm.weight"].dtype == torch.float32  # fp32 master weights
 
 
-def test_resume_refuses_a_checkpoint_of_the_other_parallel_mode(data, tmp_path):
-    train(tiny_train_config(data, tmp_path / "run", steps=1, save_every=1))
-    with pytest.raises(SelfMTPError, match="resume it with --parallel fsdp|written by"):
-        train(tiny_train_config(data, tmp_path / "run", steps=2, resume=True, parallel="fsdp"))
+@pytest.mark.parametrize("saved, resumed, message", [  # each message names the mode that wrote the checkpoint
+    ("ddp", "fsdp", "was not written by --parallel fsdp: resume it with --parallel ddp"),
+    ("fsdp", "ddp", "was written by --parallel fsdp: resume it with --parallel fsdp"),
+])
+def test_resume_refuses_a_checkpoint_of_the_other_parallel_mode(data, tmp_path, saved, resumed, message):
+    train(tiny_train_config(data, tmp_path / "run", steps=1, save_every=1, parallel=saved))  # one process
+    with pytest.raises(SelfMTPError, match=re.escape(message)):
+        train(tiny_train_config(data, tmp_path / "run", steps=2, resume=True, parallel=resumed))
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -8,11 +8,11 @@ deviation over sqrt(n), which is what lm-evaluation-harness reports (0 when n < 
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
-from selfmtp.files import write_json_atomic, write_text_atomic
+from selfmtp.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 STDERR_FORMULA = "sqrt(p*(1-p)/(n-1))  (sample std / sqrt(n), as lm-evaluation-harness)"
 # Paired differences (evaluation/reference.py), when the reference row is in the sweep.
@@ -155,11 +155,10 @@ def plot_pareto(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(Path(path), image.getvalue())
 
 
 def write_report(results: dict, output_dir: Path, *, plot: bool = True) -> None:

@@ -26,7 +26,6 @@ choose per row, so this is a small module of our own.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import contextmanager
 from functools import partial
@@ -355,8 +354,12 @@ def gated_token_id(model: nn.Module) -> int | None:
 
 def gated_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The gated weights (deltas and `<mtp>` row) by parameter name, CPU, contiguous."""
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
-            if name.startswith("gated.") or ".lora_A" in name or ".lora_B" in name or name.endswith(".delta")}
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if is_gated_weight(name)}
+
+
+def is_gated_weight(name: str) -> bool:
+    """Whether the parameter `name` of a gated model is a gated weight (a delta or the `<mtp>` row)."""
+    return name.startswith("gated.") or ".lora_A" in name or ".lora_B" in name or name.endswith(".delta")
 
 
 def load_gated_state(model: nn.Module, tensors: dict[str, torch.Tensor], *, where: str) -> None:
@@ -373,15 +376,3 @@ def load_gated_state(model: nn.Module, tensors: dict[str, torch.Tensor], *, wher
                 raise SelfMTPError(f"{where}: {name} has shape {tuple(tensor.shape)}, the base model needs "
                                    f"{tuple(params[name].shape)}: it was trained on another base")
             params[name].copy_(tensor)
-
-
-def base_weights_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of the base weights: every gated linear's shape and its first 4096 values, hashed.
-    Catches another checkpoint of the same architecture without hashing gigabytes."""
-    digest = hashlib.sha256()
-    for name, module in model.named_modules():
-        if isinstance(module, GatedLinear):
-            weight = module.base.weight.detach()
-            digest.update(f"{name}:{tuple(weight.shape)}".encode())
-            digest.update(weight.reshape(-1)[:4096].float().cpu().numpy().tobytes())
-    return digest.hexdigest()

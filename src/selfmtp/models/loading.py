@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from selfmtp.errors import SelfMTPError
-from selfmtp.files import atomic_dir_write, recover_dir
+from selfmtp.files import atomic_dir_write, cache_dir, recover_dir
 from selfmtp.models.adapters import base_spec, is_adapter_dir, load_adapter_dir
 from selfmtp.models.gated_dir import is_gated_dir, load_gated_dir
 from selfmtp.models.mtp_token import MTP_CONFIG_KEY, add_mtp_token, mtp_token_id
@@ -52,12 +52,6 @@ class ModelSpec:
     kind: str  # "tiny" | "alias" | "gguf" | "dir" | "hub"
     source: str  # the path, alias or hub id
     options: dict = field(default_factory=dict)  # tiny's key=value settings
-
-
-def cache_dir() -> Path:
-    """Where converted models and tokenizers are kept between runs (SELFMTP_CACHE overrides)."""
-    root = os.environ.get("SELFMTP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "selfmtp")
-    return Path(root)
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
@@ -145,7 +139,7 @@ def load_model(
         if resolved.kind != "hub" and is_adapter_dir(source):
             model, tokenizer = load_adapter_dir(source, load_base, seed=seed)
         elif resolved.kind != "hub" and is_gated_dir(source):
-            model, tokenizer = load_gated_dir(source, load_base, seed=seed)
+            model, tokenizer = load_gated_dir(source, load_base, seed=seed, base_identity=base_identity)
         else:
             model, tokenizer = _load_hf_dir(source, attn_implementation, hub=resolved.kind == "hub")
     if add_mtp:
@@ -261,6 +255,12 @@ def model_fingerprint(spec: str, *, seed: int) -> str:
         if path.is_dir() and (is_adapter_dir(path) or is_gated_dir(path)):
             parts.append(model_fingerprint(base_spec(path), seed=seed))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def base_identity(spec: str, seed: int) -> str | None:
+    """The identity of the files `load_model(spec, seed=seed)` reads (`model_fingerprint`), for caches keyed on
+    a base's weights; None for a tiny or hub model (nothing on disk to trust)."""
+    return model_fingerprint(spec, seed=seed) if parse_model_spec(spec).kind in ("dir", "gguf", "alias") else None
 
 
 def converted_gguf_dir(path: Path) -> Path:

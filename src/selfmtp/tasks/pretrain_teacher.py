@@ -9,7 +9,6 @@ and cosine decay. Then measure greedy accuracy on tiny-gsm test problems with tr
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 
+from selfmtp.files import write_json_atomic
 from selfmtp.models.loading import tiny_llama_config
 from selfmtp.progress import progress_bar, progress_write
 from selfmtp.tasks.tiny_gsm import generate_tiny_gsm
@@ -206,5 +206,5 @@ def save_teacher(model, tokenizer, out_dir: Path, metrics: dict) -> Path:
     save_checkpoint(model, tokenizer, out_dir)
     recipe = {key: value for key, value in metrics.items() if key != "losses"}
     recipe["loss_every_100_steps"] = metrics["losses"][::100]
-    (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    write_json_atomic(out_dir / "recipe.json", recipe)
     return out_dir

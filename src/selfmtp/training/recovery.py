@@ -30,14 +30,16 @@ import torch
 import torch.distributed as dist
 
 from selfmtp.errors import Interrupted, SelfMTPError
-from selfmtp.files import write_bytes_atomic
+from selfmtp.files import recover_dir, write_bytes_atomic
 from selfmtp.training.state import RUN_SETTINGS, list_checkpoints
 
 
 def prepare_output(cfg, rank: int) -> tuple[Path, bool, Path | None]:
     """(output folder, whether this run resumes, the checkpoint it continues from or None = step 0)."""
     out = Path(cfg.output)
-    checkpoints = list_checkpoints(out / "checkpoints")
+    root = out / "checkpoints"
+    # Every process recovers (recover_dir tolerates the race), so all list the same checkpoints.
+    checkpoints = recover_checkpoints(root, clean=rank == 0) if cfg.resume else list_checkpoints(root)
     recorded = (out / RUN_SETTINGS).is_file()
     if cfg.resume and not checkpoints and not recorded:
         raise SelfMTPError(f"--resume: no checkpoint to resume in {out / 'checkpoints'}")
@@ -46,8 +48,6 @@ def prepare_output(cfg, rank: int) -> tuple[Path, bool, Path | None]:
                            "nothing to continue; train into a new --output")
     if not cfg.resume and (checkpoints or recorded or (out / "metrics.jsonl").exists()):
         raise SelfMTPError(f"{out} already holds a training run: pass --resume or choose another --output")
-    if cfg.resume and rank == 0:
-        remove_partial_checkpoints(out / "checkpoints")
     if cfg.resume and not checkpoints and rank == 0:
         print(f"selfmtp: no checkpoint in {out} yet: starting the run over from step 0 with its recorded settings",
               file=sys.stderr)
@@ -56,12 +56,20 @@ def prepare_output(cfg, rank: int) -> tuple[Path, bool, Path | None]:
     return out, cfg.resume, (checkpoints[-1] if checkpoints else None)
 
 
-def remove_partial_checkpoints(root: Path) -> None:
-    """Delete the temporary folders of checkpoint writes a kill cut short (`.step-N.tmp-*`, and `.old-*`
-    of an overwrite): they are never read, and each can be as large as a whole checkpoint."""
-    for path in root.glob(".step-*") if root.is_dir() else []:
+def recover_checkpoints(root: Path, *, clean: bool) -> list[Path]:
+    """The checkpoints in `root` (list_checkpoints) once what a kill cut short is repaired, in this order:
+
+    1. put back every checkpoint whose overwrite was cut short: `.step-N.old` without `step-N` is the only
+       copy of step N (files.swap_into_place moved it aside and died before the new one took its place);
+    2. with `clean` (one process), delete the rest: temp folders (`.step-N.tmp*`), backups of finished
+       overwrites (`.step-N.old` beside its `step-N`), checkpoints cut short while being pruned
+       (`.step-N.pruned`). None is ever read, and each can be as large as a whole checkpoint."""
+    for backup in root.glob(".step-*.old") if root.is_dir() else []:
+        recover_dir(root / backup.name.removeprefix(".").removesuffix(".old"))
+    for path in root.glob(".step-*") if clean and root.is_dir() else []:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+    return list_checkpoints(root)
 
 
 def truncate_metrics(path: Path, upto: int) -> int:

@@ -3,7 +3,8 @@
 A sharded checkpoint `checkpoints/step-NNNNNNN/` holds DCP's `.metadata` and one `__R_0.distcp`
 per process (the trainable weights and AdamW states, each process writing its own shards) and
 `state.pt` (step, scheduler, RNG, as in state.py). All processes write into one temp directory
-that rank 0 renames onto the final name once everyone is done: it appears complete or not at all.
+that rank 0 renames onto the final name once everyone is done (files.swap_into_place: fsynced, an
+existing one moved aside until the new one is durable): it appears complete or not at all.
 The processes must share the file system (one node, or a shared mount across nodes).
 
 Resume loads it into the same sharding layout; DCP also reshards when the process count changes,
@@ -12,7 +13,6 @@ but `selfmtp train --resume` keeps the world size fixed since the data order dep
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from selfmtp.errors import SelfMTPError
+from selfmtp.files import make_dirs, swap_into_place
 from selfmtp.training.state import prune_checkpoints
 
 SHARDED_MARKER = ".metadata"  # DCP's index file: what tells a sharded checkpoint from a safetensors one
@@ -48,7 +49,8 @@ def save_sharded_state(root: Path, step: int, head: torch.nn.Module, optimizer, 
     tmp = root / f".{target.name}.tmp"  # the same name on every process
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-        tmp.mkdir(parents=True)
+        make_dirs(root)
+        tmp.mkdir()
     dist.barrier()
     model_state, optim_state = _trainable_states(head, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
@@ -57,9 +59,7 @@ def save_sharded_state(root: Path, step: int, head: torch.nn.Module, optimizer, 
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         torch.save(state, tmp / "state.pt")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        swap_into_place(tmp, target)
         prune_checkpoints(root, keep)
     dist.barrier()
     return target

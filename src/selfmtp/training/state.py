@@ -14,6 +14,7 @@ lr curve, seed...): resuming under them would silently train a different run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -32,7 +33,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_training_state(root: str | Path, step: int, model, optimizer, scheduler, *, keep: int = 2) -> Path:
-    """Write `root/step-<step>` atomically and keep only the newest `keep` checkpoints."""
+    """Write `root/step-<step>` atomically and durably (files.atomic_dir_write), then keep only the newest
+    `keep` checkpoints: older ones go only once the new one is on the disk."""
     root = Path(root)
     target = root / f"step-{step:07d}"
     state = {
@@ -54,9 +56,14 @@ def save_training_state(root: str | Path, step: int, model, optimizer, scheduler
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0: delete none)."""
+    """Delete all but the newest `keep` checkpoints (keep <= 0: delete none). Call only once the newest is
+    durable. Each is first renamed to a hidden `.step-N.pruned` (which --resume clears), so a kill in the
+    middle of a deletion never leaves a half-deleted `step-N` that looks like a checkpoint."""
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+        doomed = old.with_name(f".{old.name}.pruned")
+        shutil.rmtree(doomed, ignore_errors=True)  # one a kill left, if no --resume has cleared it
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

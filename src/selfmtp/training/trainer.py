@@ -264,6 +264,8 @@ def _loop(run: TrainRun, start: int, metrics_path: Path, out: Path) -> list[dict
             last = step + 1 == cfg.steps or spent
             periodic = cfg.save_every and ((step + 1) % cfg.save_every == 0 or last)
             if periodic or stopping:
+                if run.rank == 0:  # the rows up to the checkpoint survive a power loss with it
+                    os.fsync(metrics_file.fileno())
                 _save_state(run, out / "checkpoints", step + 1)
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
