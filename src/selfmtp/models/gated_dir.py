@@ -37,6 +37,7 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
     from safetensors.torch import save_file
 
     from selfmtp.files import atomic_dir_write
+    from selfmtp.hf.export import write_custom_generate, write_gated_dir_marker
     from selfmtp.models.adapters import write_base_record
     from selfmtp.models.mtp_token import mtp_token_id
 
@@ -52,6 +53,8 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
         save_file(tensors, str(tmp / GATED_WEIGHTS), metadata={"format": "selfmtp-gated"})
         tokenizer.save_pretrained(tmp)
         write_base_record(tmp, base_spec, extra=record)
+        write_gated_dir_marker(tmp)  # a stock from_pretrained then names `selfmtp export`
+        write_custom_generate(tmp)
 
     atomic_dir_write(Path(out_dir), write)
     return Path(out_dir)

@@ -357,9 +357,12 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, keep_existing: boo
         model.hf_quantizer = None
 
     def write(tmp: Path) -> None:
+        from selfmtp.hf.export import write_custom_generate
+
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_custom_generate(tmp)  # model.generate(custom_generate=DIR, trust_remote_code=True) in transformers
 
     atomic_dir_write(out_dir, write, keep_existing=keep_existing)
     return out_dir
