@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_decisive
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from conftest import REPO_ROOT, assert_decisive
 from selfmtp.api import MTPModel
 from selfmtp.hf.export import CUSTOM_GENERATE_DIR, export_model, write_custom_generate
 from selfmtp.models.loading import load_model, save_checkpoint
