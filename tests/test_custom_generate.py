@@ -318,14 +318,19 @@ def test_wheel_installs_and_runs_in_a_fresh_venv():
 
 
 def check_wheel(tmp_path: Path) -> None:
-    import importlib.util
+    import importlib.metadata
     import zipfile
 
+    source = tmp_path / "source"  # what the wheel is built from, copied: no build/ or egg-info left in the checkout
+    shutil.copytree(REPO_ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
     dist = tmp_path / "dist"
-    if importlib.util.find_spec("build") is not None:
-        build = [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO_ROOT)]
-    else:
-        build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(dist), str(REPO_ROOT)]
+    try:
+        importlib.metadata.version("build")  # the installed PyPA `build`, not a build/ folder on sys.path
+        build = [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(source)]
+    except importlib.metadata.PackageNotFoundError:
+        build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(dist), str(source)]
     subprocess.run(build, check=True, capture_output=True)
     (wheel,) = dist.glob("selfmtp-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
