@@ -82,21 +82,26 @@ def _generate(*args, model=None, **kwargs):
         raise ValueError(f"strategy {request['strategy']!r}: the load-aware `auto` strategies time the machine "
                          "first and keep state between calls; use them through `selfmtp generate` or `selfmtp serve`")
     input_ids, attention_mask = _inputs(request)
-    prompts = [row[mask].tolist() for row, mask in zip(input_ids, attention_mask.bool(), strict=True)]
+    prompts = [row[mask].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.bool(), strict=True)]
     config = model.generation_config
     eos = _setting(request, config, "eos_token_id")
-    stop_ids = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+    eos = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
     pad = _setting(request, config, "pad_token_id")
-    pad = pad if pad is not None else (min(stop_ids) if stop_ids else 0)  # transformers pads with EOS when no pad
+    pad = pad if pad is not None else (eos[0] if eos else 0)  # as transformers: no pad id -> the first EOS
     results = generate_batch(model, prompts, strategy, max_new_tokens=_max_new_tokens(request, config, input_ids),
-                             stop_token_ids=stop_ids, pad_token_id=int(pad))
+                             stop_token_ids=set(eos), pad_token_id=int(pad))
+    return _as_generate_output(input_ids, results, int(pad), as_dict=bool(request.get("return_dict_in_generate")))
+
+
+def _as_generate_output(input_ids: torch.Tensor, results: list[GenerationResult], pad: int, *, as_dict: bool):
+    """What greedy `generate` returns: the input, then each row's new tokens, `pad` after a row's end."""
     width = max(len(r.token_ids) for r in results)
-    new = torch.full((len(results), width), int(pad), dtype=torch.long)
+    new = torch.full((len(results), width), pad, dtype=torch.long)
     for i, result in enumerate(results):
         new[i, : len(result.token_ids)] = torch.tensor(result.token_ids, dtype=torch.long)
     sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
     passes = torch.tensor([r.forward_passes for r in results], dtype=torch.long)
-    if request.get("return_dict_in_generate"):
+    if as_dict:
         return MTPGenerateOutput(sequences=sequences, forward_passes=passes, results=results)
     sequences.forward_passes = passes  # the dict form above is the stable way; a tensor op drops this
     return sequences
