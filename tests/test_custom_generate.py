@@ -91,9 +91,8 @@ def custom(model, directory, inputs, **kwargs):
     return model.generate(**inputs, custom_generate=str(directory), trust_remote_code=True, **kwargs)
 
 
-def encode(tokenizer, texts):
-    tokenizer.padding_side = "left"
-    return tokenizer(texts, return_tensors="pt", padding=True)
+def encode(tokenizer, texts, padding_side="left"):
+    return tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)  # the shared one unchanged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +198,7 @@ def test_unimplemented_arguments_are_refused(stock, student_dir, kwargs, message
 
 def test_right_padding_is_refused(stock, student_dir):
     model, tokenizer = stock
-    tokenizer.padding_side = "right"
-    inputs = tokenizer(["1+1", "12 + 30 = "], return_tensors="pt", padding=True)
+    inputs = encode(tokenizer, ["1+1", "12 + 30 = "], padding_side="right")
     with pytest.raises(ValueError, match="padding_side = 'left'"):
         custom(model, student_dir, inputs, strategy="verify:8", max_new_tokens=4)
 
