@@ -110,6 +110,18 @@ def test_custom_generate_is_in_every_directory_selfmtp_writes(student_dir, tmp_p
         assert found == expected, directory  # the shipped copies match what the writers write now
 
 
+def test_custom_generate_files_leave_a_models_fingerprint_alone(tmp_path):
+    """A run that started before custom_generate/ (or a gated dir's marker) was written still resumes."""
+    from selfmtp.models.loading import model_fingerprint
+
+    save_checkpoint(*load_model("tiny"), tmp_path / "model")
+    before = model_fingerprint(str(tmp_path / "model"), seed=0)
+    shutil.rmtree(tmp_path / "model" / CUSTOM_GENERATE_DIR)
+    assert model_fingerprint(str(tmp_path / "model"), seed=0) == before
+    (tmp_path / "model" / "generation_config.json").write_text("{}")  # a model file still counts
+    assert model_fingerprint(str(tmp_path / "model"), seed=0) != before
+
+
 def test_verify_equals_transformers_greedy_token_for_token(stock, student_dir, prompts, monkeypatch):
     model, tokenizer = stock
     for threshold in (0.5, 0.0):  # the shipped draft rule, and every mask proposal fed (more rejections)

@@ -67,6 +67,20 @@ def write_gated_dir_marker(directory: str | Path) -> None:
     (Path(directory) / "config.json").write_text(json.dumps(marker, indent=2) + "\n")
 
 
+def decoding_files(directory: str | Path) -> set[Path]:
+    """The files of `directory` that selfmtp adds beside a model and that change no weight: `custom_generate/`,
+    a gated directory's marker `config.json`. A model's fingerprint leaves them out, so a run started before they
+    were written (or rewritten) still resumes."""
+    from selfmtp.models.gated_dir import GATED_WEIGHTS
+
+    directory = Path(directory)
+    found = {f for f in (directory / CUSTOM_GENERATE_DIR).rglob("*") if f.is_file()}
+    marker = directory / "config.json"
+    if marker.is_file() and (directory / GATED_WEIGHTS).is_file():
+        found.add(marker)
+    return found
+
+
 def export_model(spec: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     """Write `spec` (any `--model` spec) as a directory transformers loads, with `custom_generate/`, atomically.
 

@@ -215,7 +215,12 @@ def model_fingerprint(spec: str, *, seed: int) -> str:
     else:
         path = Path(resolved.source) if resolved.kind in ("dir", "gguf") else None
     if path is not None:
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        if path.is_dir():
+            from selfmtp.hf.export import decoding_files
+
+            files = sorted({f for f in path.rglob("*") if f.is_file()} - decoding_files(path))
+        else:
+            files = [path]
         parts += [_file_fingerprint(f) for f in files]
         if path.is_dir() and (is_adapter_dir(path) or is_gated_dir(path)):
             parts.append(model_fingerprint(base_spec(path), seed=seed))
