@@ -238,10 +238,10 @@ def peaked(_peaked_session):
 
 
 def load_script(name: str):
-    """A module of scripts/ (they are not a package): `load_script("plan_check").main(...)`."""
+    """A module of benchmarks/ (they are not a package): `load_script("plan_check").main(...)`."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,4 +1,4 @@
-"""scripts/bench_serve.py's report: paired per-round ratios to NTP, from a hand-made result (no server)."""
+"""benchmarks/bench_serve.py's report: paired per-round ratios to NTP, from a hand-made result (no server)."""
 
 from __future__ import annotations
 

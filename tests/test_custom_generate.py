@@ -23,7 +23,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from conftest import REPO_ROOT, assert_decisive
 from selfmtp.api import MTPModel
-from selfmtp.hf.export import CUSTOM_GENERATE_DIR, export_model, write_custom_generate
+from selfmtp.hf.export import export_model
+from selfmtp.models.hf_files import CUSTOM_GENERATE_DIR, write_custom_generate
 from selfmtp.models.loading import load_model, save_checkpoint
 
 ASSETS = REPO_ROOT / "src" / "selfmtp" / "assets"
@@ -290,6 +291,9 @@ def test_export_of_a_plain_model_is_a_stock_checkpoint(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")  # no remote code needed
     assert model.config.mtp_mask_token_id == load_model("tiny-gsm-teacher")[0].config.mtp_mask_token_id
     assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
+    assert main(["export", "--model", "tiny", "--step", "3", "--output", str(tmp_path / "x")]) == 2  # RUN's flag
+    with pytest.raises(SystemExit):  # neither RUN nor --model: argparse's usage error
+        main(["export", "--output", str(tmp_path / "x")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,9 +364,10 @@ def check_wheel(tmp_path: Path) -> None:
     cwd = tmp_path  # not the checkout: nothing may come from src/
     assert "--steps" in subprocess.run([selfmtp, "demo", "--help"], check=True, capture_output=True, text=True,
                                        env=env, cwd=cwd).stdout
-    for model, prompt in (("smollm2-135m-mtp", "What is 12*7?"), ("tiny-gsm-teacher", "Q: Ann has 3 apples")):
+    for model, prompt, strategy in (("smollm2-135m-mtp", "What is 12*7?", "verify:8"),
+                                    ("tiny-gsm-teacher", "Q: Ann has 3 apples", "ntp")):
         run = subprocess.run([selfmtp, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "8",
-                              "--strategy", "ntp", "--json", "--no-progress"], capture_output=True, text=True,
+                              "--strategy", strategy, "--json", "--no-progress"], capture_output=True, text=True,
                              env=env, cwd=cwd)  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout.splitlines()[-1])["num_tokens"] >= 1

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import load_script, metrics, run_ddp, tiny_train_config
+from conftest import metrics, run_ddp, tiny_train_config
+from selfmtp.cli import main as cli_main
 from selfmtp.decoding.loop import generate_batch
 from selfmtp.decoding.strategies import Static
 from selfmtp.errors import SelfMTPError
@@ -270,12 +271,10 @@ def test_gated_run_saves_a_model_spec_that_loads_with_the_gate(data, tmp_path, s
     assert loaded.config.selfmtp_k_max == 4  # the trained k_max: bare `verify` takes it
 
 
-def _export_script():
-    return load_script("export_gated_checkpoint")
-
-
 def test_export_gated_checkpoint_writes_the_step_with_its_k_max_or_one_error_line(data, tmp_path, capsys):
-    export = _export_script().main
+    def export(argv):  # `selfmtp export RUN ...`
+        return cli_main(["export", *argv])
+
     out = tmp_path / "run"
     train(gated_config(data, out, steps=2, save_every=1, k_max=3))
     assert export([str(out), "--step", "1", "--output", str(tmp_path / "step1")]) == 0
@@ -304,7 +303,7 @@ def test_a_gated_head_run_trains_saves_and_exports_its_head(data, tmp_path):
     non-zero), and load with the gate on them."""
     out = tmp_path / "run"
     train(gated_config(data, out, steps=2, lr=1e-2, save_every=2, gated_head=True))
-    assert _export_script().main([str(out), "--output", str(tmp_path / "exported")]) == 0
+    assert cli_main(["export", str(out), "--output", str(tmp_path / "exported")]) == 0
     trained = load_file(str(out / "checkpoints" / "step-0000002" / "trainable.safetensors"))
     assert trained["lm_head.lora_B"].abs().sum() > 0 and trained["model.norm.delta"].abs().sum() > 0
     for directory in (out / "final", tmp_path / "exported"):

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh in its CPU fast mode: every step runs and reports (FSDP bf16 training on one
+"""benchmarks/gpu_check.sh in its CPU fast mode: every step runs and reports (FSDP bf16 training on one
 process, static:1 against transformers greedy, pass cost, bench)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
 
 @pytest.mark.slow  # ~40 s of CPU in five fresh processes; minutes of wall clock on a loaded 2-core machine

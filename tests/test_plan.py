@@ -100,7 +100,7 @@ def _assert_planned_within_20_percent_of_measured(model, tmp_path, **settings):
 
 
 def test_plan_matches_a_measured_tiny_training_step(tmp_path):
-    # measured: real tensors of a real step (scripts/plan_check.py); 20%: the planner's per-token
+    # measured: real tensors of a real step (benchmarks/plan_check.py); 20%: the planner's per-token
     # formula leaves out small tensors (RoPE tables, index tensors, LoRA's scaling copies)
     _assert_planned_within_20_percent_of_measured("tiny", tmp_path, batch_size=4, seq_len=128, k_max=4)
 

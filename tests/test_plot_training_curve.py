@@ -1,4 +1,4 @@
-"""scripts/plot_training_curve.py draws a PNG from a run's metrics.jsonl (with and without decode eval)."""
+"""benchmarks/plot_training_curve.py draws a PNG from a run's metrics.jsonl (with and without decode eval)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_training_curve.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_training_curve.py"
 
 
 def rows(with_decode: bool) -> list[dict]:

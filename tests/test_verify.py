@@ -15,7 +15,8 @@ import torch
 
 from selfmtp.api import MTPModel
 from selfmtp.decoding.batch import BatchDecoder
-from selfmtp.decoding.loop import Plan, attention_mask, generate_batch, pass_layout
+from selfmtp.decoding.loop import generate_batch
+from selfmtp.decoding.pass_layout import Plan, attention_mask, pass_layout
 from selfmtp.decoding.results import summarize
 from selfmtp.decoding.strategies import Verify, parse_strategy, with_model_defaults
 from selfmtp.decoding.verify import confident_run, prompt_lookup
@@ -39,7 +40,7 @@ def feed_every_draft(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
+def student_dir(tmp_path_factory) -> str:
     """The packaged tiny-gsm teacher after 60 steps of MTP training (k_max 4): drafts are often right."""
     from selfmtp.tasks.tiny_gsm import generate_problems, write_jsonl
     from selfmtp.training.trainer import TrainConfig, train
@@ -51,7 +52,12 @@ def student(tmp_path_factory):
         k_max=4, prefix_loss=5.0, supervision="offline", prefix_target="ground-truth", lr=1e-2, warmup=5,
         steps=60, batch_size=8, eval_every=0, save_every=0, seed=0, progress=False,
     ))  # fmt: skip
-    return MTPModel.from_pretrained(summary["final_dir"])
+    return summary["final_dir"]
+
+
+@pytest.fixture(scope="module")
+def student(student_dir):
+    return MTPModel.from_pretrained(student_dir)
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +295,45 @@ def test_trained_student_accepts_many_drafts_and_equals_greedy(student, gsm_prom
     for r in alone:  # every pass emits its accepted drafts plus one token of its own
         assert sum(r.draft_accepted) == sum(c.drafted for c in r.chunks) == r.num_tokens - r.forward_passes
         assert all(a <= o for a, o in zip(r.draft_accepted, r.draft_offered, strict=True))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_bf16_and_int8_verify_equals_the_same_dtype_s_greedy_with_no_margin_needed(student_dir, dtype):
+    """In bf16 and int8 a 1-ulp difference flips near ties, so no margin check here: batch-invariant kernels
+    (models/exact_kernels.py) make every token's logits bit-identical whatever pass computes them."""
+    from selfmtp.evaluation.tasks import load_task
+
+    mtp = MTPModel.from_pretrained(student_dir, dtype=dtype)
+    assert mtp.dtype_name == dtype and "exact_kernels" in mtp.model.selfmtp_decode
+    task = load_task("tiny-gsm", limit=8)
+    prompts = [mtp.encode(task.prompt(item, mtp.tokenizer), chat=False) for item in task.items]
+    reference = [r.token_ids for r in greedy(mtp, prompts, 48)]
+    for strategy in ("verify:4", "verify:4:tree", "verify:4:lookup"):
+        alone = [decode(mtp, [p], strategy, 48)[0] for p in prompts]
+        assert [r.token_ids for r in alone] == reference, strategy
+        assert [r.token_ids for r in decode(mtp, prompts, strategy, 48)] == reference, strategy
+        assert sum(len(c.token_ids) > 1 for r in alone for c in r.chunks) >= 10  # drafts accepted: multi-token passes ran
+
+
+def test_bf16_rows_joining_a_running_batch_decode_exactly_as_alone(student_dir):
+    """What `serve` does in bf16: an exact row joins a running NTP batch mid-decode (its history is a hole for
+    the others, a verify pass next to 1-token rows); every row gives exactly its greedy tokens alone."""
+    from selfmtp.decoding.batch import BatchDecoder
+    from selfmtp.decoding.strategies import NTP
+    from selfmtp.evaluation.tasks import load_task
+
+    mtp = MTPModel.from_pretrained(student_dir, dtype="bfloat16")
+    task = load_task("tiny-gsm", limit=3)
+    prompts = [mtp.encode(task.prompt(item, mtp.tokenizer), chat=False) for item in task.items]
+    decoder = BatchDecoder(mtp.model, tokenizer=mtp.tokenizer, compact_cache=True)
+    rows = [decoder.add(prompts[0], NTP(), max_new_tokens=40), decoder.add(prompts[1], NTP(), max_new_tokens=12)]
+    for _ in range(4):
+        decoder.step()
+    rows.append(decoder.add(prompts[2], with_model_defaults(parse_strategy("verify:4:tree"), mtp.model), max_new_tokens=30))
+    while decoder.active:
+        decoder.step()
+    alone = [greedy(mtp, [p], n)[0].token_ids for p, n in zip(prompts, (40, 12, 30), strict=True)]
+    assert [row.token_ids for row in rows] == alone
 
 
 def test_tree_accepts_at_least_as_much_as_merged(student, gsm_prompts):

@@ -40,10 +40,20 @@ class MTPModel:
 
     @classmethod
     def from_pretrained(cls, spec: str, **load_model_kwargs) -> MTPModel:
-        """`spec` as for `--model` (see `selfmtp.models.loading.load_model`, whose keywords pass through)."""
+        """`spec` as for `--model` (see `selfmtp.models.loading.load_model`, whose keywords pass through).
+
+        For decoding, `exact_kernels` defaults to "auto": batch-invariant kernels in every dtype but float32,
+        so `verify` gives the same model-and-dtype's greedy text token for token."""
         from selfmtp.models.loading import load_model
 
+        load_model_kwargs.setdefault("exact_kernels", "auto")
         return cls(*load_model(spec, **load_model_kwargs))
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype decoding runs in ("bfloat16", "int8", ...), after `--dtype auto` resolved it."""
+        decode = getattr(self.model, "selfmtp_decode", None)
+        return decode["dtype"] if decode else str(self.model.dtype).removeprefix("torch.")
 
     @property
     def stop_token_ids(self) -> set[int]:

@@ -2,7 +2,7 @@
 
 1. data     tiny-gsm training problems (procedural, seeded), written as jsonl
 2. teacher  the tiny Llama committed under `assets/tiny-gsm-teacher` (made by
-            scripts/make_tiny_gsm_teacher.py; >= 80% greedy accuracy on tiny-gsm test)
+            benchmarks/make_tiny_gsm_teacher.py; >= 80% greedy accuracy on tiny-gsm test)
 3. train    self-distillation of that teacher into a multi-token predictor (offline targets by default)
 4. eval     the sweep: the teacher's own greedy accuracy ("step 0"), static k, ConfAdapt
 5. report   the table, results.json, results.md, pareto.png, and chunks.html (one answer, one
@@ -23,6 +23,7 @@ import torch
 
 from selfmtp.errors import Interrupted, SelfMTPError
 from selfmtp.evaluation.report import format_table, pooled_tokens_per_pass
+from selfmtp.evaluation.targets import format_targets, graded_target
 
 DEFAULT_STRATEGIES = (
     "teacher,static:1,static:2,static:3,static:4,"
@@ -259,27 +260,6 @@ def _dominates(a: dict, b: dict) -> bool:
     speed_a, speed_b = pooled_tokens_per_pass(a), pooled_tokens_per_pass(b)
     at_least = a["accuracy"] >= b["accuracy"] and speed_a >= speed_b
     return at_least and (a["accuracy"] > b["accuracy"] or speed_a > speed_b)
-
-
-def graded_target(name: str, value, met: bool, stderr: float | None = None) -> dict:
-    """`stderr`: of a difference in accuracy, paired over the same problems (evaluation/reference.py)."""
-    return {"target": name, "value": value, "met": bool(met)} | ({"stderr": stderr} if stderr is not None else {})
-
-
-def format_targets(targets: list[dict]) -> str:
-    lines = []
-    for t in targets:
-        if t["value"] is None:
-            value = ""
-        elif isinstance(t["value"], str):
-            value = f" ({t['value']})"
-        elif "points" in t["target"]:
-            error = f" +- {100 * t['stderr']:.1f}" if "stderr" in t else ""
-            value = f" ({100 * t['value']:+.1f}{error} points)"
-        else:
-            value = f" ({t['value']:.2f})"
-        lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}{value}")
-    return "\n".join(lines)
 
 
 def summary_json(summary: dict) -> dict:

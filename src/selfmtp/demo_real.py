@@ -48,8 +48,8 @@ def run_real_demo(config: RealDemoConfig, output: Path, log=print) -> dict:
 
 def check_real_targets(rows: list[dict]) -> list[dict]:
     """The real model's targets on whatever rows are there (a row that did not run is skipped)."""
-    from selfmtp.demo import graded_target
     from selfmtp.evaluation.report import pooled_tokens_per_pass
+    from selfmtp.evaluation.targets import graded_target
 
     by_name = {row["strategy"]: row for row in rows}
     k1, exact, lossy = by_name.get("static:1"), by_name.get(EXACT), by_name.get(LOSSY)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selfmtp.cli import bench, demo, evaluate, export, generate, plan, serve, train
+from selfmtp.cli import bench, demo, evaluate, export, generate, plan, prepare, serve, train
 from selfmtp.errors import SelfMTPError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-SUBCOMMANDS = (demo, train, generate, serve, evaluate, bench, plan, export)  # in `selfmtp --help`'s order
+SUBCOMMANDS = (demo, prepare, train, export, generate, serve, evaluate, bench, plan)  # in `selfmtp --help`'s order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,11 @@ def add_parser(subparsers) -> None:
         default="hf-generate",
         help=f"comma-separated, from {', '.join(BASELINES)} or '' (default: %(default)s)",
     )
+    parser.add_argument(
+        "--compare-dtypes", default="",
+        help="comma-separated dtypes whose ntp (and hf-generate, if a baseline) run beside, on the same model "
+        "loaded again (e.g. float32 beside the default auto/bf16); engines are named ntp@DTYPE (default: none)",
+    )  # fmt: skip
     parser.add_argument("--runs", type=int, default=3, help="timed runs over all prompts (default: 3)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--gguf", help="the GGUF llama.cpp runs (default: the model's own where known)")
@@ -57,6 +62,7 @@ def run(args) -> int:
         baselines=[b.strip() for b in args.baselines.split(",") if b.strip()], runs=args.runs,
         max_new_tokens=args.max_new_tokens, limit=args.limit, gguf=args.gguf, chat=args.chat, threads=args.threads,
         seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack, progress=not args.no_progress,
+        compare_dtypes=[d.strip() for d in args.compare_dtypes.split(",") if d.strip()],
     )  # fmt: skip
     result = run_bench(config, args.output)
     wrote = f"wrote {Path(args.output) / 'bench.json'} and bench.md"

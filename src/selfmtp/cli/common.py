@@ -26,8 +26,18 @@ def add_no_progress(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --seed, --dtype, --device: what every subcommand that loads a model takes."""
+DECODE_DTYPE_HELP = (
+    "decode dtype (default: auto = bfloat16 where a start-up probe of this machine's matmul kernels shows it "
+    "pays, else float32; the choice is printed and recorded in results). int8: weight-only int8 linears with "
+    "bf16 activations (CPU). In every dtype but float32, decoding runs batch-invariant kernels, so verify "
+    "gives exactly the same model-and-dtype's greedy text"
+)
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, decode: bool = True) -> None:
+    """--model, --seed, --dtype, --device: what every subcommand that loads a model takes. `decode`: the
+    subcommand decodes (generate, eval, bench, serve): --dtype offers auto and int8 and defaults to auto;
+    training keeps float32 as its default."""
     from selfmtp.models.loading import DEFAULT_MODEL
 
     parser.add_argument(
@@ -37,7 +47,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         f" (default: {DEFAULT_MODEL})",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    if decode:
+        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                            help=DECODE_DTYPE_HELP)
+    else:
+        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                            help="model dtype for training (default: float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
@@ -46,6 +61,17 @@ def add_prepack(parser: argparse.ArgumentParser) -> None:
         "--prepack", action="store_true",
         help="CPU float32: pack linear weights once for oneDNN, so passes of 2+ tokens cost less (default: off)",
     )  # fmt: skip
+
+
+def describe_decode(model) -> str:
+    """One line for stderr: the dtype decoding runs in, why, and whether its kernels are batch-invariant."""
+    decode = getattr(model, "selfmtp_decode", None) or {}
+    text = f"dtype: {decode.get('dtype', 'float32')}"
+    if decode.get("requested") == "auto":
+        text += f" (auto: {decode['choice']['reason']})"
+    if "exact_kernels" in decode:
+        text += "; batch-invariant kernels (rowwise attention, linears probed)"
+    return text
 
 
 def print_json(data) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack
+from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack, describe_decode
 
 
 def add_parser(subparsers) -> None:
@@ -64,13 +64,14 @@ def run(args) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
     check_generate_args(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     mtp = MTPModel.from_pretrained(args.model, seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack)
+    print(describe_decode(mtp.model), file=sys.stderr)
     results = mtp.generate(
         prompts, strategy=args.strategy, max_new_tokens=args.max_new_tokens, stop=args.stop or None,
         chat=args.chat, batch_size=args.batch_size,
     )  # fmt: skip
     for prompt, result in zip(prompts, results, strict=True):
         if args.json:
-            print(json.dumps({"prompt": prompt, **result.to_dict()}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt, **result.to_dict(), "dtype": mtp.dtype_name}, ensure_ascii=False))
         else:
             print(format_result(result, mtp.tokenizer, chunks=args.show_chunks, colour=sys.stdout.isatty()))
     if args.html:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack
+import sys
+
+from selfmtp.cli.common import add_model_args, add_no_progress, add_prepack, describe_decode
 
 
 def add_parser(subparsers) -> None:
@@ -64,7 +66,7 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    serve(MTPModel.from_pretrained(
-        args.model, seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack
-    ), config)
+    mtp = MTPModel.from_pretrained(args.model, seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack)
+    print(describe_decode(mtp.model), file=sys.stderr)
+    serve(mtp, config)
     return 0

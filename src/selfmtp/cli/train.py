@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
         "teacher scoring of the rollout, cross-entropy to the teacher's choices. Works with torchrun (DDP). "
         "--config FILE gives TrainConfig fields as a JSON object; flags on the command line override it.",
     )
-    add_model_args(parser)
+    add_model_args(parser, decode=False)
     add = parser.add_argument
     add("--config", metavar="FILE", help="JSON object of TrainConfig fields, e.g. recipes/*.json")
     add(

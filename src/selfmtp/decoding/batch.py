@@ -2,7 +2,7 @@
 
 This is the body of the decode loop (`loop.generate_batch` is `add` every prompt, then `step` until
 no row is left). Each row has its own strategy and stop rules. One `step` is one forward pass of
-every active row, laid out by `loop.pass_layout`: left pads, each row's new tokens right-aligned,
+every active row, laid out by `pass_layout.pass_layout`: left pads, each row's new tokens right-aligned,
 its own masks after them, a `key_is_real` flag per cache column, position ids counted over real
 tokens only. Exact rows (`verify`, decoding/verify.py) share the pass: they also feed drafts as real
 tokens; after the pass the mask columns are cropped, and so are the rejected drafts every row
@@ -27,20 +27,17 @@ from transformers import DynamicCache
 
 from selfmtp.decoding.kv_cache import PreallocatedLayer, has_plain_cache, preallocated_cache
 from selfmtp.decoding.load_aware import LoadAware
-from selfmtp.decoding.loop import (
-    Plan,
-    _accept,
-    _context_length,
-    _mask_token_id,
-    _new_row,
-    _result,
-    _Row,
-    _StopRules,
-    attention_mask,
-    greedy_readout,
-    pass_layout,
-)
+from selfmtp.decoding.pass_layout import Plan, attention_mask, greedy_readout, pass_layout
 from selfmtp.decoding.results import GenerationResult
+from selfmtp.decoding.rows import (
+    Row,
+    StopRules,
+    accept_proposals,
+    context_length,
+    mask_token_id,
+    new_row,
+    row_result,
+)
 from selfmtp.decoding.strategies import Strategy, Verify, with_model_defaults
 from selfmtp.decoding.verify import ExactRow
 from selfmtp.errors import SelfMTPError
@@ -51,7 +48,7 @@ COMPACT_AT_LEAST = 64  # dead cache columns worth a copy of the cache to drop
 class BatchRow:
     """A handle on one prompt in a `BatchDecoder`: its strategy, stop rules and progress."""
 
-    def __init__(self, state: _Row, strategy: Strategy, stops: _StopRules, load_aware: bool, prompt: list[int]):
+    def __init__(self, state: Row, strategy: Strategy, stops: StopRules, load_aware: bool, prompt: list[int]):
         self.state = state
         self.strategy = strategy
         self.exact = ExactRow(strategy, list(prompt)) if isinstance(strategy, Verify) else None
@@ -70,7 +67,7 @@ class BatchRow:
         return self.state.token_ids
 
     def result(self, tokenizer=None) -> GenerationResult:
-        result = _result(self.state, tokenizer, self.strategy.name)
+        result = row_result(self.state, tokenizer, self.strategy.name)
         if self.exact is not None:
             for chunk, drafted in zip(result.chunks, self.exact.drafted, strict=True):
                 chunk.drafted = min(drafted, len(chunk.token_ids))  # a stop may cut the pass's tokens
@@ -123,8 +120,8 @@ class BatchDecoder:
         self.model = model
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
-        self.mask_id = _mask_token_id(model, 0)
-        self.context = _context_length(model)
+        self.mask_id = mask_token_id(model, 0)
+        self.context = context_length(model)
         self.cache_factory = cache_factory or (lambda: preallocated_cache(model))
         self.compact_cache = compact_cache
         self.catch_row_errors = catch_row_errors  # a failing row leaves with .error instead of raising
@@ -142,11 +139,11 @@ class BatchDecoder:
         """Raise SelfMTPError if `add` would refuse this prompt (empty, too long, masks without `<mtp>`)."""
         self._row_state(prompt_ids, strategy, max_new_tokens)
 
-    def _row_state(self, prompt_ids: list[int], strategy: Strategy, max_new_tokens: int) -> _Row:
+    def _row_state(self, prompt_ids: list[int], strategy: Strategy, max_new_tokens: int) -> Row:
         if max_new_tokens < 1:
             raise SelfMTPError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        _mask_token_id(self.model, strategy.k_max - 1)
-        return _new_row(list(prompt_ids), max_new_tokens, self.context, strategy.k_max)
+        mask_token_id(self.model, strategy.k_max - 1)
+        return new_row(list(prompt_ids), max_new_tokens, self.context, strategy.k_max)
 
     @torch.inference_mode()
     def add(
@@ -166,7 +163,7 @@ class BatchDecoder:
             raise ValueError("stop strings need a tokenizer to decode the text")
         strategy = with_model_defaults(strategy, self.model)
         state = self._row_state(prompt_ids, strategy, max_new_tokens)
-        stops = _StopRules(frozenset(stop_token_ids), list(stop_strings), self.tokenizer)
+        stops = StopRules(frozenset(stop_token_ids), list(stop_strings), self.tokenizer)
         row = BatchRow(state, strategy, stops, load_aware, prompt_ids)
         past = self.key_is_real.shape[1]
         if past:  # joining a running batch: an all-hole history in every layer
@@ -253,7 +250,7 @@ class BatchDecoder:
                 rejected = row.exact.accept(state, plan, proposals, confidences, real_end, row.stops)
             else:
                 state.tokens_fed.append(len(plan.real) + plan.masks)
-                _accept(state, row.strategy, proposals[real_end - 1 :], confidences[real_end - 1 :], row.stops)
+                accept_proposals(state, row.strategy, proposals[real_end - 1 :], confidences[real_end - 1 :], row.stops)
         except Exception as error:
             if not self.catch_row_errors:
                 raise

@@ -50,7 +50,7 @@ proposals within its first request, 2.73x NTP at concurrency 1.
 
 Exact rows (`auto:verify[:K][:lookup]`) are sized by the same rule with their own stats and a pass
 cost of two tokens per proposal (`LoadAware` below says why). The figures for the targets (five
-modes, concurrency 1-8, three models; the command is in scripts/bench_serve.py's docstring).
+modes, concurrency 1-8, three models; the command is in benchmarks/bench_serve.py's docstring).
 """
 
 from __future__ import annotations

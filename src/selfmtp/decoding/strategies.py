@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from selfmtp.errors import SelfMTPError
+from selfmtp.models.mtp_token import K_MAX_CONFIG_KEY
 
 STRATEGY_HELP = (
     "ntp, static:K, confadapt:TAU[:KMAX[:adaptive]] (e.g. confadapt:0.9:16), or the exact "
@@ -25,7 +26,6 @@ STRATEGY_HELP = (
     "lookup adds drafts copied from earlier text)"
 )
 DEFAULT_VERIFY_K = 8  # proposals per pass for `verify` when the model does not record its trained k_max
-K_MAX_CONFIG_KEY = "selfmtp_k_max"  # the trained k_max, written into a checkpoint's config at export
 
 
 @runtime_checkable

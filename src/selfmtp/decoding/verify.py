@@ -9,7 +9,7 @@ correction, or the bonus after d_m): a+1 tokens, identical to greedy NTP of the 
 - merged (Stern et al. 2018): one mask block after d_m. If every draft was accepted its proposals
   (the tokens after the bonus) are the next drafts; otherwise the next pass has none.
 - tree (BiTA): a block after the last token and after every draft, each block seeing only its own
-  prefix (`loop.pass_layout`), so the block after d_a always gives the next drafts.
+  prefix (`pass_layout.pass_layout`), so the block after d_a always gives the next drafts.
 - lookup: a pass with no mask drafts copies the continuation of the latest earlier occurrence of
   the last n tokens of prompt + output (n = LOOKUP_MAX_NGRAM down to LOOKUP_MIN_NGRAM; cf.
   transformers' prompt lookup decoding, which takes the first occurrence) and verifies it the same way.
@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from selfmtp.decoding.loop import Plan, _Row, _StopRules, take_tokens
+from selfmtp.decoding.pass_layout import Plan
+from selfmtp.decoding.rows import Row, StopRules, take_tokens
 from selfmtp.decoding.strategies import Verify
 
 DRAFT_MIN_CONFIDENCE = 0.5
@@ -84,7 +85,7 @@ def confident_run(proposals: list[int], confidences: list[float], threshold: flo
 
 @dataclass
 class ExactRow:
-    """An exact row's drafts and cost rule between passes (its tokens live in the `_Row` beside it)."""
+    """An exact row's drafts and cost rule between passes (its tokens live in the `Row` beside it)."""
 
     strategy: Verify
     prompt: list[int]
@@ -108,7 +109,7 @@ class ExactRow:
         self.width = self.lookup_width = k - 1
         self.offered, self.accepted = [0] * (k - 1), [0] * (k - 1)
 
-    def plan(self, state: _Row, real_count: int, context: int | None) -> Plan:
+    def plan(self, state: Row, real_count: int, context: int | None) -> Plan:
         """Drafts and masks for this pass, fewer where the budget or the context would not use them.
 
         `state.k` caps the masks and lookup drafts (k - 1 each; a load-aware row's cap, else K): mask
@@ -129,8 +130,8 @@ class ExactRow:
         blocks = (len(drafts) + 1 if tree else 1) if n_masks else 0
         return Plan(state.pending + drafts, len(drafts), blocks, n_masks, tree)
 
-    def accept(self, state: _Row, plan: Plan, proposals: torch.Tensor, confidences: torch.Tensor, real_end: int,
-               stops: _StopRules) -> int:  # fmt: skip
+    def accept(self, state: Row, plan: Plan, proposals: torch.Tensor, confidences: torch.Tensor, real_end: int,
+               stops: StopRules) -> int:  # fmt: skip
         """Keep the verified run plus the model's own token; set the next drafts; return rejected drafts.
 
         `real_end`: the index in this row's logits of the column after its last real token.

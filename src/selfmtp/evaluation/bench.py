@@ -49,7 +49,8 @@ class BenchConfig:
     threads: int | None = None  # torch (and llama.cpp) threads; None: leave torch's setting
     warmup_tokens: int = 16
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"
+    compare_dtypes: list[str] = field(default_factory=list)  # more dtypes whose ntp (and hf-generate) run beside
     device: str = "cpu"
     prepack: bool = False  # CPU: oneDNN-packed linear weights for every engine on the loaded model (models/prepack.py)
     progress: bool = True
@@ -89,6 +90,7 @@ def run_bench(config: BenchConfig, output_dir: str | Path) -> dict:
             texts[s.engine][s.prompt] = mtp.tokenizer.decode(s.tokens, skip_special_tokens=True)
     result = {
         "config": asdict(config),
+        "decode": getattr(mtp.model, "selfmtp_decode", None),
         "machine": _machine(config, load_before),
         "notes": notes,
         "prompts": [{"prompt": p, "prompt_tokens": len(ids)} for p, ids in zip(prompts, prompt_ids, strict=True)],
@@ -120,6 +122,11 @@ def _check(config: BenchConfig):
     for text in ["ntp", *config.strategies]:
         strategy, aware = resolve_strategy(text)
         strategies[text.strip().lower() if aware else strategy.name] = (strategy, aware)
+    from selfmtp.models.loading import DECODE_DTYPES
+
+    bad = [d for d in [config.dtype, *config.compare_dtypes] if d not in DECODE_DTYPES]
+    if bad:
+        raise SelfMTPError(f"unknown dtype {bad[0]!r} (use one of {', '.join(DECODE_DTYPES)})")
     if config.gguf is not None and not Path(config.gguf).is_file():
         raise SelfMTPError(f"GGUF file not found: {config.gguf}")
     return list(strategies.items()), list(dict.fromkeys(config.baselines))
@@ -132,6 +139,7 @@ def _check(config: BenchConfig):
 def _build_engines(config: BenchConfig, strategies, baselines):
     from selfmtp.api import MTPModel
     from selfmtp.decoding.load_aware import LoadAware
+    from selfmtp.decoding.strategies import resolve_strategy
 
     mtp = MTPModel.from_pretrained(
         config.model, seed=config.seed, dtype=config.dtype, device=config.device, prepack=config.prepack
@@ -142,6 +150,11 @@ def _build_engines(config: BenchConfig, strategies, baselines):
     notes = []
     if "hf-generate" in baselines:
         engines.append(("hf-generate", _hf_generate_engine(mtp)))
+    for dtype in config.compare_dtypes:  # the same model in another dtype, side by side (e.g. ntp@float32)
+        other = MTPModel.from_pretrained(config.model, seed=config.seed, dtype=dtype, device=config.device)
+        engines.append((f"ntp@{dtype}", _loop_engine(other, resolve_strategy("ntp")[0])))
+        if "hf-generate" in baselines:
+            engines.append((f"hf-generate@{dtype}", _hf_generate_engine(other)))
     if "hf-prompt-lookup" in baselines:
         engines.append(("hf-prompt-lookup", _hf_generate_engine(mtp, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS)))
     if "llama-cpp" in baselines:
@@ -174,7 +187,10 @@ def _loop_engine(mtp, strategy, load_aware=None):
 
 
 def _hf_generate_engine(mtp, **generate_options):
+    """transformers `generate` with its stock attention (not our batch-invariant one) on the same weights."""
     from transformers.generation.streamers import BaseStreamer
+
+    from selfmtp.models.exact_kernels import stock_attention
 
     class FirstTokenClock(BaseStreamer):  # generate puts the prompt first, then each new token
         def __init__(self):
@@ -194,7 +210,7 @@ def _hf_generate_engine(mtp, **generate_options):
         clock = FirstTokenClock()
         input_ids = torch.tensor([ids], device=mtp.model.device)
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), stock_attention(mtp.model):
             out = mtp.model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=pad_id, streamer=clock, **generate_options,

@@ -46,18 +46,21 @@ def base_spec(directory: Path) -> str:
     return spec
 
 
-def load_adapter_dir(directory: str | Path, *, seed: int, attn_implementation: str):
-    """(merged model, tokenizer) for a LoRA adapter directory, in float32 on the CPU."""
+def load_adapter_dir(directory: str | Path, load_base, *, seed: int):
+    """(merged model, tokenizer) for a LoRA adapter directory, in float32 on the CPU.
+
+    `load_base(spec, seed=...)` -> (model, tokenizer) loads the base model (models/loading.py's
+    `load_model`, passed in so that this module does not import the resolver that dispatches to it).
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from selfmtp.models.loading import load_model
     from selfmtp.models.mtp_token import mtp_token_id
 
     directory = Path(directory)
     spec = base_spec(directory)
     try:
-        base, _ = load_model(spec, seed=seed, attn_implementation=attn_implementation)
+        base, _ = load_base(spec, seed=seed)
     except SelfMTPError as exc:
         raise SelfMTPError(f"{directory}: could not load its base model {spec!r}: {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(directory)

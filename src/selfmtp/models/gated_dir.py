@@ -14,8 +14,8 @@ from selfmtp.models.gated import (
     gated_state,
     load_gated_state,
 )
+from selfmtp.models.hf_files import GATED_WEIGHTS
 
-GATED_WEIGHTS = "gated_model.safetensors"
 SURGERY_ROWS = ("surgery.mtp_input_row", "surgery.mtp_output_row")
 
 
@@ -37,8 +37,8 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
     from safetensors.torch import save_file
 
     from selfmtp.files import atomic_dir_write
-    from selfmtp.hf.export import write_custom_generate, write_gated_dir_marker
     from selfmtp.models.adapters import write_base_record
+    from selfmtp.models.hf_files import write_custom_generate, write_gated_dir_marker
     from selfmtp.models.mtp_token import mtp_token_id
 
     token = mtp_token_id(model)
@@ -68,17 +68,19 @@ def _surgery_rows(model: nn.Module, token: int) -> dict[str, torch.Tensor]:
     return {name: row.detach().cpu().contiguous() for name, row in rows.items()}
 
 
-def load_gated_dir(directory, *, seed: int, attn_implementation: str):
-    """(gated model, tokenizer) for a directory written by `save_gated_dir`, float32 on the CPU."""
+def load_gated_dir(directory, load_base, *, seed: int):
+    """(gated model, tokenizer) for a directory written by `save_gated_dir`, float32 on the CPU.
+
+    `load_base(spec, seed=...)` -> (model, tokenizer) loads the base model (models/loading.py's
+    `load_model`, passed in so that this module does not import the resolver that dispatches to it).
+    """
     import json
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    from selfmtp.decoding.strategies import K_MAX_CONFIG_KEY
     from selfmtp.models.adapters import BASE_RECORD, base_spec
-    from selfmtp.models.loading import load_model
-    from selfmtp.models.mtp_token import mtp_token_id
+    from selfmtp.models.mtp_token import K_MAX_CONFIG_KEY, mtp_token_id
 
     directory = Path(directory)
     try:
@@ -89,7 +91,7 @@ def load_gated_dir(directory, *, seed: int, attn_implementation: str):
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise SelfMTPError(f"{directory}: unreadable gated model ({exc.__class__.__name__}: {exc})") from exc
     try:
-        model, tokenizer = load_model(spec, seed=seed, attn_implementation=attn_implementation)
+        model, tokenizer = load_base(spec, seed=seed)
     except SelfMTPError as exc:
         raise SelfMTPError(f"{directory}: could not load its base model {spec!r}: {exc}") from exc
     token = mtp_token_id(model)
@@ -111,14 +113,3 @@ def load_gated_dir(directory, *, seed: int, attn_implementation: str):
         setattr(model.config, K_MAX_CONFIG_KEY, settings["k_max"])
     model.eval()
     return model, tokenizer
-
-
-def gated_base_spec(spec: str) -> str:
-    """The base model spec of `spec`: its recorded base when `spec` is a gated directory (or alias of one)."""
-    from pathlib import Path
-
-    from selfmtp.models.adapters import base_spec
-    from selfmtp.models.loading import ALIASES
-
-    path = ALIASES[spec]() if spec in ALIASES else Path(spec)
-    return base_spec(path) if path.is_dir() and is_gated_dir(path) else spec

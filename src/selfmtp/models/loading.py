@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -116,44 +117,84 @@ def load_model(
     attn_implementation: str = "sdpa",
     add_mtp: bool = True,
     prepack: bool = False,
+    exact_kernels: bool | str = False,
 ):
     """Resolve `spec`, load (model, tokenizer), and by default make sure `<mtp>` is in both.
 
     The model is returned in eval mode on `device`. `seed` makes `tiny` weights and the new
     `<mtp>` rows deterministic. `prepack`: CPU float32 inference with oneDNN-packed linear
-    weights (models/prepack.py: cheaper multi-token passes on a CPU).
+    weights (models/prepack.py: cheaper multi-token passes on a CPU). `dtype`: also "auto" (bf16 where
+    this machine's kernels make it pay, models/decode_dtype.py) and "int8" (weight-only, models/int8.py).
+    `exact_kernels`: batch-invariant attention and linears for decoding (models/exact_kernels.py), so a
+    token's logits do not depend on the pass that computes it; "auto": in every dtype but float32 (whose
+    rounding differences are too small to flip greedy choices in practice: 200/200 measured). What was
+    chosen is `model.selfmtp_decode`.
     """
     resolved = parse_model_spec(spec)
-    torch_dtype = _resolve_dtype(dtype)
+    _check_dtype_name(dtype)
+    if prepack and dtype == "auto":
+        dtype = "float32"  # prepacked oneDNN weights are a float32 path
     if resolved.kind == "tiny":
         model, tokenizer = _build_tiny(resolved.options, seed=seed, attn_implementation=attn_implementation)
     elif resolved.kind == "gguf":
-        model, tokenizer = _load_hf_dir(_converted_gguf_dir(Path(resolved.source)), attn_implementation)
+        model, tokenizer = _load_hf_dir(converted_gguf_dir(Path(resolved.source)), attn_implementation)
     else:
         source = ALIASES[resolved.source]() if resolved.kind == "alias" else resolved.source
+        # adapter and gated directories name a base model: they receive this loader, never import it
+        load_base = partial(load_model, attn_implementation=attn_implementation)
         if resolved.kind != "hub" and is_adapter_dir(source):
-            model, tokenizer = load_adapter_dir(source, seed=seed, attn_implementation=attn_implementation)
+            model, tokenizer = load_adapter_dir(source, load_base, seed=seed)
         elif resolved.kind != "hub" and is_gated_dir(source):
-            model, tokenizer = load_gated_dir(source, seed=seed, attn_implementation=attn_implementation)
+            model, tokenizer = load_gated_dir(source, load_base, seed=seed)
         else:
             model, tokenizer = _load_hf_dir(source, attn_implementation, hub=resolved.kind == "hub")
     if add_mtp:
         add_mtp_token(model, tokenizer, seed=seed)
-    model = model.to(device=device, dtype=torch_dtype)
+    decode = _decode_dtype(dtype, model.config, device)
+    model = model.to(device=device, dtype=DTYPES[decode["dtype"]] if decode["dtype"] != "int8" else torch.bfloat16)
     model.eval()
+    if decode["dtype"] == "int8":
+        from selfmtp.models.int8 import quantize_linears
+
+        quantize_linears(model)
     if prepack:
         from selfmtp.models.prepack import prepack_linears
 
         prepack_linears(model)
+    if exact_kernels == "auto":
+        exact_kernels = decode["dtype"] != "float32"
+    if exact_kernels:
+        from selfmtp.models.exact_kernels import make_decoding_exact
+
+        decode["exact_kernels"] = make_decoding_exact(model).to_dict()
+    model.selfmtp_decode = decode
     return model, tokenizer
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def gated_base_spec(spec: str) -> str:
+    """The base model spec of `spec`: its recorded base when `spec` is a gated directory (or alias of one)."""
+    path = ALIASES[spec]() if spec in ALIASES else Path(spec)
+    return base_spec(path) if path.is_dir() and is_gated_dir(path) else spec
+
+
+DECODE_DTYPES = ("auto", *DTYPES, "int8")
+
+
+def _check_dtype_name(dtype: str | torch.dtype) -> None:
+    if not isinstance(dtype, torch.dtype) and dtype not in DECODE_DTYPES:
+        raise SelfMTPError(f"unknown dtype {dtype!r} (use one of {', '.join(DECODE_DTYPES)})")
+
+
+def _decode_dtype(dtype: str | torch.dtype, config, device) -> dict:
+    """{"dtype": the name used, and for "auto" the probe's "choice"}."""
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise SelfMTPError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+        return {"dtype": str(dtype).removeprefix("torch.")}
+    if dtype != "auto":
+        return {"dtype": dtype}
+    from selfmtp.models.decode_dtype import choose_decode_dtype
+
+    choice = choose_decode_dtype(config, device)
+    return {"dtype": choice.dtype, "requested": "auto", "choice": choice.to_dict()}
 
 
 def _load_hf_dir(source: str | Path, attn_implementation: str, *, hub: bool = False):
@@ -216,7 +257,7 @@ def model_fingerprint(spec: str, *, seed: int) -> str:
         path = Path(resolved.source) if resolved.kind in ("dir", "gguf") else None
     if path is not None:
         if path.is_dir():
-            from selfmtp.hf.export import decoding_files
+            from selfmtp.models.hf_files import decoding_files
 
             files = sorted({f for f in path.rglob("*") if f.is_file()} - decoding_files(path))
         else:
@@ -227,7 +268,7 @@ def model_fingerprint(spec: str, *, seed: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _converted_gguf_dir(path: Path) -> Path:
+def converted_gguf_dir(path: Path) -> Path:
     """Dequantise a GGUF into a float32 HF checkpoint in the cache (once) and return its directory."""
     arch = gguf_architecture(path)
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
@@ -268,7 +309,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def _smollm2_dir() -> Path:
-    return _converted_gguf_dir(smollm2_gguf_path())
+    return converted_gguf_dir(smollm2_gguf_path())
 
 
 def tiny_gsm_teacher_dir() -> Path:
@@ -362,7 +403,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, keep_existing: boo
         model.hf_quantizer = None
 
     def write(tmp: Path) -> None:
-        from selfmtp.hf.export import write_custom_generate
+        from selfmtp.models.hf_files import write_custom_generate
 
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -381,4 +422,5 @@ def describe_model(model, tokenizer) -> dict:
         "vocab_size": len(tokenizer),
         MTP_CONFIG_KEY: mtp_token_id(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **({"decode": model.selfmtp_decode} if hasattr(model, "selfmtp_decode") else {}),
     }

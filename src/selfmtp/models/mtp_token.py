@@ -12,6 +12,7 @@ import torch
 
 MTP_TOKEN = "<mtp>"
 MTP_CONFIG_KEY = "mtp_mask_token_id"
+K_MAX_CONFIG_KEY = "selfmtp_k_max"  # the trained k_max, written into a checkpoint's config at export
 
 
 def mtp_token_id(model) -> int | None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfmtp.errors import SelfMTPError
+from selfmtp.models.linears import linear_layers, replace_linears
 
 
 def prepack_available() -> bool:
@@ -67,13 +68,6 @@ def prepack_linears(model: nn.Module) -> int:
     """Swap every `nn.Linear` in `model` (CPU, float32) for a `PrepackedLinear`; returns how many."""
     if not prepack_available():
         raise SelfMTPError("--prepack needs a torch build with oneDNN (mkldnn); this one has none")
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
+    if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in (m.weight for m in linear_layers(model))):
         raise SelfMTPError("--prepack is for CPU float32 inference: drop it, or use --device cpu --dtype float32")
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PrepackedLinear(child))
-                swapped += 1
-    return swapped
+    return replace_linears(model, PrepackedLinear)

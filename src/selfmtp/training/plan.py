@@ -10,7 +10,7 @@ Every figure is bytes per device for one optimizer step of `selfmtp train`:
     transient   FSDP only: the all-gathered root (embeddings, output head) and two decoder layers
                 (current + prefetched) in the compute dtype, and one layer's unsharded gradient
     activations what the student's forward saves for backward (`activation_bytes`), which
-                `scripts/plan_check.py` measures on a real step with `torch.autograd.graph.saved_tensors_hooks`
+                `benchmarks/plan_check.py` measures on a real step with `torch.autograd.graph.saved_tensors_hooks`
 FSDP divides weights, gradients, optimizer and teacher by the device count; DDP holds them whole.
 Not counted: the CUDA context and allocator fragmentation (keep the headroom `HEADROOM` leaves).
 """
@@ -114,7 +114,7 @@ def shape_for_model(spec: str) -> Shape:
     """The shape of `--model SPEC` from its config alone (tiny: its options; GGUF: the converted config)."""
     from transformers import AutoConfig
 
-    from selfmtp.models.loading import ALIASES, _converted_gguf_dir, load_tokenizer, parse_model_spec
+    from selfmtp.models.loading import ALIASES, converted_gguf_dir, load_tokenizer, parse_model_spec
     from selfmtp.models.mtp_token import MTP_CONFIG_KEY
 
     resolved = parse_model_spec(spec)
@@ -127,7 +127,7 @@ def shape_for_model(spec: str) -> Shape:
     elif resolved.kind == "gguf":
         from pathlib import Path
 
-        source = _converted_gguf_dir(Path(resolved.source))
+        source = converted_gguf_dir(Path(resolved.source))
     else:
         source = resolved.source
     try:
@@ -158,7 +158,7 @@ def activation_bytes(shape: Shape, *, tokens: int, layout_len: int, supervised: 
     layers: the final norm (3 hidden-size tensors), the float32 log-softmax of the selected logits,
     and with LoRA the head weight peft rebuilds with the trainable `<mtp>` row (vocab x hidden).
     Checkpointing keeps each layer's input and mask, and recomputes one layer at a time in backward.
-    Measured against real steps by scripts/plan_check.py."""
+    Measured against real steps by benchmarks/plan_check.py."""
     e = DTYPE_BYTES[dtype]
     layer = tokens * e * (10 * shape.hidden + 4 * shape.intermediate + layout_len + 7 * lora_rank)
     kept = tokens * e * (shape.hidden + layout_len) if checkpointing else layer

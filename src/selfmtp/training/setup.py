@@ -162,18 +162,19 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
     gated weights beside a record of the base spec (models/gated.py).
 
     The config records the trained k_max, the default K of the exact `verify` strategy."""
-    from selfmtp.decoding.strategies import K_MAX_CONFIG_KEY
+    from selfmtp.models.mtp_token import K_MAX_CONFIG_KEY
 
     setattr(student.config, K_MAX_CONFIG_KEY, config.k_max)
     if config.gated:
-        from selfmtp.models.gated_dir import gated_base_spec, save_gated_dir
+        from selfmtp.models.gated_dir import save_gated_dir
+        from selfmtp.models.loading import gated_base_spec
 
         return save_gated_dir(student, tokenizer, final_dir, base_spec=gated_base_spec(config.model), seed=config.seed,
                               k_max=config.k_max)
     if not config.lora_rank:
         return save_checkpoint(student, tokenizer, final_dir)
     if config.lora_export == "adapter":
-        from selfmtp.hf.export import write_custom_generate
+        from selfmtp.models.hf_files import write_custom_generate
 
         def write(tmp: Path) -> None:
             student.save_pretrained(tmp)

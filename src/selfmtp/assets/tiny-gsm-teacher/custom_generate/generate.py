@@ -1,4 +1,4 @@
-"""Multi-token decoding by selfmtp (https://github.com/selfmtp), for transformers:
+"""Multi-token decoding by selfmtp (`pip install selfmtp`), for transformers:
 
     model.generate(**inputs, custom_generate=THIS_MODEL_DIR, trust_remote_code=True,
                    strategy="verify:8", max_new_tokens=128)

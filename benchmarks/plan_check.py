@@ -1,7 +1,7 @@
 """Check `selfmtp plan`'s figures against a real training step, part by part, and write a JSON result.
 
-    PYTHONPATH=src python scripts/plan_check.py --model tiny --output plan_check.json
-    PYTHONPATH=src python scripts/plan_check.py --model smollm2-135m --batch-size 2 --output plan_check.json
+    PYTHONPATH=src python benchmarks/plan_check.py --model tiny --output plan_check.json
+    PYTHONPATH=src python benchmarks/plan_check.py --model smollm2-135m --batch-size 2 --output plan_check.json
 
 One `selfmtp.training.train` run of 2 steps (one process, float32, no activation checkpointing); the
 second step is measured with the actual tensors, not an allocator statistic:

@@ -1,6 +1,6 @@
 """The paper's ablations at CPU scale on tiny-gsm, each with the demo's budget (not a test).
 
-    PYTHONPATH=src python scripts/reproduce_ablations.py --output runs/ablations [--only soft,ground-truth]
+    PYTHONPATH=src python benchmarks/reproduce_ablations.py --output runs/ablations [--only soft,ground-truth]
 
 Every variant is the paper's main setting at the demo's scale (selfmtp.demo.DemoConfig with online
 hard-teacher supervision and a next-token cross-entropy anchor of weight 1, `ABLATION_BASE`) with ONE

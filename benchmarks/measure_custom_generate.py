@@ -2,7 +2,7 @@
 the same tokens as transformers' greedy `generate` on every prompt, tokens per pass against `selfmtp generate`'s
 (the library call `MTPModel.generate`), and wall clock against it at batch 1.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/measure_custom_generate.py --model runs/demo/train/final \\
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/measure_custom_generate.py --model runs/demo/train/final \\
         --limit 100 --output docs/measurements/custom-generate-cpu
 
 Per prompt (tiny-gsm test, plain prompts, batch 1, one torch thread), in an order that rotates so drift in the

@@ -1,6 +1,6 @@
 """Plot a training run's curve: RUN_DIR/metrics.jsonl -> RUN_DIR/training_curve.png.
 
-    PYTHONPATH=src python scripts/plot_training_curve.py runs/smollm2-135m-gsm8k-lora
+    PYTHONPATH=src python benchmarks/plot_training_curve.py runs/smollm2-135m-gsm8k-lora
 
 Three panels against the optimizer step: the online loss (train, smoothed, and held-out), the
 held-out rollout/teacher agreement for each position j of a region (and, with a teacher prefix

@@ -1,6 +1,6 @@
 """Pretrain the tiny-gsm teacher and write it to the package assets (or --output).
 
-    PYTHONPATH=src python scripts/make_tiny_gsm_teacher.py --output src/selfmtp/assets/tiny-gsm-teacher
+    PYTHONPATH=src python benchmarks/make_tiny_gsm_teacher.py --output src/selfmtp/assets/tiny-gsm-teacher
 
 Any TeacherConfig field can be overridden: --steps 1200 --hidden 96 --lr 2e-3 ...
 """
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = pretrain_tiny_teacher(config)
     recipe_path = Path(args.output) / "recipe.json"
     recipe = json.loads(recipe_path.read_text())
-    recipe["command"] = "PYTHONPATH=src python scripts/make_tiny_gsm_teacher.py " + shlex.join(argv or sys.argv[1:])
+    recipe["command"] = "PYTHONPATH=src python benchmarks/make_tiny_gsm_teacher.py " + shlex.join(argv or sys.argv[1:])
     recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
     summary = {k: metrics[k] for k in ("test_accuracy", "test_n", "train_seconds", "parameters", "final_loss")}
     print(json.dumps(summary))

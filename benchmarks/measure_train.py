@@ -1,6 +1,6 @@
 """Measure the cost of online MTP training against plain next-token fine-tuning, and peak memory.
 
-    PYTHONPATH=src python scripts/measure_train.py --model smollm2-135m --batch-size 8 --seq-len 160 \
+    PYTHONPATH=src python benchmarks/measure_train.py --model smollm2-135m --batch-size 8 --seq-len 160 \
         --output measure_train.json
 
 1. Time: one MTP training step (student forward+backward on the blocked layout, one no-grad teacher

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Exact decoding (verify) on the demo student and SmolLM2-135M: accuracy/identity sweep and wall clock.
-# Usage: scripts/measure_verify.sh STUDENT_DIR OUT_DIR   (writes OUT_DIR/{eval,bench-student,bench-smollm2})
+# Usage: benchmarks/measure_verify.sh STUDENT_DIR OUT_DIR   (writes OUT_DIR/{eval,bench-student,bench-smollm2})
 set -euo pipefail
 student=${1:-runs/demo/train/final}
 out=${2:-docs/measurements/verify-tiny-gsm-cpu}

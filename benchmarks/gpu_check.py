@@ -1,14 +1,14 @@
-"""The accelerator check behind scripts/gpu_check.sh: is selfmtp right and how fast is it on this device?
+"""The accelerator check behind benchmarks/gpu_check.sh: is selfmtp right and how fast is it on this device?
 
-    scripts/gpu_check.sh                          # cuda, smollm2-135m; log under docs/measurements/
-    scripts/gpu_check.sh --device cpu --fast      # the same steps on the tiny model (the test runs this)
+    benchmarks/gpu_check.sh                          # cuda, smollm2-135m; log under docs/measurements/
+    benchmarks/gpu_check.sh --device cpu --fast      # the same steps on the tiny model (the test runs this)
 
 1. train: `--steps` bf16 steps with `--parallel fsdp` on one device (torchrun, one process): loss,
    tokens/s, CUDA peak memory beside `selfmtp plan`'s figure for the same setting.
 2. static:1 (our KV-cached loop, one token per pass) against transformers greedy `generate`, both
    bf16, on a few prompts: where they differ, the position and the top-2 logit gap there (a bf16 tie
    when the gap is within bf16 rounding).
-3. the cost of one cached pass by tokens fed (scripts/measure_decode.py's `pass_cost`).
+3. the cost of one cached pass by tokens fed (`pass_cost`).
 4. `selfmtp bench` with ntp and ConfAdapt (and `verify` when this checkout has that strategy).
 Everything printed also goes to `--log` (default on a GPU: docs/measurements/gpu_check-<device>-<date>.txt).
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import subprocess
@@ -100,12 +99,35 @@ def greedy_check(mtp, args, log: Log) -> None:
     log(f"static:1 vs greedy: {len(PROMPTS) - differ}/{len(PROMPTS)} prompts identical")
 
 
+def pass_cost(model, prefix_ids: list[int], fed_counts: list[int], repeats: int) -> dict[str, float]:
+    """Median ms of one cached forward feeding n tokens after `prefix_ids` (cache cropped back each time)."""
+    import statistics
+    import time
+
+    from transformers import DynamicCache
+
+    cache, prefix, device = DynamicCache(config=model.config), len(prefix_ids), model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
+    costs = {}
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([prefix_ids], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for n in fed_counts:
+            ids, positions = torch.tensor([prefix_ids[-n:]], device=device), torch.arange(prefix, prefix + n, device=device)[None]
+            times = []
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=n)
+                sync()
+                times.append(time.perf_counter() - start)
+                cache.crop(-n)
+            costs[str(n)] = 1000 * statistics.median(times)
+    return costs
+
+
 def pass_cost_check(mtp, log: Log) -> None:
-    spec = importlib.util.spec_from_file_location("measure_decode", ROOT / "scripts" / "measure_decode.py")
-    measure_decode = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(measure_decode)
     prefix = (mtp.encode(" ".join(PROMPTS * 8), chat=False) * 2)[:200]
-    costs = measure_decode.pass_cost(mtp, prefix, [1, 2, 4, 8, 16, 32], repeats=5)["median_ms_by_tokens_fed"]
+    costs = pass_cost(mtp.model, prefix, [1, 2, 4, 8, 16, 32], repeats=5)
     log("pass cost by tokens fed (ms, 200-token prefix): " + ", ".join(f"{n}: {ms:.2f}" for n, ms in costs.items()))
 
 

@@ -15,14 +15,14 @@ The figures of record (ntp, ConfAdapt, verify and the two load-aware modes, thre
 SmolLM2 servers with --prepack; SmolLM2 gets 8 prompts it continues for 48 tokens, one per row at
 concurrency 8; about 17 minutes on a quiet 2-core machine at 1 thread):
 
-    python scripts/bench_serve.py --prepack smollm2-135m --prepack smollm2-135m-mtp \
+    python benchmarks/bench_serve.py --prepack smollm2-135m --prepack smollm2-135m-mtp \
       --model runs/demo/train/final --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl \
       --model smollm2-135m --prompts docs/measurements/serve-smollm2-cpu/prompts8.txt \
       --model smollm2-135m-mtp --prompts docs/measurements/serve-smollm2-cpu/prompts8.txt \
       --concurrency 1,2,4,8 --requests 1 --rounds 4 --max-tokens 48 --memory-requests 0 \
       --output docs/measurements/serve-all-modes-cpu
 
-    python scripts/bench_serve.py --model runs/demo/train/final \
+    python benchmarks/bench_serve.py --model runs/demo/train/final \
       --prompts docs/measurements/bench-tiny-gsm-mtp-cpu/prompts.jsonl --output docs/measurements/serve-tiny-gsm-cpu
 """
 

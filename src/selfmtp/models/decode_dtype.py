@@ -1,0 +1,66 @@
+"""`--dtype auto`: the decode dtype chosen by timing this machine's matmul kernels, not by assuming.
+
+On a GPU, auto is bfloat16 where the device supports it. On a CPU it times the model's two matmul shapes
+that dominate a pass (hidden x intermediate, and the output head hidden x vocab) for 1 and 8 rows in
+float32 and in bfloat16, and takes bfloat16 where it is clearly cheaper (BF16_MUST_SAVE) at both row
+counts: on CPUs with native bf16 (AVX512-BF16, AMX) it is 1.2-4x cheaper and flat in the rows; elsewhere
+bf16 is emulated and slower than float32. The choice and its timings are printed and recorded in results.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+BF16_MUST_SAVE = 0.85  # bf16 must cost at most this fraction of float32 (noise on a shared machine is ~10%)
+TIMED_CALLS = 7
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str  # "float32" | "bfloat16"
+    reason: str
+    timings_ms: dict  # "float32 head 1 row": ms, ...
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_decode_dtype(config, device: str | torch.device = "cpu") -> DtypeChoice:
+    """The dtype `--dtype auto` decodes in on `device` for a model of this config (see the module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice("bfloat16", "GPU with bf16 support", {})
+        return DtypeChoice("float32", "GPU without bf16 support", {})
+    if device.type != "cpu":
+        return DtypeChoice("float32", f"no probe for {device.type} devices: float32", {})
+    hidden = config.hidden_size
+    shapes = {"mlp": (hidden, getattr(config, "intermediate_size", 4 * hidden)), "head": (hidden, config.vocab_size)}
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, (k, n) in shapes.items():
+            weight = torch.randn(n, k).to(dtype)
+            for rows in (1, 8):
+                x = torch.randn(rows, k).to(dtype)
+                timings[f"{str(dtype).removeprefix('torch.')} {name} {rows} row{'s' * (rows > 1)}"] = _median_ms(weight, x)
+    ratios = [sum(timings[f"bfloat16 {s} {r}"] for s in shapes) / sum(timings[f"float32 {s} {r}"] for s in shapes)
+              for r in ("1 row", "8 rows")]  # fmt: skip
+    verdict = "bfloat16" if max(ratios) <= BF16_MUST_SAVE else "float32"
+    reason = f"bf16/fp32 matmul time: {ratios[0]:.2f} at 1 row, {ratios[1]:.2f} at 8 rows (bf16 if <= {BF16_MUST_SAVE})"
+    return DtypeChoice(verdict, reason, {key: round(ms, 3) for key, ms in timings.items()})
+
+
+def _median_ms(weight: torch.Tensor, x: torch.Tensor) -> float:
+    with torch.inference_mode():
+        F.linear(x, weight)  # warm-up: the first call may pack or allocate
+        times = []
+        for _ in range(TIMED_CALLS):
+            started = time.perf_counter()
+            F.linear(x, weight)
+            times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)

@@ -1,0 +1,233 @@
+"""Batch-invariant decoding kernels: every token's logits come out bit for bit the same whatever pass computes it.
+
+Why: `verify` promises the same text as NTP greedy decoding of the same model and dtype. That holds only if
+a token's logits do not depend on how many other tokens its pass feeds. In float32 the differences are in
+the last bits and rarely flip an argmax; in bfloat16 every linear rounds its output to 8 bits of mantissa,
+so a 1-ulp difference in an accumulator changes a hidden state, and greedy texts part after a few dozen
+tokens (measured on smollm2-135m-mtp: verify:8 gave NTP's text on 3 of 8 prompts). Two kernels vary with
+the pass (docs/measurements/decode-dtype-cpu has the kernel-level measurements):
+
+- **attention**: SDPA of one query over the cached keys (an NTP pass) is another computation than the same
+  query inside a pass of 9 queries with a mask over 8 more keys. `rowwise_attention` computes every query
+  alone, over exactly the keys it may see, gathered in order: the call an NTP pass makes for that token.
+- **linear layers**: a CPU GEMM may take another kernel (other blocking, another summation order) by the
+  number of rows. `probe_linear_invariance` finds, per weight shape, the row counts whose every row equals
+  that row computed alone (padded to `min_rows`); `RowChunkedLinear` then computes any number of rows in
+  pieces of at most `chunk` rows, padded to at least `min_rows`. Measured, not assumed: the answer depends
+  on the CPU, the dtype and the thread count (here bf16 was invariant up to 16 rows, float32 only from 2 rows on).
+
+`make_decoding_exact(model)` installs both and returns what it found (for logs and results files). Every
+row-wise operation of a Llama layer (norms, rotary, activations, residuals) is invariant as it is; the test
+suite checks the whole model: cached logits of a multi-token pass == the same tokens fed one by one.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfmtp.models.int8 import Int8Linear
+from selfmtp.models.linears import linear_layers, replace_linears
+
+ROWWISE_ATTENTION = "selfmtp_rowwise"
+PROBE_MAX_ROWS = 64  # row counts probed per weight shape (a tree-verify pass of K=8 feeds up to ~72 tokens)
+MIN_ROWS_CANDIDATES = (1, 2, 4, 8)  # padding a 1-row input to 2 rows costs nothing where GEMV is not invariant
+USEFUL_CHUNK = 16  # a chunk this large covers every batch-1 verify pass in one call
+LINEAR_KINDS = (nn.Linear, Int8Linear)
+
+
+def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Attention for decoding in which each query row is computed as a one-query pass would compute it.
+
+    query (B, H, Q, D); key/value (B, Hkv, S, D); attention_mask: None, or (B, 1, Q, S) bool (True: may attend)
+    or additive float. A query's visible keys are gathered in order (a slice when they are a prefix, as in
+    every NTP pass at batch 1), and SDPA runs on that one query: the same call, on the same numbers, as an
+    NTP pass that computes this token.
+    """
+    if dropout:
+        raise ValueError("rowwise attention is for inference (dropout must be 0)")
+    batch, heads, queries, _ = query.shape
+    gqa = heads != key.shape[1]
+    if queries == 1 and attention_mask is None:  # an NTP pass without pads: one query per row sees every key
+        return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa).transpose(1, 2), None
+    if is_causal is None:  # as transformers' sdpa decides it: causal when no mask was built
+        is_causal = queries > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    visible, counts, is_prefix = _layout(attention_mask, batch, queries, key.shape[2], query.device, is_causal)
+    out = query.new_zeros(batch, queries, heads, value.shape[-1])
+    for b, (row_counts, row_prefix) in enumerate(zip(counts, is_prefix, strict=True)):
+        for i, (count, prefix) in enumerate(zip(row_counts, row_prefix, strict=True)):
+            if count == 0:  # a pad query that sees nothing: its output is never read
+                continue
+            if prefix:
+                k, v = key[b : b + 1, :, :count], value[b : b + 1, :, :count]
+            else:
+                index = visible[b, i].nonzero().squeeze(1)
+                k, v = key[b : b + 1].index_select(2, index), value[b : b + 1].index_select(2, index)
+            q = query[b : b + 1, :, i : i + 1]
+            out[b, i] = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)[0, :, 0]
+    return out, None
+
+
+_last_layout: list = [None, None]  # (the mask, its layout): every layer of a pass gets the same mask object
+
+
+def _layout(mask, batch: int, queries: int, keys: int, device, is_causal):
+    """(visible (B, Q, S) bool, counts [[int]], is_prefix [[bool]]): worked out once per pass, not per layer."""
+    key = (mask, batch, queries, keys, is_causal)
+    cached_key, layout = _last_layout
+    if cached_key is not None and cached_key[0] is mask and mask is not None and cached_key[1:] == key[1:]:
+        return layout
+    visible = _visible_keys(mask, batch, queries, keys, device, is_causal)
+    counts = visible.sum(-1)
+    is_prefix = visible.cumprod(-1).sum(-1) == counts  # the visible keys are keys[:count]
+    layout = (visible, counts.tolist(), is_prefix.tolist())
+    _last_layout[:] = [key, layout]  # holds the mask, so its identity cannot be reused while cached
+    return layout
+
+
+def _visible_keys(mask, batch: int, queries: int, keys: int, device, is_causal) -> torch.Tensor:
+    """(B, Q, S) bool: which keys each query may attend to."""
+    if mask is None:
+        if queries == 1 or not is_causal:
+            return torch.ones(batch, queries, keys, dtype=torch.bool, device=device)
+        offset = keys - queries  # causal over the new tokens, after the cached ones
+        return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(offset).expand(batch, -1, -1)
+    if mask.dtype != torch.bool:  # additive: 0 where visible, a huge negative (or -inf) elsewhere; no biases
+        if bool(((mask != 0) & (mask > -1e4)).any()):
+            raise ValueError("rowwise attention takes boolean masks or additive ones of 0 and large negatives only")
+        mask = mask == 0
+    return mask[:, 0].expand(batch, queries, keys)
+
+
+@contextmanager
+def stock_attention(model: nn.Module):
+    """transformers' own SDPA for the duration (a baseline such as `generate` measured as users run it)."""
+    config = model.config
+    original = config._attn_implementation
+    config._attn_implementation = "sdpa" if original == ROWWISE_ATTENTION else original
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ROWWISE_ATTENTION, rowwise_attention)
+    AttentionMaskInterface.register(ROWWISE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # boolean 4D masks
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers
+
+
+@dataclass(frozen=True)
+class RowInvariance:
+    """For one weight shape: inputs of `min_rows` to `chunk` rows give every row as a one-row input (padded
+    to `min_rows`) gives it."""
+
+    min_rows: int
+    chunk: int
+
+
+class RowChunkedLinear(nn.Module):
+    """`nn.Linear` whose rows are computed in pieces of `min_rows` to `chunk` rows (see the module docstring);
+    `weight` and `bias` are the original Parameters (state dicts and tied embeddings are unchanged)."""
+
+    def __init__(self, linear: nn.Module, invariance: RowInvariance):
+        super().__init__()
+        self.inner = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.min_rows, self.chunk = invariance.min_rows, invariance.chunk
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        rows = flat.shape[0]
+        if self.min_rows <= rows <= self.chunk:
+            return self.inner(x)
+        out = torch.cat([_padded_call(self.inner, piece, self.min_rows) for piece in flat.split(self.chunk)])
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def _padded_call(linear: nn.Module, rows: torch.Tensor, min_rows: int) -> torch.Tensor:
+    if rows.shape[0] >= min_rows:
+        return linear(rows)
+    pad = rows.new_zeros(min_rows - rows.shape[0], rows.shape[1])
+    return linear(torch.cat([rows, pad]))[: rows.shape[0]]
+
+
+@torch.inference_mode()
+def probe_linear_invariance(linear: nn.Module, *, max_rows: int = PROBE_MAX_ROWS, seed: int = 0) -> RowInvariance:
+    """Run `linear` on 1..max_rows rows of a fixed random input and find where every row equals that row alone.
+
+    For each candidate `min_rows`, `chunk` is the largest n such that every row count from min_rows to n
+    gives each row bit for bit as the row alone (padded to min_rows with zeros) gives it. The first
+    candidate whose chunk reaches USEFUL_CHUNK wins, else the one with the largest chunk; a kernel that
+    is invariant nowhere gets (1, 1): every row computed alone (exact, and as slow as NTP per row)."""
+    weight = linear.weight
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(max_rows, linear.in_features, generator=generator).to(weight.device, _activation_dtype(linear))
+    outputs = {n: linear(x[:n]) for n in range(1, max_rows + 1)}
+    best = RowInvariance(1, 1)
+    for min_rows in MIN_ROWS_CANDIDATES:
+        alone = torch.cat([_padded_call(linear, x[r : r + 1], min_rows) for r in range(max_rows)])
+        chunk = 0
+        for n in range(min_rows, max_rows + 1):
+            if not torch.equal(outputs[n], alone[:n]):
+                break
+            chunk = n
+        if chunk >= min(USEFUL_CHUNK, max_rows):
+            return RowInvariance(min_rows, chunk)
+        if chunk > best.chunk:
+            best = RowInvariance(min_rows, chunk)
+    return best
+
+
+def _activation_dtype(linear: nn.Module) -> torch.dtype:
+    dtype = getattr(linear, "activation_dtype", None) or linear.weight.dtype
+    return dtype if dtype.is_floating_point else torch.bfloat16
+
+
+@dataclass
+class ExactKernels:
+    """What `make_decoding_exact` installed: for logs, `--json` output and results files."""
+
+    attention: str
+    threads: int
+    linears: dict  # "in x out dtype": {"min_rows", "chunk", "layers"}
+    chunked_layers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_decoding_exact(model: nn.Module, *, max_rows: int = PROBE_MAX_ROWS) -> ExactKernels:
+    """Install rowwise attention and row-invariant linears on `model` (inference only); see the module docstring."""
+    _register()
+    model.config._attn_implementation = ROWWISE_ATTENTION
+    probes: dict[tuple, RowInvariance] = {}
+    layers: dict[tuple, int] = {}
+    for linear in linear_layers(model, LINEAR_KINDS):
+        key = (linear.in_features, linear.out_features, str(_activation_dtype(linear)).removeprefix("torch."))
+        if key not in probes:
+            probes[key] = probe_linear_invariance(linear, max_rows=max_rows)
+        layers[key] = layers.get(key, 0) + 1
+
+    def chunked(linear: nn.Module) -> nn.Module:
+        key = (linear.in_features, linear.out_features, str(_activation_dtype(linear)).removeprefix("torch."))
+        invariance = probes[key]
+        return linear if invariance == RowInvariance(1, max_rows) else RowChunkedLinear(linear, invariance)
+
+    swapped = replace_linears(model, chunked, LINEAR_KINDS)
+    report = {f"{i}x{o} {d}": {**asdict(inv), "layers": layers[(i, o, d)]} for (i, o, d), inv in probes.items()}
+    return ExactKernels(ROWWISE_ATTENTION, torch.get_num_threads(), report, swapped)
