@@ -6,7 +6,8 @@ Layers, highest first; a module may import from its own layer or any lower one, 
     5  cli         selfmtp.cli.*, selfmtp.__main__
     4  demo        selfmtp.demo, selfmtp.demo_real
     3  apps        selfmtp.evaluation.*, selfmtp.serving.*, selfmtp.training.*
-    2  api         selfmtp.api (MTPModel: load a model and generate; evaluation builds on it)
+    5  assets      selfmtp.assets.* (custom_generate/generate.py beside the packaged models: run by transformers)
+    2  api         selfmtp.api (MTPModel: load a model and generate; evaluation builds on it), selfmtp.hf.*
     1  decoding    selfmtp.decoding.*, selfmtp.tasks.* (the tiny-gsm task and its teacher)
     0  models      selfmtp.models.*
    -1  shared      selfmtp (the package), selfmtp.errors, selfmtp.files, selfmtp.jsonl, selfmtp.progress:
@@ -35,7 +36,9 @@ LAYERS = {  # module or package -> layer; a module not listed takes the layer of
     "selfmtp.evaluation": 3,
     "selfmtp.serving": 3,
     "selfmtp.training": 3,
+    "selfmtp.assets": 5,  # the shipped custom_generate/generate.py files: run by transformers, import selfmtp.hf
     "selfmtp.api": 2,
+    "selfmtp.hf": 2,  # plain transformers: generate contract over decoding, export over models
     "selfmtp.decoding": 1,
     "selfmtp.tasks": 1,
     "selfmtp.models": 0,

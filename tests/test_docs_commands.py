@@ -36,7 +36,7 @@ NOT_RUN = {
     "Qwen/": "a hub model: needs the network",
     "selfmtp demo": "minutes of training: `make demo` (tests/test_demo.py runs a tiny demo)",
     "selfmtp prepare": "needs GSM8K's train.jsonl (tests/test_prepare.py runs it on a small file)",
-    "selfmtp export": "needs a gated training run (tests/test_gated.py exports one)",
+    "selfmtp export": "needs a gated training run or writes a whole model (tests/test_gated.py, test_custom_generate.py)",
     "selfmtp serve": "a server that runs until stopped (tests/test_serve.py)",
     "smollm2": "loads SmolLM2-135M (converts its 270 MB GGUF first; `pytest -m slow` tests cover it)",
     "--config recipes/": "a real-model recipe (minutes per step on a CPU)",

@@ -265,7 +265,9 @@ def test_gated_run_saves_a_model_spec_that_loads_with_the_gate(data, tmp_path, s
         ours, theirs = forward_with_kv(loaded, layout)[0], forward_with_kv(base, layout)[0]
     assert torch.equal(ours[~is_mask], theirs[~is_mask]) and not torch.equal(ours[is_mask], theirs[is_mask])
     # The base itself is untouched: stock transformers still loads and decodes it (no gate, no deltas).
-    assert not (out / "final" / "config.json").exists()
+    # final/ holds the deltas, no base weights; its config.json only makes a stock load name `selfmtp export`
+    assert not (out / "final" / "model.safetensors").exists()
+    assert json.loads((out / "final" / "config.json").read_text())["selfmtp_format"] == "gated"
     assert loaded.config.selfmtp_k_max == 4  # the trained k_max: bare `verify` takes it
 
 

@@ -22,8 +22,8 @@ from selfmtp.models.gated import (
     is_gated_weight,
     load_gated_state,
 )
+from selfmtp.models.hf_files import GATED_WEIGHTS
 
-GATED_WEIGHTS = "gated_model.safetensors"
 SURGERY_ROWS = ("surgery.mtp_input_row", "surgery.mtp_output_row")
 
 
@@ -46,6 +46,7 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
 
     from selfmtp.files import atomic_dir_write
     from selfmtp.models.adapters import write_base_record
+    from selfmtp.models.hf_files import write_custom_generate, write_gated_dir_marker
     from selfmtp.models.mtp_token import mtp_token_id
 
     token = mtp_token_id(model)
@@ -61,6 +62,8 @@ def save_gated_dir(model: nn.Module, tokenizer, out_dir, *, base_spec: str, seed
         save_file(tensors, str(tmp / GATED_WEIGHTS), metadata={"format": "selfmtp-gated"})
         tokenizer.save_pretrained(tmp)
         write_base_record(tmp, base_spec, extra=record)
+        write_gated_dir_marker(tmp)  # a stock from_pretrained then names `selfmtp export`
+        write_custom_generate(tmp)
 
     atomic_dir_write(Path(out_dir), write)
     return Path(out_dir)

@@ -250,7 +250,12 @@ def model_fingerprint(spec: str, *, seed: int) -> str:
     else:
         path = Path(resolved.source) if resolved.kind in ("dir", "gguf") else None
     if path is not None:
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        if path.is_dir():
+            from selfmtp.models.hf_files import decoding_files
+
+            files = sorted({f for f in path.rglob("*") if f.is_file()} - decoding_files(path))
+        else:
+            files = [path]
         parts += [_file_fingerprint(f) for f in files]
         if path.is_dir() and (is_adapter_dir(path) or is_gated_dir(path)):
             parts.append(model_fingerprint(base_spec(path), seed=seed))
@@ -398,9 +403,12 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, keep_existing: boo
         model.hf_quantizer = None
 
     def write(tmp: Path) -> None:
+        from selfmtp.models.hf_files import write_custom_generate
+
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_custom_generate(tmp)  # model.generate(custom_generate=DIR, trust_remote_code=True) in transformers
 
     atomic_dir_write(out_dir, write, keep_existing=keep_existing)
     return out_dir

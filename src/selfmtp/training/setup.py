@@ -174,10 +174,13 @@ def export_final(student, tokenizer, final_dir: Path, config) -> Path:
     if not config.lora_rank:
         return save_checkpoint(student, tokenizer, final_dir)
     if config.lora_export == "adapter":
+        from selfmtp.models.hf_files import write_custom_generate
+
         def write(tmp: Path) -> None:
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_base_record(tmp, config.model)
+            write_custom_generate(tmp)  # used once transformers (with peft) or `selfmtp export` makes it a model
 
         atomic_dir_write(final_dir, write)
         return final_dir
