@@ -10,30 +10,54 @@ cannot fit is refused before the tokenizer sees it. Tokenizing the rest runs in 
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.requests import ClientDisconnect, Request
 
 from selfmtp.serving.protocol import APIError
 
-DEFAULT_MAX_BODY_BYTES = 1_000_000
+DRAIN_SECONDS = 1.0
 
 
 async def read_body(http: Request, max_bytes: int) -> bytes:
-    """The request body, or a 413 as soon as it is known to pass `max_bytes`."""
+    """The request body, or a 413 as soon as it is known to pass `max_bytes`.
+
+    Before the 413 the rest of the body is read and dropped, up to `max_bytes` more within
+    DRAIN_SECONDS (a "lingering close"): closing on unread bytes resets the connection, and the
+    client would see a reset instead of the 413. A body larger still is cut off unread."""
     declared = http.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
-        raise _too_large(max_bytes)
+    if declared is not None and not declared.isdigit():
+        raise APIError(400, "the Content-Length header is not a number", "invalid_request")
     chunks, size = [], 0
     try:
-        async for chunk in http.stream():
+        if declared is not None and int(declared) > max_bytes:
+            if int(declared) <= 2 * max_bytes:
+                await _drain(http.stream(), max_bytes)
+            raise _too_large(max_bytes)
+        stream = http.stream()
+        async for chunk in stream:
             size += len(chunk)
             if size > max_bytes:
+                await _drain(stream, max_bytes)
                 raise _too_large(max_bytes)
             chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(400, "the client closed the connection while sending the body", "client_disconnected") from None
     return b"".join(chunks)
+
+
+async def _drain(stream, max_bytes: int) -> None:
+    """Read and drop what is left of a body, up to `max_bytes` and DRAIN_SECONDS."""
+    dropped = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for chunk in stream:
+                dropped += len(chunk)
+                if dropped > max_bytes:
+                    return
+    except TimeoutError:
+        return
 
 
 def parse_json(body: bytes):
