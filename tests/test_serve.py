@@ -450,6 +450,10 @@ def test_every_strategy_is_capped_at_max_k_and_by_the_budget(peaked, server, cli
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--strategy", "bogus"], "unknown strategy 'bogus'"),
         (["--strategy", "auto:2"], "confadapt tau must be in (0, 1]"),
+        (["--max-k", "1"], "--max-k must be >= 2"),
+        (["--request-timeout", "0"], "--request-timeout must be > 0"),
+        (["--host", "0.0.0.0"], "without an API key"),
+        (["--api-key", "a", "--api-key-file", "/nonexistent/key"], "cannot read --api-key-file"),
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):
@@ -458,3 +462,47 @@ def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):
     assert main(["serve", "--model", "tiny", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("selfmtp: error: ") and message in err
+
+
+def test_the_key_comes_from_one_source(tmp_path, monkeypatch):
+    from selfmtp.errors import SelfMTPError
+    from selfmtp.serving.auth import check_exposure, resolve_key
+
+    monkeypatch.delenv("SELFMTP_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\nsecond line ignored\n")
+    assert resolve_key(None, str(key_file)) == "from-file" and resolve_key(None, None) is None
+    monkeypatch.setenv("SELFMTP_API_KEY", "from-env")
+    assert resolve_key(None, None) == "from-env"
+    with pytest.raises(SelfMTPError, match="--api-key-file and SELFMTP_API_KEY: give it once"):
+        resolve_key(None, str(key_file))
+    warnings = []
+    check_exposure("0.0.0.0", None, allow_no_key=True, log=warnings.append)
+    assert "WITHOUT an API key" in warnings[0]
+    check_exposure("::1", None, allow_no_key=False, log=warnings.append)  # loopback: no key needed, no warning
+    assert len(warnings) == 1
+
+
+def test_deadlines_free_rows_and_a_dead_engine_is_reported(peaked, monkeypatch):
+    """--request-timeout 1 with passes slowed to 50 ms: a whole answer gets a JSON 504, a stream an error event,
+    and both rows are freed; once the engine thread is gone /health says 503 and completions are refused."""
+    small = start_server(peaked, ServeConfig(model_name=MODEL, strategy="ntp", port=0, probe=False,
+                                             request_timeout=1.0))  # fmt: skip
+    try:
+        real_step = small.engine.decoder.step
+        monkeypatch.setattr(small.engine.decoder, "step", lambda *a, **k: (time.sleep(0.05), real_step(*a, **k))[1])
+        status, payload, _ = raw(small, "/completions", GOOD | {"max_tokens": 400}, key=None)
+        assert status == 504 and payload["error"]["code"] == "timeout"
+        client = openai.OpenAI(base_url=small.base_url, api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIError, match="request-timeout"):
+            list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=400, stream=True))
+        wait_for(lambda: small.engine.snapshot()["active"] == 0, seconds=5)
+        assert small.engine.snapshot()["cancelled"] == 2 and small.engine.snapshot()["completed"] == 0
+        small.engine.stop()
+        status, payload, _ = raw(small, "/health", key=None, root=True)
+        assert status == 503 and payload["error"]["code"] == "engine_dead"
+        assert raw(small, "/health/live", key=None, root=True)[0] == 200  # the process itself is alive
+        status, payload, _ = raw(small, "/completions", GOOD, key=None)
+        assert status == 503 and payload["error"]["code"] == "engine_dead"
+    finally:
+        small.close()
