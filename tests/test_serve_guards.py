@@ -41,6 +41,8 @@ def client(server):
         ("/completions", GOOD | {"strategy": "static:" + "9" * 80}, 400, "invalid_request", "'strategy'"),
         ("/chat/completions", {"model": MODEL, "messages": CHAT * 257}, 400, "too_many_messages", "at most 256"),
         ("/nowhere", None, 404, "not_found", "Not Found"),
+        ("/completions", b'{"model": "tiny-peaked", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400, "invalid_json",
+         "not valid JSON"),  # an integer longer than Python parses
     ],
 )
 def test_client_mistakes_are_openai_style_4xx(server, client, path, body, status, code, message):

@@ -117,6 +117,8 @@ HOSTILE = {  # name -> (a request that returns (status, error code), the status 
     "wrong_key": (lambda s: json_post(s, {"model": MODEL, "prompt": "x"}, key="guess"), (401, "invalid_api_key")),
     "huge_prompt": (lambda s: json_post(s, HUGE_PROMPT), (400, "context_length_exceeded")),
     "bad_json": (lambda s: json_post(s, b"{'model': 1"), (400, "invalid_json")),
+    "long_integer": (lambda s: json_post(s, b'{"model": "tiny-peaked", "max_tokens": ' + b"9" * 5000 + b"}"),
+                     (400, "invalid_json")),  # fmt: skip
     "slow_body": (lambda s: json_post(s, b'{"model": ', head=post_head(100)), (408, "request_timeout")),  # never ends
 }
 

@@ -64,7 +64,7 @@ def parse_json(body: bytes):
     """The JSON value of `body`; a 400 for anything that is not JSON text in UTF-8, however deep."""
     try:
         value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer of more digits than Python parses
         raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply", "invalid_json") from None
