@@ -5,7 +5,8 @@ oversized bodies (declared and streamed), deeply nested JSON, lone surrogates, r
 a body that never finishes (the deadline), and clients hanging up mid-answer (streamed or not).
 Afterwards: every well-formed answer equals its solo answer, every error is OpenAI-style JSON, no row
 or queued request is left, the process RSS is back within 10% of where it was after a warm-up round,
-and /health is ok.
+and /health is ok. (The baseline is taken after a warm-up round of the same mix: the first round of
+megabyte bodies grows the allocator's arenas by up to ~10%, which later rounds reuse.)
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ def test_hostile_clients_leave_the_server_as_it_was(peaked, server):
     items = goods + hostile + [("hang_up", i % 2 == 0) for i in range(32)]
     references = {(p, s): peaked.generate(p, strategy=STRATEGIES[s], max_new_tokens=MAX_TOKENS, chat=False).text
                   for p in PROMPTS for s in STRATEGIES}  # fmt: skip
-    warm_up = [*goods[:24], *(item for item in hostile if item[1] != "slow_body"), *items[-8:]]
-    with ThreadPoolExecutor(12) as pool:  # a warm-up round of every kind, so the RSS baseline has seen each
+    warm_up = [item for item in items if item[-1] != "slow_body"]
+    with ThreadPoolExecutor(12) as pool:  # a warm-up round of the same mix: the RSS baseline has seen its peaks
         list(pool.map(lambda item: run_one(server, item), rng.sample(warm_up, len(warm_up))))
     wait_for_idle(server)
     gc.collect()

@@ -149,7 +149,11 @@ class _Completions:
             raise APIError(408, f"the request body did not arrive within {self.config.request_timeout:g} s",
                            "request_timeout") from None  # fmt: skip
         loop = asyncio.get_running_loop()
-        body, prompt_ids = await loop.run_in_executor(self.worker, self._read, raw, kind, chat)
+        try:  # the worker may be busy with other bodies: the deadline holds meanwhile
+            body, prompt_ids = await asyncio.wait_for(loop.run_in_executor(self.worker, self._read, raw, kind, chat),
+                                                      timeout=max(deadline - time.monotonic(), 0))  # fmt: skip
+        except TimeoutError:
+            raise self._timeout() from None
         request = self._engine_request(body, prompt_ids, loop)
         if not self.engine.alive:
             raise APIError(503, "the engine thread is not running", "engine_dead", kind="server_error")
@@ -255,14 +259,17 @@ class _Completions:
         try:
             event = await asyncio.wait_for(request.events.get(), timeout=max(deadline - time.monotonic(), 0))
         except TimeoutError:
-            raise APIError(504, f"the answer took longer than this server's --request-timeout of "
-                                f"{self.config.request_timeout:g} s", "timeout", kind="server_error") from None  # fmt: skip
+            raise self._timeout() from None
         if event is GONE:
             raise _ClientGone
         if event.error is not None:
             request.finished = True
             raise self._error(request, event)
         return event
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"the answer took longer than this server's --request-timeout of "
+                             f"{self.config.request_timeout:g} s", "timeout", kind="server_error")  # fmt: skip
 
     @staticmethod
     def _error(request: EngineRequest, event: Event) -> APIError:
