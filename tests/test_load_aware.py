@@ -14,6 +14,7 @@ import pytest
 
 from selfmtp.decoding.load_aware import EXPLORE_SHARE, AcceptanceStats, ProposalRule
 from selfmtp.decoding.pass_cost import LearnedPassCost, PassCost, monotone_from_above
+from selfmtp.decoding.strategies import NTP, Verify
 from selfmtp.errors import SelfMTPError
 from selfmtp.serving.config import resolve_strategy
 from selfmtp.serving.engine import Engine, Request
@@ -222,7 +223,8 @@ def test_auto_strategy_names():
     strategy, load_aware = resolve_strategy("auto")
     assert load_aware and strategy.name == "confadapt:0.9:16"
     assert resolve_strategy("auto:0.7:8")[0].name == "confadapt:0.7:8"
-    assert resolve_strategy("ntp") == (resolve_strategy("ntp")[0], False)
+    assert resolve_strategy("ntp") == (NTP(), False)
+    assert resolve_strategy("auto:verify:4:lookup") == (Verify(4, lookup=True), True)
 
 
 def run_engine(
@@ -274,9 +276,26 @@ def test_probe_smoothing_pulls_slow_outliers_down():
     assert monotone_from_above(measured) == [(1, 1.0), (2, 1.1), (4, 1.2), (8, 1.2), (16, 1.2), (32, 2.0)]
 
 
-def test_probe_measures_a_monotone_curve_over_every_size(tiny):
+def test_probe_times_every_size_and_smooths_its_outliers(tiny, monkeypatch):
+    """The probe on a scripted clock: each forward pass of R rows x T tokens takes SCRIPTED[R * T] seconds, a
+    slow outlier at 4 tokens; the curve must hold every size's time, the outlier pulled down to the next size's."""
+    import selfmtp.decoding.pass_cost as pass_cost_module
+
     model, _ = tiny
-    cost = PassCost.measure(model, max_rows=2, rounds=1)
-    assert [tokens for tokens, _ in cost.points] == [1, 2, 4, 8, 16, 32]  # 1-2 rows x 1-16 tokens
-    seconds = [s for _, s in cost.points]
-    assert all(0 < a <= b for a, b in zip(seconds, seconds[1:], strict=False))
+    scripted = {1: 1.0, 2: 1.1, 4: 9.0, 8: 1.3, 16: 1.2, 32: 2.0}
+    now = [0.0]
+
+    def advance(_module, _args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] <= 16:  # not the 64-token prefills, which are not timed
+            now[0] += scripted[ids.numel()]
+
+    monkeypatch.setattr(pass_cost_module, "pass_clock", lambda device: lambda: now[0])
+    hook = model.register_forward_pre_hook(advance, with_kwargs=True)
+    try:
+        cost = PassCost.measure(model, max_rows=2, rounds=1, min_seconds=0.0)
+    finally:
+        hook.remove()
+    assert [tokens for tokens, _ in cost.points] == [1, 2, 4, 8, 16, 32]
+    # approx: the clock's differences round in the last bits
+    assert [seconds for _, seconds in cost.points] == pytest.approx([1.0, 1.1, 1.2, 1.2, 1.2, 2.0], rel=1e-9)

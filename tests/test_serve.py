@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from selfmtp.serving import ServeConfig, start_server
-
-KEY = "test-key"
-MODEL = "tiny-peaked"
-CHAT = [{"role": "user", "content": "Tell me about the weather"}]
+from serve_client import CHAT, GOOD, KEY, MODEL, delta, raw, reference, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +30,6 @@ def client(server):
     return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
 
 
-def reference(peaked, prompt, strategy, max_tokens, *, chat):
-    """What `MTPModel.generate` (the `selfmtp generate` path) gives for this prompt alone."""
-    return peaked.generate(prompt, strategy=strategy, max_new_tokens=max_tokens, chat=chat)
-
-
-def wait_for(condition, seconds=60.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
-def delta(server, before, key):
-    return server.engine.snapshot()[key] - before[key]
-
-
-# Lossy `auto` is not here: its mask count follows the load and what earlier requests taught the rule, so
-# two requests may decode differently by design; the exact `auto:verify` must give greedy text whatever it chose.
 @pytest.mark.parametrize("strategy", ["ntp", "confadapt:0.6:4", "auto:verify:4", "verify:4", "verify:4:tree:lookup"])
 def test_chat_streamed_equals_whole_equals_generate(peaked, client, strategy):
     whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0,
@@ -139,23 +114,6 @@ def test_client_disconnecting_mid_stream_frees_its_row(server, client):
     assert answer.usage.completion_tokens == 4
 
 
-def raw(server, path, body=None, key=KEY, method=None):
-    """(status, json, headers) of a raw HTTP request (bad JSON cannot go through the openai client)."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.base_url + path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if key is not None:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read()), response.headers
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read()), error.headers
-
-
-GOOD = {"model": MODEL, "prompt": "Hi", "max_tokens": 3}
-
-
 @pytest.mark.parametrize(
     ("path", "body", "key", "status", "code", "message"),
     [
@@ -189,25 +147,69 @@ def test_openai_client_sees_typed_errors(client):
     assert [m.id for m in client.models.list()] == [MODEL]
 
 
+def record_passes(monkeypatch, server, explode=None):
+    """Wrap the engine's `decoder.step`: every pass appends its rows' strategy names to the returned list;
+    `explode(rows)` true makes the pass itself fail (before any row is touched)."""
+    decoder, passes = server.engine.decoder, []
+    real_step = decoder.step
+
+    def step(*args, **kwargs):
+        passes.append([row.strategy.name for row in decoder.active])
+        if explode is not None and explode(decoder.active):
+            raise RuntimeError("pass exploded at /secret/path")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "step", step)
+    return passes
+
+
 def test_internal_failure_in_one_row_fails_that_request_only(peaked, server, client, monkeypatch):
     import selfmtp.serving.app as app_module
     from selfmtp.decoding.strategies import ConfAdapt
 
     class Exploding(ConfAdapt):
         def accept(self, confidences):
-            raise RuntimeError("strategy exploded")
+            raise RuntimeError("strategy exploded at /secret/path")
 
     real = app_module.resolve_strategy
     monkeypatch.setattr(app_module, "resolve_strategy",
                         lambda name: (Exploding(0.5, 2), False) if name == "explode" else real(name))  # fmt: skip
+    passes = record_passes(monkeypatch, server)
     long = client.completions.create(model=MODEL, prompt="Keep going", max_tokens=60, stream=True,
                                      extra_body={"strategy": "ntp"})  # fmt: skip
     stream = iter(long)
     first = next(stream).choices[0].text
-    with pytest.raises(openai.InternalServerError, match="strategy exploded"):
+    with pytest.raises(openai.InternalServerError) as failure:
         client.completions.create(model=MODEL, prompt="Boom", max_tokens=8, extra_body={"strategy": "explode"})
+    assert failure.value.body["code"] == "internal_error" and "secret" not in str(failure.value.body)  # no internals
     rest = "".join(c.choices[0].text for c in stream if c.choices)
     assert first + rest == reference(peaked, "Keep going", "ntp", 60, chat=False).text
+    assert any({"ntp", "confadapt:0.5:2"} <= set(rows) for rows in passes)  # the two rows shared the failing pass
+    assert client.completions.create(**GOOD).usage.completion_tokens == 3
+
+
+def test_failed_pass_reruns_its_rows_alone_and_fails_only_the_culprit(peaked, server, client, monkeypatch):
+    """A pass that fails whenever the static:3 row holds 3 tokens: the shared pass fails, each row is rerun
+    alone, the innocent stream goes on with exactly its solo text and the culprit alone gets a JSON 500."""
+    before = server.engine.snapshot()
+    passes = record_passes(monkeypatch, server, explode=lambda rows: any(
+        row.strategy.name == "static:3" and len(row.token_ids) >= 3 for row in rows))  # fmt: skip
+    innocent = iter(client.completions.create(model=MODEL, prompt="Keep going", max_tokens=80, stream=True,
+                                              stream_options={"include_usage": True}, extra_body={"strategy": "ntp"}))
+    chunks = [next(innocent)]
+    with pytest.raises(openai.InternalServerError) as failure:
+        client.completions.create(model=MODEL, prompt="Boom", max_tokens=20, extra_body={"strategy": "static:3"})
+    assert failure.value.body["code"] == "internal_error" and "secret" not in str(failure.value.body)
+    chunks += list(innocent)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    ref = reference(peaked, "Keep going", "ntp", 80, chat=False)
+    assert text == ref.text and chunks[-1].usage.completion_tokens == ref.num_tokens
+    assert sum(c.model_extra["selfmtp"]["tokens"] for c in chunks if c.choices) == ref.num_tokens  # nothing twice
+    failed = [rows for rows in passes if "static:3" in rows]
+    assert any(set(rows) == {"ntp", "static:3"} for rows in failed)  # they shared a pass, which failed
+    assert delta(server, before, "pass_failures") == 2  # shared, then the culprit alone
+    assert delta(server, before, "rerun_alone") == 2 and delta(server, before, "failed") == 1
+    assert delta(server, before, "completed") == 1
     assert client.completions.create(**GOOD).usage.completion_tokens == 3
 
 
@@ -230,6 +232,25 @@ def test_queue_full_is_429_with_retry_after(peaked):
         small.close()
 
 
+def replay_confadapt(peaked, prompt, tau, k_max, max_tokens, tokens_per_pass, tokens_fed):
+    """The text ConfAdapt(tau, k_max) decodes for `prompt` alone when each pass proposes what the server's pass
+    did: its masks are what it fed beyond its pending tokens (the prompt, then the previous pass's tokens)."""
+    from selfmtp.decoding.batch import BatchDecoder
+    from selfmtp.decoding.strategies import ConfAdapt
+
+    ids = peaked.encode(prompt, chat=False)
+    decoder = BatchDecoder(peaked.model, tokenizer=peaked.tokenizer, pad_token_id=peaked.tokenizer.pad_token_id or 0)
+    row = decoder.add(ids, ConfAdapt(tau, k_max), max_new_tokens=max_tokens, stop_token_ids=peaked.stop_token_ids,
+                      load_aware=True)  # fmt: skip
+    pending = len(ids)
+    for kept, fed in zip(tokens_per_pass, tokens_fed, strict=True):
+        decoder.step(max_proposals=fed - pending + 1)
+        assert len(row.state.chunks[-1][0]) == kept
+        pending = kept
+    assert not decoder.active
+    return row.result(peaked.tokenizer).text
+
+
 def test_bounded_load(peaked, server, client):
     """48 requests from 8 threads, mixed strategies and streaming: every one answers, all correct."""
     prompts = [f"Request {i} asks about" for i in range(6)]
@@ -239,35 +260,66 @@ def test_bounded_load(peaked, server, client):
 
     def ask(i):
         prompt, strategy = prompts[i % len(prompts)], strategies[i % len(strategies)]
-        if i % 2:
-            text = "".join(c.choices[0].text for c in client.completions.create(
-                model=MODEL, prompt=prompt, max_tokens=12, stream=True, extra_body={"strategy": strategy}) if c.choices)  # fmt: skip
-        else:
-            text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
-                                             extra_body={"strategy": strategy}).choices[0].text  # fmt: skip
-        return prompt, strategy, text
+        if i % 2 or strategy.startswith("auto"):  # auto is checked by its passes, which only a stream shows
+            chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, stream=True,
+                                                    stream_options={"include_usage": True},
+                                                    extra_body={"strategy": strategy}))  # fmt: skip
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            passes = [c.model_extra["selfmtp"]["tokens"] for c in chunks if c.choices]
+            return prompt, strategy, text, (passes, chunks[-1].usage.model_extra["selfmtp"]["tokens_fed"])
+        text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                         extra_body={"strategy": strategy}).choices[0].text  # fmt: skip
+        return prompt, strategy, text, None
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, range(48)))
-    for prompt, strategy, text in answers:
-        if (prompt, strategy) in refs:
+    autos = 0
+    for prompt, strategy, text, passes in answers:
+        if strategy.startswith("auto"):  # its mask count followed the load: replay the counts it chose
+            assert text == replay_confadapt(peaked, prompt, 0.6, 4, 12, *passes)
+            autos += 1
+        else:
             assert text == refs[prompt, strategy]
+    assert autos == 16
     assert delta(server, before, "completed") == 48 and delta(server, before, "failed") == 0
     assert server.engine.snapshot()["active"] == 0
-    url = server.base_url.removesuffix("/v1") + "/health"
-    engine = json.loads(urllib.request.urlopen(url, timeout=60).read())["engine"]
+    status, health, _ = raw(server, "/health", root=True)
+    assert status == 200 and health["status"] == "ok"
+    engine = health["engine"]
     # every pass was timed into the curve the load-aware rule reads, and /health shows it
     assert engine["pass_cost"]["passes_timed"] - before["pass_cost"]["passes_timed"] == engine["passes"] - before["passes"]
     assert engine["pass_cost"]["learned"] != engine["pass_cost"]["probe"]
     assert engine["pass_seconds"]["engine_thread_cpu"] > before["pass_seconds"]["engine_thread_cpu"]
 
 
-def test_exact_strategies_are_served():
-    from selfmtp.decoding.strategies import Verify
-    from selfmtp.serving.config import resolve_strategy
+@pytest.mark.parametrize(("strategy", "served"), [("verify", "verify:8"), ("verify:3:tree:lookup", "verify:3:tree:lookup")])
+def test_exact_strategies_are_served(peaked, client, strategy, served):
+    """`verify` without K takes the model's default (8: the tiny model records no trained k_max)."""
+    answer = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=20,
+                                       extra_body={"strategy": strategy})  # fmt: skip
+    assert answer.choices[0].text == reference(peaked, "Count: 1, 2, 3,", "ntp", 20, chat=False).text
+    assert answer.usage.model_extra["selfmtp"]["strategy"] == served
 
-    assert resolve_strategy("verify:4:tree:lookup") == (Verify(4, True, True), False)
-    ServeConfig(strategy="verify").check()
+
+def test_every_strategy_is_capped_at_max_k_and_by_the_budget(peaked, server, client):
+    """static:100000 and verify:5000000:tree:lookup run as K = the server's cap (16 here: the tiny model records
+    no trained k_max); no pass feeds masks past the budget."""
+    max_k = server.engine.max_k
+    assert max_k == 16
+    prompt = "Count: 1, 2, 3,"
+    prompt_tokens = len(peaked.encode(prompt, chat=False))
+    huge = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, extra_body={"strategy": "static:100000"})
+    usage = huge.usage.model_extra["selfmtp"]
+    assert usage["strategy"] == f"static:{max_k}" and huge.choices[0].text == reference(
+        peaked, prompt, f"static:{max_k}", 40, chat=False).text  # fmt: skip
+    # the prompt and K - 1 masks; the K tokens kept and K - 1 masks; the 16 kept and 7 masks (8 tokens left)
+    assert usage["tokens_fed"] == [prompt_tokens + max_k - 1, 2 * max_k - 1, max_k + 7]
+    exact = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40,
+                                      extra_body={"strategy": "verify:5000000:tree:lookup"})  # fmt: skip
+    assert exact.usage.model_extra["selfmtp"]["strategy"] == f"verify:{max_k}:tree:lookup"
+    assert exact.choices[0].text == reference(peaked, prompt, "ntp", 40, chat=False).text
+    short = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body={"strategy": "static:16"})
+    assert short.usage.model_extra["selfmtp"]["tokens_fed"] == [prompt_tokens + 1]  # 2 tokens: one mask, not 15
 
 
 @pytest.mark.parametrize(
@@ -276,6 +328,10 @@ def test_exact_strategies_are_served():
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--strategy", "bogus"], "unknown strategy 'bogus'"),
         (["--strategy", "auto:2"], "confadapt tau must be in (0, 1]"),
+        (["--max-k", "1"], "--max-k must be >= 2"),
+        (["--request-timeout", "0"], "--request-timeout must be > 0"),
+        (["--host", "0.0.0.0"], "without an API key"),
+        (["--api-key", "a", "--api-key-file", "/nonexistent/key"], "cannot read --api-key-file"),
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(capsys, argv, message):

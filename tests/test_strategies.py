@@ -64,3 +64,25 @@ def test_parse_strategy_rejects_bad_strings(text, message):
         SelfMTPError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
     ):
         parse_strategy(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "capped_name"),
+    [
+        ("ntp", "ntp"),
+        ("static:8", "static:8"),
+        ("static:100000", "static:8"),
+        ("confadapt:0.9:16", "confadapt:0.9:8"),
+        ("confadapt:0.9:1000:adaptive", "confadapt:0.9:8:adaptive"),
+        ("verify:5000000:tree:lookup", "verify:8:tree:lookup"),
+        ("verify:3:lookup", "verify:3:lookup"),
+    ],
+)
+def test_capped_bounds_every_kind_and_keeps_the_rest(text, capped_name):
+    from selfmtp.decoding.strategies import capped
+
+    strategy = capped(parse_strategy(text), 8)
+    assert strategy.name == capped_name and strategy.k_max <= 8
+    assert type(strategy) is type(parse_strategy(text))  # adaptive stays adaptive, tree and lookup stay
+    with pytest.raises(SelfMTPError, match="cap must be >= 2"):
+        capped(parse_strategy(text), 1)

@@ -381,6 +381,7 @@ def test_tree_cache_after_every_pass_equals_a_fresh_prefill(student, gsm_prompts
                 fresh = student.model(torch.tensor([tokens]), use_cache=True).past_key_values
                 for layer, reference in zip(decoder.cache.layers, fresh.layers, strict=True):
                     assert torch.allclose(layer.keys, reference.keys, atol=KV_TOLERANCE)
+                    assert torch.allclose(layer.values, reference.values, atol=KV_TOLERANCE)
 
 
 # ---------------------------------------------------------------------------------------------

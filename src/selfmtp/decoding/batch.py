@@ -84,7 +84,8 @@ class BatchRow:
         """What this row feeds in the next pass."""
         if self.exact is not None:
             return self.exact.plan(self.state, real_count, context)
-        n_masks = self.state.k - 1
+        # masks past the budget propose tokens the row may not keep (and the budget keeps positions < context)
+        n_masks = max(0, min(self.state.k, self.state.budget - len(self.state.token_ids)) - 1)
         return Plan(list(self.state.pending), 0, 1 if n_masks else 0, n_masks)
 
 

@@ -167,10 +167,35 @@ class Verify:
 def with_model_defaults(strategy: Strategy, model) -> Strategy:
     """`verify` without K -> verify:K with the model's trained k_max (DEFAULT_VERIFY_K if not recorded)."""
     if isinstance(strategy, Verify) and strategy.k is None:
-        trained = getattr(model.config, K_MAX_CONFIG_KEY, None)
-        k = trained if isinstance(trained, int) and trained >= 2 else DEFAULT_VERIFY_K
+        trained = trained_k_max(model)
+        k = trained if trained is not None and trained >= 2 else DEFAULT_VERIFY_K
         return Verify(k, strategy.tree, strategy.lookup)
     return strategy
+
+
+def trained_k_max(model) -> int | None:
+    """The k_max the model was trained with, if its config records it."""
+    trained = getattr(model.config, K_MAX_CONFIG_KEY, None)
+    return trained if isinstance(trained, int) and trained >= 1 else None
+
+
+def capped(strategy: Strategy, max_k: int) -> Strategy:
+    """`strategy` proposing at most `max_k` tokens per pass (a server's bound on one row's work).
+
+    static:K and confadapt's KMAX become min(K, max_k); verify's K too (its output does not depend on
+    K); NTP is unchanged. `verify` without K must have its model default first (`with_model_defaults`).
+    """
+    if max_k < 2:
+        raise SelfMTPError(f"the proposal cap must be >= 2, got {max_k}")
+    if strategy.k_max <= max_k:
+        return strategy
+    if isinstance(strategy, Static):
+        return Static(max_k)
+    if isinstance(strategy, ConfAdapt):  # AdaptiveConfAdapt too
+        return type(strategy)(strategy.tau, max_k)
+    if isinstance(strategy, Verify):
+        return Verify(max_k, strategy.tree, strategy.lookup)
+    raise SelfMTPError(f"{strategy.name}: proposes {strategy.k_max} tokens per pass, more than the cap {max_k}")
 
 
 def next_proposals(strategy: Strategy, proposed: int, accepted: int) -> int:

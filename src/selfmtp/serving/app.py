@@ -1,125 +1,162 @@
-"""The OpenAI-compatible HTTP layer (FastAPI): request checks, SSE streaming, OpenAI-style errors.
+"""The OpenAI-compatible HTTP layer (FastAPI): limits, auth, request checks, SSE streaming, OpenAI-style errors.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions. Greedy
-only (temperature 0 or absent). Extra body field `strategy` picks the decoding per request; every
-response carries `selfmtp: {strategy, forward_passes, tokens_per_pass, tokens_fed}` in `usage`.
-A stream sends one chunk per forward pass, so a client sees the multi-token chunks arrive.
+Endpoints: GET /health/live (bare liveness, never guarded), GET /health (engine liveness and
+statistics; 503 when the engine thread is dead), GET /metrics (Prometheus text), GET /v1/models,
+POST /v1/chat/completions, POST /v1/completions. Greedy only (temperature 0 or absent). Extra body
+field `strategy` picks the decoding per request; every response carries `selfmtp: {strategy,
+forward_passes, tokens_per_pass, tokens_fed}` in `usage`. A stream sends one chunk per forward pass.
+
+Nothing a client sends can hold the event loop: the body is read up to `max_body_bytes`, then parsed,
+checked and tokenized in one worker thread (the tokenizer releases the GIL; a prompt longer in
+characters than the context can spell is refused before it). Every request has a deadline
+(`request_timeout`): 408 if its body is not in by then, 504 (or an error event in a stream) if its
+answer is not, and its row is freed. A client that hangs up frees its row before the next pass.
+Every error is an OpenAI-style JSON body; an internal one names no internals (the log has them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-import uuid
-from typing import Literal
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfmtp.errors import SelfMTPError
-from selfmtp.serving.config import resolve_strategy
+from selfmtp.serving.answers import Answer, sse
+from selfmtp.serving.auth import LIVENESS_PATH, authorized
+from selfmtp.serving.config import ServeConfig, resolve_strategy
 from selfmtp.serving.engine import Engine, Event, QueueFull
 from selfmtp.serving.engine import Request as EngineRequest
+from selfmtp.serving.limits import check_prompt_chars, max_token_chars, parse_json, read_body
+from selfmtp.serving.metrics import Metrics
+from selfmtp.serving.protocol import APIError, ChatRequest, Common, CompletionRequest
+
+log = logging.getLogger("selfmtp.serve")
+GONE = Event(finished=True, error="the client went away")  # put in a request's events by its disconnect watcher
 
 
 class _ClientGone(Exception):
     """The client closed its connection before the answer was complete."""
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", LIVENESS_PATH, "/metrics"}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error", headers=None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind, self.headers = status, message, code, kind, headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we have no use for (user, seed, ...)
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    stop: str | list[str] | None = None
-    strategy: str | None = None  # selfmtp extension: ntp, static:K, confadapt:..., auto[:TAU[:KMAX]]
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str]
-
-
-def create_app(engine: Engine, *, model_name: str, default_strategy: str, max_tokens_limit: int, api_key: str | None):
-    """The FastAPI app serving `engine` (already started) under the model id `model_name`."""
-    app = FastAPI(title="selfmtp", docs_url=None, redoc_url=None)
-    completions = _Completions(engine, model_name, default_strategy, max_tokens_limit)
+def create_app(engine: Engine, config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (already started) under the model id `config.model_name`."""
+    metrics = metrics or Metrics()
+    app = FastAPI(title="selfmtp", docs_url=None, redoc_url=None, openapi_url=None)
+    completions = _Completions(engine, config, metrics)
+    app.add_middleware(_Guard, api_key=config.api_key, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(_, error: APIError):
         return error.response()
 
-    @app.middleware("http")
-    async def _check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
-                                "invalid_api_key").response()  # fmt: skip
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return APIError(error.status_code, str(error.detail), code).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_, error: Exception):  # log the details, show none
+        log.error("internal error", exc_info=error)
+        return APIError(500, "internal server error (the server log has the details)", "internal_error",
+                        kind="server_error").response()  # fmt: skip
+
+    @app.get(LIVENESS_PATH)
+    async def live():
+        return {"status": "ok"}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "engine": engine.snapshot()}
+        if not engine.alive:
+            body = APIError(503, "the engine thread is not running", "engine_dead", kind="server_error")
+            return JSONResponse({"status": "error", "error": json.loads(body.response().body)["error"]}, 503)
+        return {"status": "ok", "model": config.model_name, "engine": engine.snapshot()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        snapshot = engine.snapshot()
+        text = metrics.render(waiting=snapshot["waiting"], active=snapshot["active"], engine_alive=engine.alive)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "selfmtp"}
+        card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "selfmtp"}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
     async def chat(http: Request):
-        body = await _parse(http, ChatRequest)
-        messages = [m.model_dump() for m in body.messages]
-        prompt_ids = _encode(lambda: engine.mtp.encode(messages, chat=True))
-        return await completions.answer(http, body, prompt_ids, body.max_completion_tokens or body.max_tokens, chat=True)
+        return await completions.handle(http, ChatRequest, chat=True)
 
     @app.post("/v1/completions")
     async def text(http: Request):
-        body = await _parse(http, CompletionRequest)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "give exactly one prompt per request", "invalid_prompt")
-        prompt_ids = _encode(lambda: engine.mtp.encode(prompts[0], chat=False))
-        return await completions.answer(http, body, prompt_ids, body.max_tokens, chat=False)
+        return await completions.handle(http, CompletionRequest, chat=False)
 
     return app
 
 
+class _Guard:
+    """ASGI middleware: the API key on every route but the liveness probe; requests counted by endpoint and status."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        status = 500
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            header = dict(scope["headers"]).get(b"authorization")
+            if self.api_key is not None and scope["path"] != LIVENESS_PATH and not authorized(header, self.api_key):
+                error = APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
+                                 "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return await error.response()(scope, receive, send_counted)
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.count(endpoint, status)
+
+
 class _Completions:
-    """Both completion endpoints past parsing: check the request, queue it on the engine, answer it
-    whole or as a stream, and cancel its row whenever the client is gone before the answer is complete."""
+    """Both completion endpoints: read and check the request, queue it on the engine, answer it whole or
+    as a stream, and cancel its row whenever the client is gone or the deadline passed."""
 
-    def __init__(self, engine: Engine, model_name: str, default_strategy: str, max_tokens_limit: int):
-        self.engine, self.model_name = engine, model_name
-        self.default_strategy, self.max_tokens_limit = default_strategy, max_tokens_limit
+    def __init__(self, engine: Engine, config: ServeConfig, metrics: Metrics):
+        self.engine, self.config, self.metrics = engine, config, metrics
+        self.longest_token = max_token_chars(engine.mtp.tokenizer)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="selfmtp-parse")  # parsing and tokenizing
 
-    async def answer(self, http: Request, body: _Common, prompt_ids: list[int], max_tokens: int | None, *, chat: bool):
-        request = self._engine_request(body, prompt_ids, max_tokens)
+    async def handle(self, http: Request, kind: type[Common], *, chat: bool):
+        started = time.monotonic()
+        deadline = started + self.config.request_timeout
+        try:
+            async with asyncio.timeout(self.config.request_timeout):
+                raw = await read_body(http, self.config.max_body_bytes)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.config.request_timeout:g} s",
+                           "request_timeout") from None  # fmt: skip
+        loop = asyncio.get_running_loop()
+        try:  # the worker may be busy with other bodies: the deadline holds meanwhile
+            body, prompt_ids = await asyncio.wait_for(loop.run_in_executor(self.worker, self._read, raw, kind, chat),
+                                                      timeout=max(deadline - time.monotonic(), 0))  # fmt: skip
+        except TimeoutError:
+            raise self._timeout() from None
+        request = self._engine_request(body, prompt_ids, loop)
+        if not self.engine.alive:
+            raise APIError(503, "the engine thread is not running", "engine_dead", kind="server_error")
         try:
             self.engine.submit(request)
         except QueueFull as error:
@@ -127,156 +164,134 @@ class _Completions:
                            kind="rate_limit_error", headers={"Retry-After": "1"}) from None  # fmt: skip
         except SelfMTPError as error:
             raise APIError(400, str(error), "invalid_request") from None
-        answer = _Answer(chat, self.model_name)
+        watcher = asyncio.create_task(self._watch(http, request))
+        answer = Answer(chat, self.config.model_name)
         try:
-            first = await _next_event(http, request)
-        except BaseException as error:
-            self.engine.cancel(request)
-            if isinstance(error, _ClientGone):
-                return Response(status_code=499)  # nobody is listening
-            raise
-        if first.error is not None:
-            return _internal_error(first).response()
-        if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._stream(http, request, answer, first, usage), media_type="text/event-stream")
-        text, event = first.text, first
-        try:
+            first = await self._next(request, deadline)
+            self.metrics.first_token(time.monotonic() - started)
+            if body.stream:
+                usage = bool((body.stream_options or {}).get("include_usage"))
+                stream = self._stream(request, answer, first, usage, deadline, watcher, started)
+                watcher = None  # the stream owns it now
+                return StreamingResponse(stream, media_type="text/event-stream")
+            text, event = first.text, first
             while not event.finished:
-                event = await _next_event(http, request)
+                event = await self._next(request, deadline)
                 text += event.text
+            self._done(request, event, started)
+            return answer.whole(text, event)
         except _ClientGone:
-            return Response(status_code=499)
+            return Response(status_code=499)  # nobody is listening
         finally:
-            if not event.finished:
-                self.engine.cancel(request)
-        if event.error is not None:
-            return _internal_error(event).response()
-        return answer.whole(text, event)
+            if watcher is not None:
+                self._release(request, watcher)
 
-    def _engine_request(self, body: _Common, prompt_ids: list[int], max_tokens: int | None) -> EngineRequest:
-        """The engine's request for `body`, or the APIError that says what is wrong with it."""
-        if body.model != self.model_name:
-            raise APIError(404, f"The model {body.model!r} does not exist: this server serves {self.model_name!r}",
+    def _read(self, raw: bytes, kind: type[Common], chat: bool):
+        """(body, prompt ids) of a request: runs in the worker thread, so nothing here holds the event loop."""
+        value = parse_json(raw)
+        try:
+            body = kind.model_validate(value)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise APIError(400, f"invalid field {where!r}: {first['msg']}", "invalid_request") from None
+        if body.model != self.config.model_name:
+            raise APIError(404, f"The model {body.model!r} does not exist: this server serves {self.config.model_name!r}",
                            "model_not_found")  # fmt: skip
-        _check_greedy(body)
+        body.check_greedy()
+        texts = body.texts()
+        if chat and len(texts) > self.config.max_messages:
+            raise APIError(400, f"{len(texts)} messages; this server takes at most {self.config.max_messages}",
+                           "too_many_messages")  # fmt: skip
+        if not chat and len(texts) != 1:
+            raise APIError(400, "give exactly one prompt per request", "invalid_prompt")
+        check_prompt_chars(texts, self.engine.decoder.context, self.longest_token)
+        prompt = [m.model_dump() for m in body.messages] if chat else texts[0]
+        try:
+            prompt_ids = self.engine.mtp.encode(prompt, chat=chat)
+        except SelfMTPError as error:
+            raise APIError(400, str(error), "invalid_prompt") from None
+        return body, prompt_ids
+
+    def _engine_request(self, body: Common, prompt_ids: list[int], loop) -> EngineRequest:
+        """The engine's request for `body`, or the APIError that says what is wrong with it."""
         context = self.engine.decoder.context
         if context is not None and len(prompt_ids) >= context:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} tokens",
                            "context_length_exceeded")  # fmt: skip
-        if max_tokens is not None and max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens_limit}",
-                           "invalid_max_tokens")  # fmt: skip
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop must be up to 4 non-empty strings", "invalid_stop")
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        limit = self.config.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", "invalid_max_tokens")
+        stops = body.stop_strings(self.config.max_stop_chars)
         try:
-            strategy, load_aware = resolve_strategy(body.strategy or self.default_strategy)
+            strategy, load_aware = resolve_strategy(body.strategy or self.config.strategy)
         except SelfMTPError as error:
             raise APIError(400, str(error), "invalid_strategy") from None
         if load_aware and self.engine.pass_cost is None:
             raise APIError(400, "this server was started without a pass-cost probe: 'auto' is off", "invalid_strategy")
-        budget = max_tokens or self.max_tokens_limit
-        return EngineRequest(prompt_ids, strategy, load_aware, budget, stops, asyncio.get_running_loop())
+        return EngineRequest(prompt_ids, strategy, load_aware, max_tokens or limit, stops, loop)
 
-    async def _stream(self, http: Request, request: EngineRequest, answer: _Answer, event: Event, usage: bool):
+    async def _stream(self, request, answer: Answer, event: Event, usage: bool, deadline, watcher, started):
         try:
             passes = 0
             while True:
-                if event.error is not None:
-                    yield _sse(_internal_error(event).response().body.decode())
-                    break
-                yield _sse(json.dumps(answer.chunk(event, first=passes == 0)))
+                yield sse(json.dumps(answer.chunk(event, first=passes == 0)))
                 passes += 1
                 if event.finished:
+                    self._done(request, event, started)
                     if usage:
-                        yield _sse(json.dumps(answer.usage_chunk(event)))
+                        yield sse(json.dumps(answer.usage_chunk(event)))
                     break
-                event = await _next_event(http, request)
+                try:
+                    event = await self._next(request, deadline)
+                except APIError as error:  # the deadline passed, or the decoding failed: say so in the stream
+                    yield sse(error.response().body.decode())
+                    break
+                except _ClientGone:
+                    return
             yield "data: [DONE]\n\n"
         finally:  # the client went away (the generator is closed) or the answer is complete
-            if not event.finished:
-                self.engine.cancel(request)
+            self._release(request, watcher)
 
-
-async def _next_event(http: Request, request: EngineRequest) -> Event:
-    while True:  # wake up now and then to notice a client that hung up
+    async def _next(self, request: EngineRequest, deadline: float) -> Event:
+        """The request's next event; an APIError (504) at the deadline, (500) if its decoding failed."""
         try:
-            return await asyncio.wait_for(request.events.get(), timeout=0.5)
+            event = await asyncio.wait_for(request.events.get(), timeout=max(deadline - time.monotonic(), 0))
         except TimeoutError:
-            if await http.is_disconnected():
-                raise _ClientGone from None
+            raise self._timeout() from None
+        if event is GONE:
+            raise _ClientGone
+        if event.error is not None:
+            request.finished = True
+            raise self._error(request, event)
+        return event
 
+    def _timeout(self) -> APIError:
+        return APIError(504, f"the answer took longer than this server's --request-timeout of "
+                             f"{self.config.request_timeout:g} s", "timeout", kind="server_error")  # fmt: skip
 
-async def _parse(http: Request, model: type[BaseModel]):
-    try:
-        raw = await http.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
-    try:
-        return model.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise APIError(400, f"invalid field {where!r}: {first['msg']}", "invalid_request") from None
+    @staticmethod
+    def _error(request: EngineRequest, event: Event) -> APIError:
+        log.error("a request failed in the engine: %s", event.error)
+        return APIError(500, "internal error while decoding this request (the server log has the details)",
+                        "internal_error", kind="server_error")  # fmt: skip
 
+    async def _watch(self, http: Request, request: EngineRequest) -> None:
+        """Wait for the client to hang up; then free its row (before the next pass) and wake its handler."""
+        while True:
+            message = await http.receive()
+            if message["type"] == "http.disconnect":
+                self.engine.cancel(request)
+                request.events.put_nowait(GONE)
+                return
 
-def _encode(encode) -> list[int]:
-    try:
-        return encode()
-    except SelfMTPError as error:
-        raise APIError(400, str(error), "invalid_prompt") from None
+    def _release(self, request: EngineRequest, watcher: asyncio.Task) -> None:
+        watcher.cancel()
+        if not request.finished:
+            self.engine.cancel(request)
 
-
-def _check_greedy(body: _Common) -> None:
-    if body.temperature not in (None, 0, 0.0):
-        raise APIError(400, f"temperature {body.temperature:g}: this server decodes greedy only (temperature 0)",
-                       "unsupported_sampling")  # fmt: skip
-    if body.top_p not in (None, 1, 1.0):
-        raise APIError(400, "top_p: this server decodes greedy only", "unsupported_sampling")
-    if body.n not in (None, 1):
-        raise APIError(400, "n: this server returns one choice per request", "unsupported_n")
-
-
-def _internal_error(event: Event) -> APIError:
-    return APIError(500, f"internal error in this request: {event.error}", "internal_error", kind="server_error")
-
-
-def _sse(data: str) -> str:
-    return f"data: {data}\n\n"
-
-
-class _Answer:
-    """The OpenAI response objects of one request (chat or text completion)."""
-
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-    def _head(self, streamed: bool) -> dict:
-        kind = "chat.completion" if self.chat else "text_completion"
-        kind += ".chunk" if streamed and self.chat else ""
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def whole(self, text: str, event: Event) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-        return self._head(False) | {"choices": [choice | {"finish_reason": event.finish_reason}], "usage": event.usage}
-
-    def chunk(self, event: Event, *, first: bool) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-            choice = {"index": 0, "delta": delta}
-        else:
-            choice = {"index": 0, "text": event.text, "logprobs": None}
-        body = self._head(True) | {"choices": [choice | {"finish_reason": event.finish_reason}]}
-        body["selfmtp"] = {"tokens": event.tokens}  # this pass's tokens: the multi-token chunk
-        if event.finished:
-            body["selfmtp"] |= event.usage["selfmtp"]
-        return body
-
-    def usage_chunk(self, event: Event) -> dict:
-        return self._head(True) | {"choices": [], "usage": event.usage}
+    def _done(self, request: EngineRequest, event: Event, started: float) -> None:
+        request.finished = True
+        self.metrics.usage(event.usage["prompt_tokens"], event.usage["completion_tokens"])
+        self.metrics.latency(time.monotonic() - started)

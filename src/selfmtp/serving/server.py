@@ -8,24 +8,33 @@ import time
 
 from selfmtp.decoding.pass_cost import LearnedPassCost, PassCost, pass_clock
 from selfmtp.serving.app import create_app
+from selfmtp.serving.auth import check_exposure
 from selfmtp.serving.config import ServeConfig, resolve_strategy
 from selfmtp.serving.engine import Engine
+from selfmtp.serving.metrics import Metrics
 
 
 def build(mtp, config: ServeConfig, log=print):
     """(engine, app) for a loaded `MTPModel`; the engine thread is started."""
     config.check()
+    check_exposure(config.host, config.api_key, config.allow_no_key, log)
     pass_cost = None
     if config.probe:
         probe = PassCost.measure(mtp.model, max_rows=config.max_batch)
         log("pass cost by tokens fed: " + probe.describe())
         pass_cost = LearnedPassCost(probe, clock=pass_clock(mtp.model.device))  # corrected by the served passes
     strategy, _ = resolve_strategy(config.strategy)
+    metrics = Metrics()
     engine = Engine(mtp, max_batch=config.max_batch, max_queue=config.max_queue, pass_cost=pass_cost,
-                    auto_k_max=strategy.k_max).start()  # fmt: skip
-    app = create_app(engine, model_name=config.model_name, default_strategy=config.strategy,
-                     max_tokens_limit=config.max_tokens_limit, api_key=config.api_key)  # fmt: skip
-    return engine, app
+                    auto_k_max=strategy.k_max, max_k=config.max_k, metrics=metrics).start()  # fmt: skip
+    return engine, create_app(engine, config, metrics)
+
+
+def uvicorn_config(app, config: ServeConfig):
+    import uvicorn
+
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                          limit_concurrency=config.limit_concurrency, timeout_keep_alive=5)  # fmt: skip
 
 
 def serve(mtp, config: ServeConfig, log=print) -> None:
@@ -33,9 +42,10 @@ def serve(mtp, config: ServeConfig, log=print) -> None:
     import uvicorn
 
     engine, app = build(mtp, config, log)
-    log(f"serving {config.model_name!r} on http://{config.host}:{config.port}/v1 (strategy {config.strategy})")
+    log(f"serving {config.model_name!r} on http://{config.host}:{config.port}/v1 (strategy {config.strategy}, "
+        f"at most {engine.max_k} proposals per pass)")
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        uvicorn.Server(uvicorn_config(app, config)).run()
     finally:
         engine.stop()
 
@@ -50,7 +60,7 @@ class RunningServer:
             config.port = free_port(config.host)
         self.config = config
         self.engine, self.app = build(mtp, config, log=lambda *_: None)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=config.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
