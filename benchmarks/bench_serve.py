@@ -71,6 +71,7 @@ def main() -> None:
                         help="serve this --model with --prepack (repeat; every mode of it runs on the curve probed "
                              "with it; it makes multi-token passes cheaper on SmolLM2, dearer on the tiny demo)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="the server's --dtype (default: auto, as selfmtp serve's)")
     parser.add_argument(
         "--replot", action="store_true", help="redraw --output's table and plot from its json"
     )
@@ -101,7 +102,7 @@ def bench_model(
     port = free_port()
     command = [sys.executable, "-m", "selfmtp", "serve", "--model", model, "--port", str(port), "--served-name",
                "bench", "--max-batch", str(max(levels)), "--max-queue", "256", "--threads", str(args.threads),
-               "--seed", str(args.seed), "--strategy", "auto:0.9:8"] + ["--prepack"] * (model in args.prepack)  # fmt: skip
+               "--seed", str(args.seed), "--strategy", "auto:0.9:8", "--dtype", args.dtype] + ["--prepack"] * (model in args.prepack)  # fmt: skip
     log_path = out / f"server-{Path(model).name}.log"
     log = open(log_path, "w")  # noqa: SIM115 - kept open for the server's lifetime
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

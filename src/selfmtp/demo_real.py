@@ -25,6 +25,7 @@ class RealDemoConfig:
     prompts: int = 4  # of the 8 shipped; ~1 minute per strategy on 2 CPU cores at 128 tokens
     max_new_tokens: int = 128
     seed: int = 0
+    dtype: str = "auto"
     progress: bool = True
 
 
@@ -39,7 +40,7 @@ def run_real_demo(config: RealDemoConfig, output: Path, log=print) -> dict:
     sweep = SweepConfig(
         model=config.model, task="gsm8k", strategies=["static:1", EXACT, LOSSY], data=str(sample_path()),
         limit=config.prompts, shots=0, chat=True, max_new_tokens=config.max_new_tokens, batch_size=1,
-        seed=config.seed,
+        seed=config.seed, dtype=config.dtype,
     )  # fmt: skip
     log(f"[real] {config.model} on {config.prompts} GSM8K dev questions, batch 1: static:1, {EXACT}, {LOSSY}")
     results = run_sweep(sweep, output, progress=config.progress)

@@ -68,6 +68,9 @@ def add_parser(subparsers) -> None:
     )
     add("--threads", type=int, default=d.threads, help=f"torch threads (default: {d.threads})")
     add("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    add("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "int8"],
+        help="dtype of the decoding stages (default: auto: bf16 where this machine's kernels make it pay; "
+        "training runs in float32)")
     add("--real", action="store_true", help="then decode a few shipped GSM8K dev questions with the real model "
         "(static k=1, verify:8, ConfAdapt 0.9; batch 1) into OUTPUT/real")  # fmt: skip
     add("--real-model", default=d.real_model, help=f"model spec of --real (default: {d.real_model})")
@@ -83,7 +86,7 @@ def run(args) -> int:
     config = DemoConfig(
         output=args.output, teacher=args.teacher, steps=args.steps, lr=args.lr, prefix_loss=args.prefix_loss,
         supervision=args.supervision, prefix_target=args.prefix_target, k_max=args.k_max, gated=args.gated, train_problems=args.train_problems, eval_problems=args.eval_problems,
-        strategies=args.strategies.split(","), max_new_tokens=args.max_new_tokens, threads=args.threads, seed=args.seed, progress=not args.no_progress,
+        strategies=args.strategies.split(","), max_new_tokens=args.max_new_tokens, threads=args.threads, seed=args.seed, progress=not args.no_progress, dtype=args.dtype,
         real=args.real, real_model=args.real_model, real_prompts=args.real_prompts,
     )  # fmt: skip
     summary = run_demo(config, log=(lambda *_: None) if args.json else print)
