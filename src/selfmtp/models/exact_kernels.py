@@ -223,10 +223,9 @@ def make_decoding_exact(model: nn.Module, *, max_rows: int = PROBE_MAX_ROWS) -> 
             probes[key] = probe_linear_invariance(linear, max_rows=max_rows)
         layers[key] = layers.get(key, 0) + 1
 
-    def chunked(linear: nn.Module) -> nn.Module:
+    def chunked(linear: nn.Module) -> nn.Module:  # always: past the probed row counts nothing is known
         key = (linear.in_features, linear.out_features, str(_activation_dtype(linear)).removeprefix("torch."))
-        invariance = probes[key]
-        return linear if invariance == RowInvariance(1, max_rows) else RowChunkedLinear(linear, invariance)
+        return RowChunkedLinear(linear, probes[key])
 
     swapped = replace_linears(model, chunked, LINEAR_KINDS)
     report = {f"{i}x{o} {d}": {**asdict(inv), "layers": layers[(i, o, d)]} for (i, o, d), inv in probes.items()}

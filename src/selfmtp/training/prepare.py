@@ -98,7 +98,9 @@ def self_answers(questions: list[str], config: PrepareConfig, path: Path) -> int
     todo = questions[done:]
     if not todo:
         return done
-    mtp = MTPModel.from_pretrained(config.model, dtype=config.dtype, device=config.device)
+    # Batched NTP only: no verify pass must reproduce these rows, and batch-invariant attention (one SDPA call
+    # per row of a padded batch) would cost a batch of 32 several times its stock time.
+    mtp = MTPModel.from_pretrained(config.model, dtype=config.dtype, device=config.device, exact_kernels=False)
     size = config.batch_size
     with path.open("a", encoding="utf-8") as out:
         for lo in progress_bar(range(0, len(todo), size), desc="self-answers", disable=not config.progress):
