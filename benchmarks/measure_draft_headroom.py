@@ -23,8 +23,9 @@ rule) is driven pass by pass over the answer, with those proposals in place of a
 every draft; under `all` this is the oracle: a pass emits 1 + the run of consecutive correct mask proposals)
 are both counted. The answers' tokens stand for the model's greedy choices (they are its greedy text in the
 dtype it decoded in); `real_greedy_agreement` reports how often this pass's own argmax agrees with them, and
-`rule_passes_equal` how many answers' simulated verify:K pass count equals the measured one (it differs only
-where this pass's numerics, stock kernels on a whole answer, flip a near-tie that the decode's did not).
+`rule_passes_equal` how many answers' simulated verify:K pass count equals the measured one. In bfloat16 the
+pass runs the decode's batch-invariant kernels (`--kernels exact`, the decode default there), so it reads the
+decode's own argmaxes; with torch's stock kernels about 1% of bf16 argmaxes flip at near-ties.
 Also: mask agreement by position i = 1..K-1 (mask i's argmax == the answer's token i+1 ahead of the last real
 token), and how much of it the confidence threshold keeps.
 """
@@ -154,7 +155,7 @@ def read_answers(eval_dir: Path, label: str) -> list[dict]:
 
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, exact_kernels=args.kernels == "exact")
     model.eval()
     encoder, k = MTPModel(model, tokenizer), args.k
     items = read_answers(Path(args.eval), args.answers)[: args.limit]
@@ -187,7 +188,7 @@ def measure(args) -> dict:
             same_passes += record["measured_passes"] == record[f"verify:{k}/rule"]
         per_item.append(record)
     result = {
-        "model": args.model, "dtype": args.dtype, "k": k, "answers": len(items), "eval": args.eval,
+        "model": args.model, "dtype": args.dtype, "kernels": args.kernels, "k": k, "answers": len(items), "eval": args.eval,
         "answers_from": args.answers, "threads": args.threads, "cpu_s": time.process_time() - started,
         "draft_min_confidence": verify_rule.DRAFT_MIN_CONFIDENCE,
         "tokens_per_pass_pooled": {key: t / p for key, (t, p) in totals.items()},
@@ -209,6 +210,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-mtp")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="of the teacher-forced pass")
+    parser.add_argument("--kernels", choices=["exact", "stock"],
+                        help="exact: the batch-invariant kernels bf16 decoding runs (default in bfloat16; then the "
+                             "pass reads what the decode read), stock: torch's (default in float32)")  # fmt: skip
     parser.add_argument("--eval", required=True, help="a `selfmtp eval` output folder (gsm8k, chat, 0 shots)")
     parser.add_argument("--answers", default="static:1", help="whose outputs are the answers (an exact strategy)")
     parser.add_argument("--data", required=True, help="the eval's --data (to rebuild the prompts)")
@@ -220,6 +224,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True, help="results JSON")
     args = parser.parse_args()
+    args.kernels = args.kernels or ("stock" if args.dtype == "float32" else "exact")
     result = measure(args)
     write_json_atomic(Path(args.output), result)
     print(json.dumps({key: v for key, v in result.items() if key not in ("per_item", "mask_counts")}, indent=2))
