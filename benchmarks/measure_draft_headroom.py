@@ -103,7 +103,8 @@ def teacher_forced(model, prompt: list[int], answer: list[int], k: int) -> dict:
 
 
 def simulate(strategy: Verify, prompt: list[int], answer: list[int], forced: dict, budget: int, stops: StopRules):
-    """Drive ExactRow over `answer` with the teacher-forced proposals; returns (passes, tokens emitted)."""
+    """Drive ExactRow over `answer` with the teacher-forced proposals; returns (passes, tokens emitted, tokens fed:
+    real tokens and masks summed over the passes, the prompt included, as `selfmtp eval` counts them)."""
     row, exact = new_row(prompt, budget, None, strategy.k_max), ExactRow(strategy, list(prompt))
     text = prompt + answer
     base = len(prompt) - 1  # index into `forced` = absolute position - base
@@ -128,7 +129,7 @@ def simulate(strategy: Verify, prompt: list[int], answer: list[int], forced: dic
         exact.accept(row, plan, torch.tensor(proposals), torch.tensor(confidences), len(plan.real), stops)
     if row.token_ids != answer[: len(row.token_ids)]:
         raise AssertionError("the simulated row left the answer's text")
-    return row.passes, len(row.token_ids)
+    return row.passes, len(row.token_ids), sum(row.tokens_fed)
 
 
 def mask_agreement(forced: dict, answer: list[int], prompt_len: int, threshold: float) -> dict:
@@ -163,7 +164,7 @@ def measure(args) -> dict:
     measured = read_answers(Path(args.eval), f"verify:{k}")[: len(items)] if args.compare else None
     stops = StopRules(frozenset({tokenizer.eos_token_id}), [], tokenizer)
     strategies = {f"verify:{k}": Verify(k), f"verify:{k}:tree": Verify(k, tree=True)}
-    totals = {f"{s}/{r}": [0, 0] for s in strategies for r in RULES}  # tokens, passes
+    totals = {f"{s}/{r}": [0, 0, 0] for s in strategies for r in RULES}  # tokens, passes, tokens fed
     per_item, agree, real_hits, real_n, same_passes, started = [], None, 0, 0, 0, time.process_time()
     for item, out in progress_bar(list(zip(task.items, items, strict=True)), desc="answers", unit="answer"):
         assert item.index == out["index"]
@@ -179,10 +180,11 @@ def measure(args) -> dict:
         for s_name, strategy in strategies.items():
             for rule in RULES:
                 with draft_rule(rule):
-                    passes, emitted = simulate(strategy, prompt, answer, forced, args.max_new_tokens, stops)
-                totals[f"{s_name}/{rule}"][0] += emitted
-                totals[f"{s_name}/{rule}"][1] += passes
+                    passes, emitted, fed = simulate(strategy, prompt, answer, forced, args.max_new_tokens, stops)
+                for i, value in enumerate((emitted, passes, fed)):
+                    totals[f"{s_name}/{rule}"][i] += value
                 record[f"{s_name}/{rule}"] = passes
+                record[f"{s_name}/{rule}/fed"] = fed
         if measured is not None:
             record["measured_passes"] = measured[len(per_item)]["forward_passes"]
             same_passes += record["measured_passes"] == record[f"verify:{k}/rule"]
@@ -191,7 +193,9 @@ def measure(args) -> dict:
         "model": args.model, "dtype": args.dtype, "kernels": args.kernels, "k": k, "answers": len(items), "eval": args.eval,
         "answers_from": args.answers, "threads": args.threads, "cpu_s": time.process_time() - started,
         "draft_min_confidence": verify_rule.DRAFT_MIN_CONFIDENCE,
-        "tokens_per_pass_pooled": {key: t / p for key, (t, p) in totals.items()},
+        "tokens_per_pass_pooled": {key: t / p for key, (t, p, _) in totals.items()},
+        "tokens_fed_per_pass": {key: f / p for key, (_, p, f) in totals.items()},
+        "totals": {key: dict(zip(("tokens", "passes", "fed"), v, strict=True)) for key, v in totals.items()},
         "real_greedy_agreement": real_hits / real_n,
         "mask_agreement_by_i": [h / n if n else None for h, n in zip(agree["hit"], agree["n"], strict=True)],
         "mask_confident_share_by_i": [c / n if n else None for c, n in zip(agree["confident"], agree["n"], strict=True)],
@@ -201,6 +205,7 @@ def measure(args) -> dict:
     if measured is not None:
         tokens = sum(o["num_tokens"] for o in measured)
         result["measured_tokens_per_pass_pooled"] = tokens / sum(o["forward_passes"] for o in measured)
+        result["measured_passes"] = sum(o["forward_passes"] for o in measured)
         result["rule_passes_equal"] = same_passes
         result["pass_difference_mean"] = statistics.mean(r[f"verify:{k}/rule"] - r["measured_passes"] for r in per_item)
     return result
@@ -227,7 +232,7 @@ def main() -> None:
     args.kernels = args.kernels or ("stock" if args.dtype == "float32" else "exact")
     result = measure(args)
     write_json_atomic(Path(args.output), result)
-    print(json.dumps({key: v for key, v in result.items() if key not in ("per_item", "mask_counts")}, indent=2))
+    print(json.dumps({key: v for key, v in result.items() if key not in ("per_item", "mask_counts", "totals")}, indent=2))
 
 
 if __name__ == "__main__":

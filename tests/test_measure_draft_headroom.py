@@ -82,8 +82,8 @@ def test_offline_count_equals_the_decoders_passes(tool, mtp, rule, tree):
             assert min_margin(mtp.model, prompt, answer) > CLEAR_MARGIN, "a near tie: pick another seed"
             forced = tool.teacher_forced(mtp.model, prompt, answer, K)
             assert forced["real"].tolist() == answer  # the pass's own greedy choices are the decoded text
-            passes, emitted = tool.simulate(strategy, prompt, answer, forced, NEW_TOKENS, stops)
-            assert (passes, emitted) == (result.forward_passes, len(answer))
+            passes, emitted, fed = tool.simulate(strategy, prompt, answer, forced, NEW_TOKENS, stops)
+            assert (passes, emitted, fed) == (result.forward_passes, len(answer), sum(result.tokens_fed))
 
 
 def test_rules_differ_where_they_should(tool):
