@@ -164,15 +164,14 @@ def measure(args) -> dict:
     measured = read_answers(Path(args.eval), f"verify:{k}")[: len(items)] if args.compare else None
     stops = StopRules(frozenset({tokenizer.eos_token_id}), [], tokenizer)
     strategies = {f"verify:{k}": Verify(k), f"verify:{k}:tree": Verify(k, tree=True)}
-    totals = {f"{s}/{r}": [0, 0, 0] for s in strategies for r in RULES}  # tokens, passes, tokens fed
-    per_item, agree, real_hits, real_n, same_passes, started = [], None, 0, 0, 0, time.process_time()
+    totals = {f"{s}/{r}": {"tokens": 0, "passes": 0, "fed": 0} for s in strategies for r in RULES}
+    per_item, agree, real_hits, started = [], None, 0, time.process_time()
     for item, out in progress_bar(list(zip(task.items, items, strict=True)), desc="answers", unit="answer"):
         assert item.index == out["index"]
         prompt = encoder.encode(task.prompt(item, tokenizer), chat=True)  # as `selfmtp eval` encodes it
         answer = list(out["token_ids"])
         forced = teacher_forced(model, prompt, answer, k)
         real_hits += int((forced["real"] == torch.tensor(answer)).sum())
-        real_n += len(answer)
         counts = mask_agreement(forced, answer, len(prompt), verify_rule.DRAFT_MIN_CONFIDENCE)
         agree = counts if agree is None else {key: [a + b for a, b in zip(agree[key], counts[key], strict=True)]
                                                  for key in agree}  # fmt: skip
@@ -181,34 +180,63 @@ def measure(args) -> dict:
             for rule in RULES:
                 with draft_rule(rule):
                     passes, emitted, fed = simulate(strategy, prompt, answer, forced, args.max_new_tokens, stops)
-                for i, value in enumerate((emitted, passes, fed)):
-                    totals[f"{s_name}/{rule}"][i] += value
+                for name, value in (("tokens", emitted), ("passes", passes), ("fed", fed)):
+                    totals[f"{s_name}/{rule}"][name] += value
                 record[f"{s_name}/{rule}"] = passes
                 record[f"{s_name}/{rule}/fed"] = fed
         if measured is not None:
             record["measured_passes"] = measured[len(per_item)]["forward_passes"]
-            same_passes += record["measured_passes"] == record[f"verify:{k}/rule"]
         per_item.append(record)
-    result = {
-        "model": args.model, "dtype": args.dtype, "kernels": args.kernels, "k": k, "answers": len(items), "eval": args.eval,
-        "answers_from": args.answers, "threads": args.threads, "cpu_s": time.process_time() - started,
-        "draft_min_confidence": verify_rule.DRAFT_MIN_CONFIDENCE,
-        "tokens_per_pass_pooled": {key: t / p for key, (t, p, _) in totals.items()},
-        "tokens_fed_per_pass": {key: f / p for key, (_, p, f) in totals.items()},
-        "totals": {key: dict(zip(("tokens", "passes", "fed"), v, strict=True)) for key, v in totals.items()},
-        "real_greedy_agreement": real_hits / real_n,
+    settings = {"model": args.model, "dtype": args.dtype, "kernels": args.kernels, "k": k, "eval": args.eval,
+                "answers_from": args.answers, "threads": args.threads, "cpu_s": time.process_time() - started}  # fmt: skip
+    return settings | figures(totals, agree, per_item, real_hits, k)
+
+
+def figures(totals: dict, agree: dict, per_item: list[dict], real_hits: int, k: int) -> dict:
+    """Rates from the summed counts (what one run or a pool of runs reports)."""
+    real_n = sum(r["tokens"] for r in per_item)
+    out = {
+        "answers": len(per_item), "draft_min_confidence": verify_rule.DRAFT_MIN_CONFIDENCE,
+        "tokens_per_pass_pooled": {key: t["tokens"] / t["passes"] for key, t in totals.items()},
+        "tokens_fed_per_pass": {key: t["fed"] / t["passes"] for key, t in totals.items()},
+        "totals": totals, "real_greedy_hits": real_hits, "real_greedy_agreement": real_hits / real_n,
         "mask_agreement_by_i": [h / n if n else None for h, n in zip(agree["hit"], agree["n"], strict=True)],
         "mask_confident_share_by_i": [c / n if n else None for c, n in zip(agree["confident"], agree["n"], strict=True)],
         "confident_precision_by_i": [h / c if c else None for h, c in zip(agree["confident_hit"], agree["confident"], strict=True)],
         "mask_counts": agree, "per_item": per_item,
     }  # fmt: skip
-    if measured is not None:
-        tokens = sum(o["num_tokens"] for o in measured)
-        result["measured_tokens_per_pass_pooled"] = tokens / sum(o["forward_passes"] for o in measured)
-        result["measured_passes"] = sum(o["forward_passes"] for o in measured)
-        result["rule_passes_equal"] = same_passes
-        result["pass_difference_mean"] = statistics.mean(r[f"verify:{k}/rule"] - r["measured_passes"] for r in per_item)
-    return result
+    if per_item and "measured_passes" in per_item[0]:
+        measured = sum(r["measured_passes"] for r in per_item)
+        out["measured_passes"] = measured
+        out["measured_tokens_per_pass_pooled"] = real_n / measured
+        out["rule_passes_equal"] = sum(r["measured_passes"] == r[f"verify:{k}/rule"] for r in per_item)
+        out["pass_difference_mean"] = statistics.mean(r[f"verify:{k}/rule"] - r["measured_passes"] for r in per_item)
+    return out
+
+
+def pool(paths: list[str]) -> dict:
+    """Several runs' results (same model, dtype, K) as one: counts summed, rates recomputed."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    for run in runs[1:]:
+        if any(run[key] != first[key] for key in ("model", "dtype", "k")):
+            raise SystemExit("--pool: the runs differ in model, dtype or K")
+    keys = first["totals"].keys()
+    totals = {key: {n: sum(_counts(r)[key][n] for r in runs) for n in ("tokens", "passes", "fed")} for key in keys}
+    agree = {name: [sum(v) for v in zip(*(r["mask_counts"][name] for r in runs), strict=True)]
+             for name in first["mask_counts"]}  # fmt: skip
+    per_item = [item for r in runs for item in r["per_item"]]
+    hits = sum(r.get("real_greedy_hits", round(r["real_greedy_agreement"] * sum(i["tokens"] for i in r["per_item"])))
+               for r in runs)  # fmt: skip
+    settings = {key: first[key] for key in ("model", "dtype", "kernels", "k", "threads")}
+    return settings | {"pooled_from": paths, "cpu_s": sum(r["cpu_s"] for r in runs)} | figures(
+        totals, agree, per_item, hits, first["k"])
+
+
+def _counts(run: dict) -> dict:
+    """Totals as {"tokens", "passes", "fed"}; the first runs of this tool wrote them as lists."""
+    return {key: v if isinstance(v, dict) else dict(zip(("tokens", "passes", "fed"), v, strict=True))
+            for key, v in run["totals"].items()}  # fmt: skip
 
 
 def main() -> None:
@@ -218,9 +246,10 @@ def main() -> None:
     parser.add_argument("--kernels", choices=["exact", "stock"],
                         help="exact: the batch-invariant kernels bf16 decoding runs (default in bfloat16; then the "
                              "pass reads what the decode read), stock: torch's (default in float32)")  # fmt: skip
-    parser.add_argument("--eval", required=True, help="a `selfmtp eval` output folder (gsm8k, chat, 0 shots)")
+    parser.add_argument("--pool", nargs="+", metavar="RESULTS", help="instead of measuring: pool these results files")
+    parser.add_argument("--eval", help="a `selfmtp eval` output folder (gsm8k, chat, 0 shots)")
     parser.add_argument("--answers", default="static:1", help="whose outputs are the answers (an exact strategy)")
-    parser.add_argument("--data", required=True, help="the eval's --data (to rebuild the prompts)")
+    parser.add_argument("--data", help="the eval's --data (to rebuild the prompts)")
     parser.add_argument("--limit", type=int, help="first N answers only")
     parser.add_argument("--k", type=int, default=8, help="verify K (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the eval's budget (default 128)")
@@ -230,7 +259,9 @@ def main() -> None:
     parser.add_argument("--output", required=True, help="results JSON")
     args = parser.parse_args()
     args.kernels = args.kernels or ("stock" if args.dtype == "float32" else "exact")
-    result = measure(args)
+    if not args.pool and not (args.eval and args.data):
+        parser.error("give --eval and --data (or --pool)")
+    result = pool(args.pool) if args.pool else measure(args)
     write_json_atomic(Path(args.output), result)
     print(json.dumps({key: v for key, v in result.items() if key not in ("per_item", "mask_counts", "totals")}, indent=2))
 
