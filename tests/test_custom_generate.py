@@ -140,16 +140,20 @@ def test_verify_equals_transformers_greedy_token_for_token(stock, student_dir, p
         assert passes < tokens  # drafts were accepted: the multi-token path ran, not a 1-token loop
 
 
-def test_confadapt_equals_selfmtp_generate(stock, student_dir, prompts):
+@pytest.mark.parametrize("strategy", ["confadapt:0.9:8", "confadapt:0.5:8"])
+def test_confadapt_equals_selfmtp_generate(stock, student_dir, prompts, strategy):
     model, tokenizer = stock
     mtp = MTPModel.from_pretrained(str(student_dir))
+    tokens = passes = 0
     for text in prompts:
-        ours = mtp.generate(text, strategy="confadapt:0.9:8", max_new_tokens=MAX_NEW, chat=False)
+        ours = mtp.generate(text, strategy=strategy, max_new_tokens=MAX_NEW, chat=False)
         inputs = encode(tokenizer, [text])
-        out = custom(model, student_dir, inputs, strategy="confadapt:0.9:8", max_new_tokens=MAX_NEW)
+        out = custom(model, student_dir, inputs, strategy=strategy, max_new_tokens=MAX_NEW)
         assert out[0, inputs["input_ids"].shape[1] :].tolist() == ours.token_ids
         assert int(out.forward_passes[0]) == ours.forward_passes
-    assert mtp.generate(prompts, strategy="confadapt:0.9:8", max_new_tokens=MAX_NEW, chat=False)[0].acceleration > 1
+        tokens, passes = tokens + ours.num_tokens, passes + ours.forward_passes
+    if strategy.startswith("confadapt:0.5"):  # the 60-step student is rarely 0.9-confident (it varies with the
+        assert tokens > passes  # CPU and threads it trained at); at 0.5 multi-token passes surely ran
 
 
 @pytest.mark.parametrize("strategy", ["verify:8", "confadapt:0.9:8", "static:2"])

@@ -20,19 +20,21 @@ TAU, K_MAX = 0.45, 6  # on `peaked` this accepts 1 to 6 tokens per pass
 
 def uncached_adaptive(mtp, prompt_ids: list[int], tau: float, k_max: int, max_new_tokens: int):
     """From scratch every pass (no cache): prompt + generated + (k-1) masks, with the rule written out
-    again here: start at k_max; all kept -> double (cap k_max); else as many as were kept."""
+    again here: start at k_max; all kept -> double (cap k_max); else as many as were kept. No pass feeds
+    masks past the budget (a pass with t tokens left proposes at most t)."""
     mask_id = mtp.model.config.mtp_mask_token_id
     generated, sizes, fed, k = [], [], [], k_max
     while len(generated) < max_new_tokens:
         pending = len(prompt_ids) if not generated else sizes[-1]
-        fed.append(pending + k - 1)
-        ids = torch.tensor([prompt_ids + generated + [mask_id] * (k - 1)])
+        proposed = min(k, max_new_tokens - len(generated))
+        fed.append(pending + proposed - 1)
+        ids = torch.tensor([prompt_ids + generated + [mask_id] * (proposed - 1)])
         with torch.no_grad():
-            logits = mtp.model(ids).logits[0, -k:].float()
+            logits = mtp.model(ids).logits[0, -proposed:].float()
         logits[:, mask_id] = float("-inf")
         confidences, proposals = logits.softmax(-1).max(-1)
         run = 0
-        while run < k and confidences[run] >= tau:
+        while run < proposed and confidences[run] >= tau:
             run += 1
         kept = max(run, 1)
         take = proposals[:kept].tolist()[: max_new_tokens - len(generated)]
@@ -69,7 +71,7 @@ def test_adaptive_with_tiny_tau_is_static_kmax(peaked):
         assert chunk_sizes(adaptive) == chunk_sizes(static) == [5, 5, 5, 3]
         assert adaptive.tokens_fed == static.tokens_fed
         prompt_tokens = len(peaked.encode(prompt, chat=False))
-        assert static.tokens_fed == [prompt_tokens + 4, 5 + 4, 5 + 4, 5 + 4]
+        assert static.tokens_fed == [prompt_tokens + 4, 5 + 4, 5 + 4, 5 + 2]  # 3 tokens left: 2 masks, not 4
 
 
 def test_adaptive_feeds_fewer_tokens_than_static_kmax(peaked):

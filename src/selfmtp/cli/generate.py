@@ -64,7 +64,6 @@ def run(args) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
     check_generate_args(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     mtp = MTPModel.from_pretrained(args.model, seed=args.seed, dtype=args.dtype, device=args.device, prepack=args.prepack)
-    print(describe_decode(mtp.model), file=sys.stderr)
     results = mtp.generate(
         prompts, strategy=args.strategy, max_new_tokens=args.max_new_tokens, stop=args.stop or None,
         chat=args.chat, batch_size=args.batch_size,
@@ -79,4 +78,5 @@ def run(args) -> int:
         write_chunk_view(args.html, results, prompts, title=title, tokenizer=mtp.tokenizer)
     if not args.json and len(results) > 1:
         print(format_results_summary(results))
+    print(describe_decode(mtp.model), file=sys.stderr)  # after the work: a user error stays one stderr line
     return 0
