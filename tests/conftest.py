@@ -246,3 +246,18 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def train_tiny_gsm_student(folder: Path, *, k_max: int) -> str:
+    """The packaged tiny-gsm teacher after 60 steps of MTP training (offline targets, lr 1e-2): its train
+    `final/` directory. Drafts are often right; how often varies with the CPU and threads it trains at."""
+    from selfmtp.tasks.tiny_gsm import generate_problems, write_jsonl
+    from selfmtp.training.trainer import TrainConfig, train
+
+    data = write_jsonl(folder / "train.jsonl", generate_problems(200, seed=1))
+    summary = train(TrainConfig(
+        data=str(data), output=str(folder / "run"), model="tiny-gsm-teacher", template="plain", seq_len=160,
+        k_max=k_max, prefix_loss=5.0, supervision="offline", prefix_target="ground-truth", lr=1e-2, warmup=5,
+        steps=60, batch_size=8, eval_every=0, save_every=0, seed=0, progress=False,
+    ))  # fmt: skip
+    return summary["final_dir"]

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from conftest import REPO_ROOT, assert_decisive
+from conftest import REPO_ROOT, assert_decisive, train_tiny_gsm_student
 from selfmtp.api import MTPModel
 from selfmtp.hf.export import export_model
 from selfmtp.models.hf_files import CUSTOM_GENERATE_DIR, write_custom_generate
@@ -43,18 +43,8 @@ def private_modules_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory) -> Path:
-    """The packaged tiny-gsm teacher after 60 steps of MTP training (k_max 8): its train `final/` directory."""
-    from selfmtp.tasks.tiny_gsm import generate_problems, write_jsonl
-    from selfmtp.training.trainer import TrainConfig, train
-
-    folder = tmp_path_factory.mktemp("student")
-    data = write_jsonl(folder / "train.jsonl", generate_problems(200, seed=1))
-    summary = train(TrainConfig(
-        data=str(data), output=str(folder / "run"), model="tiny-gsm-teacher", template="plain", seq_len=160,
-        k_max=8, prefix_loss=5.0, supervision="offline", prefix_target="ground-truth", lr=1e-2, warmup=5,
-        steps=60, batch_size=8, eval_every=0, save_every=0, seed=0, progress=False,
-    ))  # fmt: skip
-    return Path(summary["final_dir"])
+    """The tiny-gsm student (conftest.train_tiny_gsm_student), k_max 8."""
+    return Path(train_tiny_gsm_student(tmp_path_factory.mktemp("student"), k_max=8))
 
 
 @pytest.fixture(scope="module")

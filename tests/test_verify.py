@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import train_tiny_gsm_student
 from selfmtp.api import MTPModel
 from selfmtp.decoding.batch import BatchDecoder
 from selfmtp.decoding.loop import generate_batch
@@ -41,18 +42,8 @@ def feed_every_draft(monkeypatch):
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory) -> str:
-    """The packaged tiny-gsm teacher after 60 steps of MTP training (k_max 4): drafts are often right."""
-    from selfmtp.tasks.tiny_gsm import generate_problems, write_jsonl
-    from selfmtp.training.trainer import TrainConfig, train
-
-    folder = tmp_path_factory.mktemp("student")
-    data = write_jsonl(folder / "train.jsonl", generate_problems(200, seed=1))
-    summary = train(TrainConfig(
-        data=str(data), output=str(folder / "run"), model="tiny-gsm-teacher", template="plain", seq_len=160,
-        k_max=4, prefix_loss=5.0, supervision="offline", prefix_target="ground-truth", lr=1e-2, warmup=5,
-        steps=60, batch_size=8, eval_every=0, save_every=0, seed=0, progress=False,
-    ))  # fmt: skip
-    return summary["final_dir"]
+    """The tiny-gsm student (conftest.train_tiny_gsm_student), k_max 4."""
+    return train_tiny_gsm_student(tmp_path_factory.mktemp("student"), k_max=4)
 
 
 @pytest.fixture(scope="module")
