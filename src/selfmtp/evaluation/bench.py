@@ -122,7 +122,7 @@ def _check(config: BenchConfig):
     for text in ["ntp", *config.strategies]:
         strategy, aware = resolve_strategy(text)
         strategies[text.strip().lower() if aware else strategy.name] = (strategy, aware)
-    from selfmtp.models.loading import DECODE_DTYPES
+    from selfmtp.models.decode_dtype import DECODE_DTYPES
 
     bad = [d for d in [config.dtype, *config.compare_dtypes] if d not in DECODE_DTYPES]
     if bad:

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from selfmtp.errors import SelfMTPError
+
 BF16_MUST_SAVE_AT_8 = 0.7  # bf16 8-row matmuls must cost at most this fraction of float32's
 BF16_MAY_COST_AT_1 = 1.15  # and 1-row ones at most this multiple (noise on a shared machine is ~10%)
 TIMED_CALLS = 7
@@ -70,3 +72,43 @@ def _median_ms(weight: torch.Tensor, x: torch.Tensor) -> float:
             F.linear(x, weight)
             times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
+
+
+DECODE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.bfloat16}
+
+
+def check_dtype_name(dtype: str | torch.dtype) -> None:
+    if not isinstance(dtype, torch.dtype) and dtype not in DECODE_DTYPES:
+        raise SelfMTPError(f"unknown dtype {dtype!r} (use one of {', '.join(DECODE_DTYPES)})")
+
+
+def to_decode_dtype(model, dtype: str | torch.dtype, *, device, prepack: bool = False, exact_kernels: bool | str = False):
+    """`model` (float32, just loaded) in `dtype` on `device`, in eval mode: "auto" resolved here, int8 linears
+    swapped in, prepacked (float32), batch-invariant kernels installed ("auto": in every dtype but float32).
+    What was chosen is recorded as `model.selfmtp_decode`."""
+    if isinstance(dtype, torch.dtype):
+        decode = {"dtype": str(dtype).removeprefix("torch.")}
+    elif dtype == "auto":
+        choice = choose_decode_dtype(model.config, device)
+        decode = {"dtype": choice.dtype, "requested": "auto", "choice": choice.to_dict()}
+    else:
+        decode = {"dtype": dtype}
+    model = model.to(device=device, dtype=TORCH_DTYPES[decode["dtype"]])
+    model.eval()
+    if decode["dtype"] == "int8":
+        from selfmtp.models.int8 import quantize_linears
+
+        quantize_linears(model)
+    if prepack:
+        from selfmtp.models.prepack import prepack_linears
+
+        prepack_linears(model)
+    if exact_kernels == "auto":
+        exact_kernels = decode["dtype"] != "float32"
+    if exact_kernels:
+        from selfmtp.models.exact_kernels import make_decoding_exact
+
+        decode["exact_kernels"] = make_decoding_exact(model).to_dict()
+    model.selfmtp_decode = decode
+    return model

