@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_weights_close, final_weights, metrics, run_ddp, tiny_train_config
+from conftest import (
+    SPLIT_BATCH_ATOL,
+    assert_weights_close,
+    final_weights,
+    metrics,
+    run_ddp,
+    tiny_train_config,
+)
 from selfmtp.cli import main
 from selfmtp.errors import SelfMTPError
 from selfmtp.training.trainer import train
@@ -28,7 +35,7 @@ def spawn(cfg, world: int = 2) -> None:
 def assert_same_run(a: Path, b: Path) -> None:
     for x, y in zip(metrics(a), metrics(b), strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and x["supervised"] == y["supervised"]
-    assert_weights_close(final_weights(a), final_weights(b), 1e-5)
+    assert_weights_close(final_weights(a), final_weights(b), SPLIT_BATCH_ATOL)
 
 
 def test_two_process_fsdp_resumed_from_a_sharded_checkpoint_equals_one_process_with_double_batch(data, tmp_path):
