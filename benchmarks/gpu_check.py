@@ -8,7 +8,7 @@
 2. static:1 (our KV-cached loop, one token per pass) against transformers greedy `generate`, both
    bf16, on a few prompts: where they differ, the position and the top-2 logit gap there (a bf16 tie
    when the gap is within bf16 rounding).
-3. the cost of one cached pass by tokens fed (`pass_cost`).
+3. the cost of one cached pass by tokens fed (`selfmtp bench --pass-cost`'s table, bf16).
 4. `selfmtp bench` with ntp and ConfAdapt (and `verify` when this checkout has that strategy).
 Everything printed also goes to `--log` (default on a GPU: docs/measurements/gpu_check-<device>-<date>.txt).
 """
@@ -99,36 +99,12 @@ def greedy_check(mtp, args, log: Log) -> None:
     log(f"static:1 vs greedy: {len(PROMPTS) - differ}/{len(PROMPTS)} prompts identical")
 
 
-def pass_cost(model, prefix_ids: list[int], fed_counts: list[int], repeats: int) -> dict[str, float]:
-    """Median ms of one cached forward feeding n tokens after `prefix_ids` (cache cropped back each time)."""
-    import statistics
-    import time
+def pass_cost_check(mtp, args, log: Log) -> None:
+    from selfmtp.evaluation.pass_cost_bench import PREFIX, pass_cost_table, pass_timer
 
-    from transformers import DynamicCache
-
-    cache, prefix, device = DynamicCache(config=model.config), len(prefix_ids), model.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
-    costs = {}
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([prefix_ids], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for n in fed_counts:
-            ids, positions = torch.tensor([prefix_ids[-n:]], device=device), torch.arange(prefix, prefix + n, device=device)[None]
-            times = []
-            for _ in range(repeats):
-                sync()
-                start = time.perf_counter()
-                model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=n)
-                sync()
-                times.append(time.perf_counter() - start)
-                cache.crop(-n)
-            costs[str(n)] = 1000 * statistics.median(times)
-    return costs
-
-
-def pass_cost_check(mtp, log: Log) -> None:
-    prefix = (mtp.encode(" ".join(PROMPTS * 8), chat=False) * 2)[:200]
-    costs = pass_cost(mtp.model, prefix, [1, 2, 4, 8, 16, 32], repeats=5)
-    log("pass cost by tokens fed (ms, 200-token prefix): " + ", ".join(f"{n}: {ms:.2f}" for n, ms in costs.items()))
+    timer = pass_timer(args.device, torch.get_num_threads())
+    costs = pass_cost_table({"bf16": mtp.model}, rounds=5, timer=timer, tokens_fed=(1, 2, 4, 8, 16, 32))["bf16"]
+    log(f"pass cost by tokens fed (ms, {PREFIX}-token prefix): " + ", ".join(f"{n}: {ms:.2f}" for n, ms in costs.items()))
 
 
 def bench_check(args, workdir: Path, log: Log) -> None:
@@ -178,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         train_check(args, workdir, log)
         mtp = MTPModel.from_pretrained(args.model, dtype="bfloat16", device=args.device)
         greedy_check(mtp, args, log)
-        pass_cost_check(mtp, log)
+        pass_cost_check(mtp, args, log)
         del mtp
         bench_check(args, workdir, log)
     log("gpu_check: done")

@@ -1,173 +1,161 @@
-"""Measure the cost of online MTP training against plain next-token fine-tuning, and peak memory.
+"""A training step's CPU cost and loss, variants of one recipe interleaved on the same batches, and peak memory.
 
-    PYTHONPATH=src python benchmarks/measure_train.py --model smollm2-135m --batch-size 8 --seq-len 160 \
-        --output measure_train.json
+    # bf16 autocast against float32, another seed's float32 as the batch-noise yardstick (#26 pilot A):
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/measure_train.py --config recipes/smollm2-135m-mtp-gated.json \
+        --model smollm2-135m-mtp --variant float32 dtype=float32 --variant bfloat16 dtype=bfloat16 \
+        --variant float32-seed1 dtype=float32 seed=1 --steps 8 --warm-up 2 --output train-dtype.json
+    # an MTP step against a plain next-token fine-tuning step on the same rows; peak RSS with LoRA vs full:
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/measure_train.py --model smollm2-135m --data train.jsonl \
+        --set batch_size=8 seq_len=160 k_max=16 --variant mtp --variant ntp --memory lora_rank=16 lora_rank=0 \
+        --output train-cost.json
 
-1. Time: one MTP training step (student forward+backward on the blocked layout, one no-grad teacher
-   forward, AdamW step) divided by one plain NTP fine-tuning step (stock `model(ids, labels=...)`,
-   backward, AdamW step) on the same GSM8K batch. Steps alternate NTP/MTP after one warm-up each,
-   so background load hits both alike; medians are reported.
-2. Memory: peak RSS (VmHWM) of a fresh process doing MTP steps (--memory-steps) with (a) LoRA and the
-   shared-weight teacher (adapter disabled), (b) full fine-tuning with a separate teacher copy.
+Each variant is one training run built by the trainer's own `build_run` from the recipe (--config), the
+--set overrides and its own KEY=VALUE settings (TrainConfig fields, values read as JSON), stepped by the
+library's `step.train_step`, the variants in turn at every step, so background load hits all alike. A
+variant named `ntp` instead takes a plain next-token fine-tuning step (`model(ids, labels=...)` on the
+response tokens, backward, the run's AdamW) on the rows the MTP step takes (`step.step_rows`: the data of a
+step depends only on (seed, step)); it needs weights that train at real positions (LoRA or full, not gated).
+Cost: this thread's CPU time (`time.thread_time`, 1 torch thread: the kernels run on the calling thread),
+robust to other jobs on a shared machine; wall time too. Steps before --warm-up are not in the medians.
+Ratios and loss differences are to the first variant. --memory: for each setting, a fresh process runs
+--memory-steps steps of the first variant with it and reports its peak RSS (VmHWM; not ru_maxrss, which
+Linux keeps across exec).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from selfmtp.models.loading import load_model
-from selfmtp.models.mtp_token import mtp_token_id
-from selfmtp.training.data import read_examples, tokenize_examples
-from selfmtp.training.layout import build_mtp_layout
-from selfmtp.training.objective import SelectedLogits, adapter_disabled_teacher, frozen_teacher, mtp_loss
-
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+from selfmtp.evaluation.pass_cost_bench import cpu_info
+from selfmtp.files import write_json_atomic
+from selfmtp.training.config import config_from_sources, validate
+from selfmtp.training.step import step_rows, train_step
+from selfmtp.training.trainer import build_run
 
 
-def batch_rows(tokenizer, args):
-    examples, _ = read_examples(args.data, limit=8 * args.batch_size)
-    rows = tokenize_examples(examples, tokenizer, template=args.template, seq_len=args.seq_len)
-    return rows.take(slice(0, args.batch_size))
+def settings(pairs: list[str]) -> dict:
+    """KEY=VALUE words -> TrainConfig overrides (a value is JSON where it parses, else a string)."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[key.replace("-", "_")] = value
+    return out
 
 
-def ntp_step(model, optimizer, rows):
-    ids, lengths, starts = rows.input_ids, rows.lengths, rows.response_start
-    t = torch.arange(ids.shape[1])[None]
-    attention = (t < lengths[:, None]).long()
-    labels = ids.masked_fill((t < starts[:, None]) | (attention == 0), -100)
-    loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+def make_run(args, overrides: dict, targets_cache: Path):
+    base = {"model": args.model, "eval_every": 0, "save_every": 0, "progress": False, "output": "unused"}
+    config = config_from_sources(base | ({"data": args.data} if args.data else {}) | settings(args.set) | overrides,
+                                 args.config)  # fmt: skip
+    validate(config)
+    torch.manual_seed(config.seed)
+    return build_run(config, torch.device(config.device), targets_cache, teacher_key=config.model)[0]
+
+
+def ntp_step(run, step: int) -> dict:
+    """A plain fine-tuning step on the MTP step's rows: next-token cross-entropy on the response tokens."""
+    rows = run.train_rows.take(step_rows(run, step))
+    ids, t = rows.input_ids.to(run.device), torch.arange(rows.input_ids.shape[1], device=run.device)[None]
+    attention = (t < rows.lengths.to(run.device)[:, None]).long()
+    labels = ids.masked_fill((t < rows.response_start.to(run.device)[:, None]) | (attention == 0), -100)
+    loss = run.student(input_ids=ids, attention_mask=attention, labels=labels).loss
     loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return int(attention.sum())
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(loss), "agreement_by_j": None, "supervised": int((labels != -100).sum())}
 
 
-def mtp_step(student, teacher, optimizer, rows, tokenizer, args, step):
-    layout = build_mtp_layout(
-        rows.input_ids, rows.response_start, rows.lengths, k_max=args.k_max, regions=None,
-        generator=torch.Generator().manual_seed(step), mtp_token_id=mtp_token_id(student),
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    loss, _ = mtp_loss(SelectedLogits(student), teacher, layout, mtp_token_id=mtp_token_id(student),
-                       eos_token_id=tokenizer.eos_token_id)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return layout.num_tokens
+def step_once(name: str, run, step: int) -> dict:
+    wall, cpu = time.perf_counter(), time.thread_time()
+    stats = ntp_step(run, step) if name == "ntp" else train_step(run, step).summary()
+    row = {"step": step + 1, "loss": stats["loss"], "agreement_by_j": stats["agreement_by_j"],
+           "supervised": stats["supervised"], "cpu_s": time.thread_time() - cpu, "wall_s": time.perf_counter() - wall}  # fmt: skip
+    print(f"step {step + 1} {name}: loss {row['loss']:.4f} cpu {row['cpu_s']:.1f} s wall {row['wall_s']:.1f} s", flush=True)
+    return row
 
 
-def timed(fn) -> tuple[float, float, int]:
-    """(wall seconds, process CPU seconds, tokens). CPU time is robust to other jobs on a shared
-    machine; wall time is what a user waits."""
-    start, cpu = time.perf_counter(), time.process_time()
-    tokens = fn()
-    return time.perf_counter() - start, time.process_time() - cpu, tokens
+def measure(args, variants: dict[str, dict]) -> dict[str, list[dict]]:
+    """Every variant's run, then step by step every variant in turn: {variant: its rows per step}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {name: make_run(args, overrides, Path(tmp) / f"targets-{i}.safetensors")
+                for i, (name, overrides) in enumerate(variants.items())}  # fmt: skip
+        per_step = {name: [] for name in runs}
+        for step in range(args.steps):
+            for name, run in runs.items():
+                per_step[name].append(step_once(name, run, step))
+    return per_step
 
 
-def measure_time(args) -> dict:
-    student, tokenizer = load_model(args.model, seed=0)
-    student.train()
-    teacher = frozen_teacher(copy.deepcopy(student))
-    ntp_model = copy.deepcopy(student)
-    ntp_model.train()
-    rows = batch_rows(tokenizer, args)
-    mtp_opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    ntp_opt = torch.optim.AdamW(ntp_model.parameters(), lr=1e-5)
-    ntp_times, mtp_times, ntp_cpu, mtp_cpu, ntp_tokens, mtp_tokens = [], [], [], [], [], []
-    for step in range(args.repeats + 1):  # step 0 is warm-up
-        t_ntp, c_ntp, n_ntp = timed(lambda: ntp_step(ntp_model, ntp_opt, rows))
-        t_mtp, c_mtp, n_mtp = timed(lambda step=step: mtp_step(student, teacher, mtp_opt, rows, tokenizer, args, step))
-        print(f"step {step}: ntp {t_ntp:.2f} s wall {c_ntp:.2f} s cpu ({n_ntp} tok), "
-              f"mtp {t_mtp:.2f} s wall {c_mtp:.2f} s cpu ({n_mtp} layout tok)", file=sys.stderr)
-        if step:
-            ntp_times.append(t_ntp), mtp_times.append(t_mtp), ntp_tokens.append(n_ntp), mtp_tokens.append(n_mtp)
-            ntp_cpu.append(c_ntp), mtp_cpu.append(c_mtp)
-    ntp, mtp = statistics.median(ntp_times), statistics.median(mtp_times)
-    return {
-        "ntp_step_s": ntp_times, "mtp_step_s": mtp_times, "ntp_median_s": ntp, "mtp_median_s": mtp,
-        "mtp_over_ntp": mtp / ntp, "ratios": [m / n for m, n in zip(mtp_times, ntp_times, strict=True)],
-        "ntp_cpu_s": ntp_cpu, "mtp_cpu_s": mtp_cpu, "mtp_over_ntp_cpu": sum(mtp_cpu) / sum(ntp_cpu),
-        "ntp_tokens": ntp_tokens[0], "mtp_layout_tokens_mean": statistics.mean(mtp_tokens),
-        "rows": len(rows), "seq_len": args.seq_len, "k_max": args.k_max,
-    }
+def summarise(per_step: dict[str, list[dict]], args) -> dict:
+    timed = {name: rows[args.warm_up :] for name, rows in per_step.items()}
+    cost = {name: {"cpu_s_median": statistics.median(r["cpu_s"] for r in rows),
+                   "wall_s_median": statistics.median(r["wall_s"] for r in rows)} for name, rows in timed.items()}  # fmt: skip
+    first, rows0 = next(iter(per_step)), next(iter(per_step.values()))
+    out = {"steps": args.steps, "warm_up": args.warm_up, "threads": torch.get_num_threads(), "cpu": cpu_info()["model_name"],
+           "model": args.model, "config": args.config, "set": args.set, "reference": first, "per_step": per_step,
+           "cost": cost, f"{first}_loss_step_to_step_std": statistics.stdev(r["loss"] for r in rows0)}  # fmt: skip
+    for name in list(per_step)[1:]:
+        out[f"{name}_over_{first}_cpu"] = cost[name]["cpu_s_median"] / cost[first]["cpu_s_median"]
+        out[f"{name}_over_{first}_cpu_paired"] = statistics.median(
+            b["cpu_s"] / a["cpu_s"] for a, b in zip(timed[first], timed[name], strict=True))
+        if "ntp" not in (first, name):  # the same objective: the losses compare
+            diff = [b["loss"] - a["loss"] for a, b in zip(rows0, per_step[name], strict=True)]
+            out[f"loss_{name}_minus_{first}"] = diff
+            out[f"loss_{name}_minus_{first}_abs_mean"] = statistics.mean(abs(d) for d in diff)
+    return out
 
 
 def peak_rss_mib() -> float:
-    """VmHWM of this process. Not ru_maxrss: Linux keeps that across exec, so a child started by a
-    big parent would report the parent's peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def measure_memory(args) -> dict:
-    """Runs in a fresh process: peak RSS of two MTP steps in one setting."""
-    student, tokenizer = load_model(args.model, seed=0)
-    rss_loaded = peak_rss_mib()
-    if args.memory == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
-                            trainable_token_indices=[mtp_token_id(student)])
-        student = get_peft_model(student, config)
-        teacher = adapter_disabled_teacher(student)
-    else:
-        teacher = frozen_teacher(copy.deepcopy(student))
-    student.train()
-    rows = batch_rows(tokenizer, args)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
-    for step in range(args.memory_steps):  # the first step already allocates grads and AdamW state
-        mtp_step(student, teacher, optimizer, rows, tokenizer, args, step)
-    return {"setting": args.memory, "steps": args.memory_steps, "peak_after_load_mib": rss_loaded,
-            "peak_rss_mib": peak_rss_mib()}
+    raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(GSM8K))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=160)
-    parser.add_argument("--k-max", type=int, default=16)
-    parser.add_argument("--template", default="chat", choices=["chat", "plain"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--memory", choices=["lora", "full"], help="internal: measure one memory setting")
-    parser.add_argument("--skip-time", action="store_true")
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--memory-steps", type=int, default=2)
-    parser.add_argument("--output", default="measure_train.json")
+    parser.add_argument("--config", help="a training recipe (JSON of TrainConfig fields)")
+    parser.add_argument("--model", default="smollm2-135m-mtp", help="the weights the steps start from")
+    parser.add_argument("--data", help="training jsonl (default: the recipe's)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every variant")
+    parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                        help="repeat: a name and its overrides; `ntp`: a plain fine-tuning step (default: one, `recipe`)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=8, help="steps per variant (default 8)")
+    parser.add_argument("--warm-up", type=int, default=2, help="first steps left out of the medians (default 2)")
+    parser.add_argument("--memory", nargs="+", default=[], metavar="KEY=VALUE", help="peak RSS with each setting")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory process (default 2)")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: this process measures one setting
+    parser.add_argument("--output", help="results JSON")
     args = parser.parse_args()
-    if args.memory:
-        print(json.dumps(measure_memory(args)))
+    torch.set_num_threads(1)
+    variants = {words[0]: settings(words[1:]) for words in args.variant or [["recipe"]]}
+    if args.memory_of is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = make_run(args, next(iter(variants.values())) | settings([args.memory_of]), Path(tmp) / "targets")
+            for step in range(args.memory_steps):  # the first step already allocates gradients and AdamW state
+                train_step(run, step)
+        print(json.dumps({"setting": args.memory_of, "peak_rss_mib": peak_rss_mib()}))
         return
-    result = {"model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads()}
-    if not args.skip_time:
-        result["time"] = measure_time(args)
-    if args.skip_memory:
-        Path(args.output).write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
-        return
-    result["memory"] = {}
-    for setting in ("lora", "full"):
-        cmd = [sys.executable, __file__, "--memory", setting, *sys.argv[1:]]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        result["memory"][setting] = json.loads(out.strip().splitlines()[-1])
-    memory = result["memory"]
-    memory["lora_over_full_peak"] = memory["lora"]["peak_rss_mib"] / memory["full"]["peak_rss_mib"]
-    Path(args.output).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    if not args.output or not 0 <= args.warm_up < args.steps or args.steps < 2:
+        parser.error("need --output, --steps >= 2 and 0 <= --warm-up < --steps")
+    result = summarise(measure(args, variants), args)
+    for setting in args.memory:
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-of", setting], check=True,
+                              capture_output=True, text=True)  # fmt: skip
+        result.setdefault("memory", {})[setting] = json.loads(done.stdout.strip().splitlines()[-1])
+    write_json_atomic(Path(args.output), result)
+    print(json.dumps({k: v for k, v in result.items() if k != "per_step"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ NOT_RUN = {
     "selfmtp export": "needs a gated training run or writes a whole model (tests/test_gated.py, test_custom_generate.py)",
     "selfmtp serve": "a server that runs until stopped (tests/test_serve.py)",
     "smollm2": "loads SmolLM2-135M (converts its 270 MB GGUF first; `pytest -m slow` tests cover it)",
+    "--plot-only": "reads a training run's metrics.jsonl (tests/test_training_curve.py runs it)",
     "--config recipes/": "a real-model recipe (minutes per step on a CPU)",
     "/models/": "an 8B model on 4 GPUs",
     "CKPT_DIR": "a placeholder for the user's trained model",

@@ -45,6 +45,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     parser.add_argument("--output", required=True, help="folder for results.json, results.md, pareto.png")
+    parser.add_argument(
+        "--draft-headroom", metavar="verify:K",
+        help="instead of decoding: on this eval's finished verify:K (or verify:K:tree) run in --output (give the "
+        "eval's own flags), count verify's tokens per pass offline from one teacher-forced pass per answer, under "
+        "the real draft rule, the threshold without back-off and every proposal fed, merged and tree; writes "
+        "draft_headroom_verify_K.json into --output",
+    )  # fmt: skip
     add_no_progress(parser)
     parser.add_argument("--json", action="store_true", help="print results.json instead of the table")
     parser.set_defaults(run=run)
@@ -60,7 +67,18 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
         device=args.device, prepack=args.prepack, coherence=args.coherence,
     )  # fmt: skip
+    if args.draft_headroom:
+        return run_draft_headroom(config, args)
     results = run_sweep(config, args.output, progress=not args.no_progress)
     wrote = f"wrote {Path(args.output) / 'results.json'}, results.md and pareto.png"
     print_output(results, as_json=args.json, text=lambda r: f"{format_table(r)}\n{wrote}")
+    return 0
+
+
+def run_draft_headroom(config, args) -> int:
+    from selfmtp.evaluation.draft_headroom import format_headroom, run_draft_headroom
+
+    result = run_draft_headroom(config, args.draft_headroom, args.output, progress=not args.no_progress)
+    summary = {key: value for key, value in result.items() if key not in ("per_item", "mask_counts")}
+    print_output(summary, as_json=args.json, text=format_headroom)
     return 0

@@ -13,7 +13,7 @@ from selfmtp.cli.common import (
 )
 
 # Parsed flags that are not TrainConfig fields.
-CLI_ONLY = ("run", "command", "config", "json")
+CLI_ONLY = ("run", "command", "config", "json", "plot_only")
 
 
 def add_parser(subparsers) -> None:
@@ -169,6 +169,12 @@ def _add_setup_flags(add) -> None:
         help="keep GSM8K <<a*b=c>> annotations",
     )
     add("--max-examples", type=int)
+    add(
+        "--plot-only",
+        action="store_true",
+        help="train nothing: draw OUTPUT/training_curve.png from OUTPUT/metrics.jsonl (online loss, held-out "
+        "agreement by j, ConfAdapt tokens per pass, against the step; OUTPUT: --output or the --config's)",
+    )
 
 
 def train_config(args):
@@ -185,8 +191,21 @@ def train_config(args):
 def run(args) -> int:
     from selfmtp.training.trainer import describe_summary, train
 
+    if getattr(args, "plot_only", False):  # flags not given are absent (argparse.SUPPRESS)
+        return plot_only(args)
     summary = train(train_config(args))
     if summary["rank"] != 0:  # under torchrun only the first process reports
         return 0
     print_output(summary, as_json=getattr(args, "json", False), text=describe_summary)
+    return 0
+
+
+def plot_only(args) -> int:
+    """--plot-only: the curve of the run in --output, else in the --config recipe's output, else the default's."""
+    from selfmtp.training.config import TrainConfig, load_config_file
+    from selfmtp.training.curve import plot_training_curve
+
+    recipe = load_config_file(args.config) if getattr(args, "config", None) else {}
+    output = getattr(args, "output", None) or recipe.get("output") or TrainConfig.__dataclass_fields__["output"].default
+    print(f"wrote {plot_training_curve(output)}")
     return 0

@@ -28,6 +28,7 @@ import torch
 
 from selfmtp.errors import SelfMTPError
 from selfmtp.evaluation.bench_report import Sample, format_markdown, summarize
+from selfmtp.evaluation.pass_cost_bench import cpu_info
 from selfmtp.files import write_json_atomic, write_text_atomic
 
 BASELINES = ("hf-generate", "hf-prompt-lookup", "llama-cpp")
@@ -315,7 +316,7 @@ def _machine(config: BenchConfig, load_before) -> dict:
         llama_version = None
     return {
         "cpu_count": os.cpu_count(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_info()["model_name"],
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "device": config.device,
@@ -326,13 +327,3 @@ def _machine(config: BenchConfig, load_before) -> dict:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -111,7 +111,7 @@ def run_sweep(config: SweepConfig, output_dir: str | Path, *, task=None, progres
     models: dict[tuple[str, bool], object] = {}
     finished = {}
     for run in runs:
-        finished[run.label] = _load_finished(
+        finished[run.label] = load_finished(
             output_dir / "runs" / run.filename, config.fingerprint(run.model)
         )
     try:
@@ -214,7 +214,8 @@ def _load_model(run: PlannedRun, config: SweepConfig):
     )
 
 
-def _load_finished(path: Path, fingerprint: dict) -> dict | None:
+def load_finished(path: Path, fingerprint: dict) -> dict | None:
+    """A finished run's record (None if absent or unreadable); refused if made with other settings."""
     if not path.exists():
         return None
     try:

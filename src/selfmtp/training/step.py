@@ -42,7 +42,7 @@ class TrainRun:
     budget: object = None  # CpuBudget (budget.py): the CPU this run has used, its stop under --cpu-budget
 
 
-def _step_rows(run: TrainRun, step: int) -> torch.Tensor:
+def step_rows(run: TrainRun, step: int) -> torch.Tensor:
     """Indices of the global batch of `step` in an endless seeded epoch-wise shuffle."""
     n, cfg = len(run.train_rows), run.config
     size = cfg.batch_size * run.world * cfg.grad_accum
@@ -117,7 +117,7 @@ def _loss(run: TrainRun, student, layout, normalizer=None, prefix_normalizer=Non
 def train_step(run: TrainRun, step: int) -> StepStats:
     """One optimizer step (all micro-batches of this process); returns stats summed over processes."""
     cfg, b = run.config, run.config.batch_size
-    rows = run.train_rows.take(_step_rows(run, step))
+    rows = run.train_rows.take(step_rows(run, step))
     plan = _plan(cfg, rows, run.tokenizer, seed=cfg.seed * 1_000_000_007 + step)
     first_target = (rows.response_start - 1).clamp(min=0)
     prefix_total = int((rows.lengths - 1 - first_target).clamp(min=0).sum())

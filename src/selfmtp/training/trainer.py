@@ -153,8 +153,16 @@ def _set_up_run(config: TrainConfig, out: Path, *, resuming: bool, rank: int, wo
         "holds_out_eval_rows": holds_out_eval_rows(config),
     }
     check_run_settings(out, asdict(config) | derived, resume=resuming, rank=rank, defaults=setting_defaults())
-    setup = set_up(config, device, out / "teacher_targets.safetensors", resume=resuming,
-                   teacher_key=teacher_key, rank=rank, world=world, relabel_tokens=RELABEL_TOKENS)  # fmt: skip
+    return build_run(config, device, out / "teacher_targets.safetensors", resuming=resuming, teacher_key=teacher_key,
+                     rank=rank, world=world)  # fmt: skip
+
+
+def build_run(config: TrainConfig, device, targets_cache: Path, *, resuming: bool = False, teacher_key: str,
+              rank: int = 0, world: int = 1):  # fmt: skip
+    """Load models and data and build the optimizer and schedule (what the loop steps; benchmarks/measure_train.py
+    steps runs built here too): (the run, its trainable parameter count, what the data loading reports)."""
+    setup = set_up(config, device, targets_cache, resume=resuming, teacher_key=teacher_key, rank=rank, world=world,
+                   relabel_tokens=RELABEL_TOKENS)  # fmt: skip
     student = setup.student
     student.train()
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)  # before any sharding

@@ -1,5 +1,6 @@
-"""benchmarks/measure_draft_headroom.py counts `verify`'s passes offline from one teacher-forced pass: its
-count must equal the pass count of a real `verify` decode of the same model, under each draft rule.
+"""evaluation/draft_headroom.py (`selfmtp eval --draft-headroom`) counts `verify`'s passes offline from one
+teacher-forced pass: its count must equal the pass count of a real `verify` decode of the same model, under
+each draft rule.
 
 The reference is the decoder itself (batch.BatchDecoder through MTPModel.generate), which computes every
 pass with a KV cache; the tool reads the same proposals from one uncached pass over the whole answer. In
@@ -8,9 +9,6 @@ on has a margin of CLEAR_MARGIN (100x that), and the equality does not hinge on 
 """
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,22 +19,16 @@ from selfmtp.decoding.strategies import Verify
 from selfmtp.models.loading import load_model
 from selfmtp.models.mtp_token import mtp_token_id
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "measure_draft_headroom.py"
 CLEAR_MARGIN = 1e-3
 K = 4
 NEW_TOKENS = 40
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("measure_draft_headroom", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool()
+    from selfmtp.evaluation import draft_headroom
+
+    return draft_headroom
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +88,29 @@ def test_rules_differ_where_they_should(tool):
     with tool.draft_rule("threshold"):
         assert verify_rule.DRAFT_MIN_CONFIDENCE == before and verify_rule.MISSES_BEFORE_BACKOFF > 10**6
     assert (verify_rule.DRAFT_MIN_CONFIDENCE, verify_rule.MISS_WIDTH) == (before, 1)
+
+
+def test_the_eval_flag_counts_a_finished_eval_run(tmp_path, capsys):
+    """`selfmtp eval ... --draft-headroom verify:K` on that eval's own run: the simulated real rule gives the
+    measured pass count on every answer; before the run exists, or for a strategy without mask drafts, a
+    one-line error and status 2."""
+    import json
+
+    from selfmtp.cli import main
+
+    flags = ["eval", "--model", "tiny-gsm-teacher", "--task", "tiny-gsm", "--limit", "2", "--dtype", "float32",
+             "--max-new-tokens", str(NEW_TOKENS), "--output", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert main([*flags, "--draft-headroom", f"verify:{K}"]) == 2
+    assert f"no finished verify:{K} run" in capsys.readouterr().err
+    assert main([*flags, "--draft-headroom", "confadapt:0.9"]) == 2
+    assert "--draft-headroom takes verify:K" in capsys.readouterr().err
+    assert main([*flags, "--strategies", f"verify:{K}"]) == 0
+    capsys.readouterr()
+    assert main([*flags, "--draft-headroom", f"verify:{K}", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # the summary: without the per-answer records
+    assert printed["rule_passes_equal"] == 2 and "per_item" not in printed
+    result = json.loads((tmp_path / f"draft_headroom_verify_{K}.json").read_text())
+    assert result["answers"] == 2 and result["rule_passes_equal"] == 2 and result["real_greedy_agreement"] == 1.0
+    assert result["measured_passes"] == result["totals"][f"verify:{K}/rule"]["passes"]
+    assert set(result["tokens_per_pass_pooled"]) == {f"verify:{K}{tree}/{rule}" for tree in ("", ":tree")
+                                                     for rule in ("rule", "threshold", "all")}  # fmt: skip

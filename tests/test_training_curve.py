@@ -1,15 +1,13 @@
-"""benchmarks/plot_training_curve.py draws a PNG from a run's metrics.jsonl (with and without decode eval)."""
+"""`selfmtp train --plot-only` (training/curve.py) draws a PNG from a run's metrics.jsonl (with and without
+decode eval)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_training_curve.py"
+from selfmtp.cli import main
 
 
 def rows(with_decode: bool) -> list[dict]:
@@ -28,10 +26,20 @@ def rows(with_decode: bool) -> list[dict]:
 @pytest.mark.parametrize("with_decode", [True, False])
 def test_plot_writes_a_png(tmp_path, with_decode):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(with_decode)))
-    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], check=True, capture_output=True)
+    assert main(["train", "--output", str(tmp_path), "--plot-only"]) == 0
     assert (tmp_path / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_missing_metrics_is_an_error(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode != 0 and "no metrics.jsonl" in done.stderr
+def test_missing_metrics_is_an_error(tmp_path, capsys):
+    returncode = main(["train", "--output", str(tmp_path), "--plot-only"])
+    assert returncode != 0 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_without_output_the_recipes_output_is_plotted(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(True)))
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"data": "unused.jsonl", "output": str(run)}))
+    assert main(["train", "--config", str(recipe), "--plot-only"]) == 0
+    assert (run / "training_curve.png").is_file()
