@@ -1,6 +1,11 @@
 """`--dtype auto`: the decode dtype chosen by timing this machine's matmul kernels, not by assuming.
 
-On a GPU, auto is bfloat16 where the device supports it. On a CPU it times the model's two matmul shapes
+On a GPU, auto is float32, measured on an H200 (docs/measurements/smollm2-135m-mtp-gpu): in bf16, exact
+`verify` needs the batch-invariant kernels (models/exact_kernels.py), which are CPU designs (one attention call
+per query) and made bf16 NTP 0.46x and a bf16 eval ~30x slower than float32 there, while float32 with stock
+kernels gave verify's output identical to greedy on 200/200 GSM8K dev problems for three models.
+`--dtype bfloat16` stays available (exact, slow on a GPU until GPU-native batch-invariant kernels exist).
+On a CPU it times the model's two matmul shapes
 that dominate a pass (hidden x intermediate, and the output head hidden x vocab) for 1 and 8 rows in
 float32 and in bfloat16. It takes bfloat16 where a pass of 8 tokens is clearly cheaper in it
 (BF16_MUST_SAVE_AT_8) and a pass of 1 is not clearly dearer (BF16_MAY_COST_AT_1): multi-token passes are
@@ -41,9 +46,8 @@ def choose_decode_dtype(config, device: str | torch.device = "cpu") -> DtypeChoi
     """The dtype `--dtype auto` decodes in on `device` for a model of this config (see the module docstring)."""
     device = torch.device(device)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return DtypeChoice("bfloat16", "GPU with bf16 support", {})
-        return DtypeChoice("float32", "GPU without bf16 support", {})
+        return DtypeChoice("float32", "GPU: float32 (exact bf16 needs batch-invariant kernels that are slow on a GPU; "
+                           "docs/measurements/smollm2-135m-mtp-gpu)", {})
     if device.type != "cpu":
         return DtypeChoice("float32", f"no probe for {device.type} devices: float32", {})
     hidden = config.hidden_size
