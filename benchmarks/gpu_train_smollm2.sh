@@ -4,6 +4,7 @@
 # dev problems (static:1, verify:8, ConfAdapt 0.9), and bench ntp against verify in float32 and bf16.
 #   benchmarks/gpu_train_smollm2.sh smoke OUT           # every CUDA code path on the tiny-gsm teacher (~1 min)
 #   benchmarks/gpu_train_smollm2.sh real OUT [SECONDS]  # the real model; SECONDS of training per run (default 180)
+#   benchmarks/gpu_train_smollm2.sh profile OUT         # torch.profiler over gated r64 steps of the real model (~2 min)
 # DEVICE=cpu runs the same stages on this machine (tests/test_gpu_train_script.py runs the smoke mode so); RUNS=DIR
 # moves the work folder (default runs/gpu26).
 # Needs selfmtp importable, GSM8K's train.jsonl (GSM8K=PATH, default ../shared/data/gsm8k/train.jsonl) and the
@@ -13,7 +14,7 @@
 # come back as bf16 safetensors in 15 MB parts (`cat r64.safetensors.part-* >r64.safetensors`).
 # Records: docs/measurements/smollm2-135m-mtp-gpu/.
 set -uo pipefail
-mode=${1:?usage: $0 smoke|real OUT [SECONDS]}; out=${2:?usage: $0 smoke|real OUT [SECONDS]}; secs=${3:-180}
+mode=${1:?usage: $0 smoke|real|profile OUT [SECONDS]}; out=${2:?usage: $0 smoke|real|profile OUT [SECONDS]}; secs=${3:-180}
 py=${PYTHON:-python3}; dev=${DEVICE:-cuda}; gsm8k=${GSM8K:-../shared/data/gsm8k/train.jsonl}; runs=${RUNS:-runs/gpu26}; logs=$runs/logs
 mkdir -p "$out" "$logs"
 pack() {  # everything small under runs/gpu26 (no weights, checkpoints or data) into OUT/results.tgz
@@ -52,6 +53,12 @@ if [ "$mode" = smoke ]; then
   exit 0
 fi
 
+if [ "$mode" = profile ]; then  # is a step bound by the GPU or by the host feeding it (0.6 s a step on an H200)?
+  stage profile 240 $py benchmarks/measure_train.py --config recipes/smollm2-135m-mtp-gated.json --model smollm2-135m \
+    --set device="$dev" dtype=bfloat16 batch_size=32 lora_rank=64 max_examples=512 --steps 6 --warm-up 2 \
+    --profile "$runs/profile.txt" --output "$runs/train-cost.json"
+  exit 0
+fi
 data=$runs/data; mkdir -p "$data"
 [ -f "$data/self-train.jsonl" ] || cp data/gsm8k-smollm2/self-train.jsonl "$data/"
 stage prepare 110 $py -m selfmtp prepare --source "$gsm8k" --output "$data" --self-answers 7173 --max-new-tokens 200 \

@@ -19,12 +19,15 @@ Cost: this thread's CPU time (`time.thread_time`, 1 torch thread: the kernels ru
 robust to other jobs on a shared machine; wall time too. Steps before --warm-up are not in the medians.
 Ratios and loss differences are to the first variant. --memory: for each setting, a fresh process runs
 --memory-steps steps of the first variant with it and reports its peak RSS (VmHWM; not ru_maxrss, which
-Linux keeps across exec).
+Linux keeps across exec). On a GPU every step ends with a device synchronisation, so wall time is the
+step's; --profile FILE writes torch.profiler's op tables for the timed steps (the GPU check's first question:
+is a step bound by the device or by the host that feeds it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 
 from selfmtp.evaluation.pass_cost_bench import cpu_info
-from selfmtp.files import write_json_atomic
+from selfmtp.files import write_json_atomic, write_text_atomic
 from selfmtp.training.config import config_from_sources, validate
 from selfmtp.training.step import step_rows, train_step
 from selfmtp.training.trainer import build_run
@@ -79,6 +82,8 @@ def ntp_step(run, step: int) -> dict:
 def step_once(name: str, run, step: int) -> dict:
     wall, cpu = time.perf_counter(), time.thread_time()
     stats = ntp_step(run, step) if name == "ntp" else train_step(run, step).summary()
+    if run.device.type == "cuda":  # kernels run asynchronously: the step ends when the device is done
+        torch.cuda.synchronize(run.device)
     row = {"step": step + 1, "loss": stats["loss"], "agreement_by_j": stats["agreement_by_j"],
            "supervised": stats["supervised"], "cpu_s": time.thread_time() - cpu, "wall_s": time.perf_counter() - wall}  # fmt: skip
     print(f"step {step + 1} {name}: loss {row['loss']:.4f} cpu {row['cpu_s']:.1f} s wall {row['wall_s']:.1f} s", flush=True)
@@ -91,10 +96,22 @@ def measure(args, variants: dict[str, dict]) -> dict[str, list[dict]]:
         runs = {name: make_run(args, overrides, Path(tmp) / f"targets-{i}.safetensors")
                 for i, (name, overrides) in enumerate(variants.items())}  # fmt: skip
         per_step = {name: [] for name in runs}
-        for step in range(args.steps):
-            for name, run in runs.items():
-                per_step[name].append(step_once(name, run, step))
+        with contextlib.ExitStack() as stack:
+            for step in range(args.steps):
+                if step == args.warm_up and args.profile:
+                    profiler = stack.enter_context(torch.profiler.profile(activities=profiler_activities()))
+                for name, run in runs.items():
+                    per_step[name].append(step_once(name, run, step))
+        if args.profile:  # where a step's time goes, by op: the host's share and the device's
+            tables = [profiler.key_averages().table(sort_by=f"self_{kind}_time_total", row_limit=30)
+                      for kind in ("cpu", "cuda")[: len(profiler_activities())]]  # fmt: skip
+            write_text_atomic(Path(args.profile), "\n\n".join(tables) + "\n")
     return per_step
+
+
+def profiler_activities() -> list:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    return activities + [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else activities
 
 
 def summarise(per_step: dict[str, list[dict]], args) -> dict:
@@ -136,6 +153,8 @@ def main() -> None:
     parser.add_argument("--memory", nargs="+", default=[], metavar="KEY=VALUE", help="peak RSS with each setting")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory process (default 2)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: this process measures one setting
+    parser.add_argument("--profile", metavar="FILE", help="torch.profiler over the steps after --warm-up: the ops "
+                        "by self CPU time (and CUDA time on a GPU), as text")  # fmt: skip
     parser.add_argument("--output", help="results JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
