@@ -150,8 +150,9 @@ def test_auto_dtype_is_a_measured_choice_recorded_on_the_model():
 
 def test_auto_dtype_on_a_gpu_is_float32_with_the_measured_reason():
     # No probe runs and no GPU is needed: the rule is fixed by the H200 record (bf16's exact kernels are slow there).
-    from selfmtp.models.decode_dtype import choose_decode_dtype
     from transformers import LlamaConfig
+
+    from selfmtp.models.decode_dtype import choose_decode_dtype
 
     choice = choose_decode_dtype(LlamaConfig(hidden_size=64, intermediate_size=128, vocab_size=100), "cuda")
     assert choice.dtype == "float32" and "smollm2-135m-mtp-gpu" in choice.reason and choice.timings_ms == {}
