@@ -1,6 +1,6 @@
 """What `verify`'s draft rule leaves on the table: tokens per pass counted offline from one teacher-forced
 pass per answer of a finished `selfmtp eval` run, under the real rule and under looser ones
-(`selfmtp eval ... --draft-headroom verify:K`; issue #26, pilot B).
+(`selfmtp eval ... --draft-headroom verify:K`; the draft-rule pilot of the third smollm2-135m-mtp attempt).
 
 One forward pass per answer (prompt + answer, in the eval's dtype and the decode's kernels) with a block
 of K-1 `<mtp>` masks after every position (the training layout, `training.layout.assemble_layout`, k = K
