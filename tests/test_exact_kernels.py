@@ -93,6 +93,24 @@ def test_rowwise_attention_is_attention():
     assert torch.equal(single, F.scaled_dot_product_attention(query[:, :, :1], key, value, scale=0.25, enable_gqa=True).transpose(1, 2))
 
 
+def test_rowwise_attention_of_bf16_tensors_is_float32_attention_cast_back():
+    """bf16 q/k/v: the output is float32 SDPA of the same (upcast) numbers, cast to bf16 (UPCAST_ATTENTION):
+    bit for bit, since it is the same call on the same numbers; bf16 SDPA itself would differ in the last bits."""
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 4, 3, 16, generator=generator).bfloat16()
+    key, value = torch.randn(1, 2, 9, 16, generator=generator).bfloat16(), torch.randn(1, 2, 9, 16, generator=generator).bfloat16()
+    module = nn.Module()
+    single, _ = rowwise_attention(module, query[:, :, :1], key, value, None, scaling=0.25)
+    reference = F.scaled_dot_product_attention(query[:, :, :1].float(), key.float(), value.float(), scale=0.25, enable_gqa=True)
+    assert single.dtype == torch.bfloat16
+    assert torch.equal(single, reference.transpose(1, 2).bfloat16())
+    mask = torch.ones(3, 9, dtype=torch.bool).tril(6)[None, None]
+    several, _ = rowwise_attention(module, query, key, value, mask, scaling=0.25)
+    last = F.scaled_dot_product_attention(query[:, :, 2:].float(), key.float(), value.float(), scale=0.25, enable_gqa=True)
+    assert several.dtype == torch.bfloat16
+    assert torch.equal(several[:, 2:], last.transpose(1, 2).bfloat16())  # the last query sees every key
+
+
 class _RowCountSensitive(nn.Linear):
     """A linear whose result changes with the number of rows it is given, outside `stable` (as CPU GEMMs may)."""
 

@@ -15,6 +15,7 @@ the pass (docs/measurements/decode-dtype-cpu has the kernel-level measurements):
   that row computed alone (padded to `min_rows`); `RowChunkedLinear` then computes any number of rows in
   pieces of at most `chunk` rows, padded to at least `min_rows`. Measured, not assumed: the answer depends
   on the CPU, the dtype and the thread count (here bf16 was invariant up to 16 rows, float32 only from 2 rows on).
+  Attention in a bf16 or fp16 model is computed in float32 (UPCAST_ATTENTION): cheaper per query, and more exact.
 
 `make_decoding_exact(model)` installs both and returns what it found (for logs and results files). Every
 row-wise operation of a Llama layer (norms, rotary, activations, residuals) is invariant as it is; the test
@@ -37,6 +38,11 @@ ROWWISE_ATTENTION = "selfmtp_rowwise"
 PROBE_MAX_ROWS = 64  # row counts probed per weight shape (a tree-verify pass of K=8 feeds up to ~72 tokens)
 MIN_ROWS_CANDIDATES = (1, 2, 4, 8)  # padding a 1-row input to 2 rows costs nothing where GEMV is not invariant
 USEFUL_CHUNK = 16  # a chunk this large covers every batch-1 verify pass in one call
+# Attention of bf16/fp16 models runs in float32 (q, k, v upcast, the output cast back): it computes one query
+# per call, and there torch's low-precision SDPA is the dear kernel. Measured on the AMD EPYC (avx512_bf16),
+# 1 thread, one query over 201 cached keys, 9 heads / 3 KV heads, head dim 64: bf16 188.6 us, float32 33.7 us
+# (docs/measurements/decode-dtype-amd-cpu). Exactness does not depend on it: every pass makes the same calls.
+UPCAST_ATTENTION = (torch.bfloat16, torch.float16)
 LINEAR_KINDS = (nn.Linear, Int8Linear)
 
 
@@ -50,10 +56,14 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """
     if dropout:
         raise ValueError("rowwise attention is for inference (dropout must be 0)")
+    out_dtype = query.dtype
+    if out_dtype in UPCAST_ATTENTION:  # bf16/fp16 SDPA of one query is the dear kernel (UPCAST_ATTENTION)
+        query, key, value = query.float(), key.float(), value.float()
     batch, heads, queries, _ = query.shape
     gqa = heads != key.shape[1]
     if queries == 1 and attention_mask is None:  # an NTP pass without pads: one query per row sees every key
-        return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa).transpose(1, 2), None
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).to(out_dtype), None
     if is_causal is None:  # as transformers' sdpa decides it: causal when no mask was built
         is_causal = queries > 1 and attention_mask is None and getattr(module, "is_causal", True)
     visible, counts, is_prefix = _layout(attention_mask, batch, queries, key.shape[2], query.device, is_causal)
@@ -69,7 +79,7 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, sc
                 k, v = key[b : b + 1].index_select(2, index), value[b : b + 1].index_select(2, index)
             q = query[b : b + 1, :, i : i + 1]
             out[b, i] = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)[0, :, 0]
-    return out, None
+    return out.to(out_dtype), None
 
 
 _last_layout: list = [None, None]  # (the mask, its layout): every layer of a pass gets the same mask object
