@@ -143,6 +143,35 @@ def test_probe_finds_the_row_counts_a_kernel_is_invariant_over_and_chunking_keep
         assert not torch.equal(layer(x), rows_alone)
 
 
+class _RareOneRowRounding(nn.Linear):
+    """A linear whose 1-row kernel rounds about 1 output in 40,000 to another value (as the AMD EPYC's bf16
+    GEMV of a 1536-wide down projection does against its GEMM: 1.4e-4 of outputs)."""
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.in_features)
+        out = torch.stack([self.weight @ row for row in flat]).view(*x.shape[:-1], self.out_features)  # per row
+        if flat.shape[0] > 1:
+            return out
+        other = (out.abs() * 2**20).long() % 40_000 == 0  # a fixed function of the value: deterministic, rare
+        return torch.where(other, out + 1e-3, out)
+
+
+@torch.inference_mode()
+def test_probe_sees_a_kernel_difference_in_one_output_of_forty_thousand():
+    # A probe of 16 rows compares 9,216 outputs of a 576-wide layer (0.23 differences expected here: missed),
+    # and verify's bf16 text parted from NTP's on 14 of 16 prompts on the AMD EPYC. PROBE_OUTPUTS (2^18)
+    # expects 6.6 and misses with probability e^-6.6 = 0.14%: the probe must pad 1-row inputs to 2.
+    torch.manual_seed(0)
+    layer = _RareOneRowRounding(8, 576, bias=False)
+    found = probe_linear_invariance(layer, max_rows=64)
+    assert found.min_rows == 2, found
+    x = torch.randn(4000, 8)
+    alone = torch.cat([layer(row) for row in x.split(1)])
+    assert not torch.equal(layer(x), alone)  # the premise: the difference is there to be found
+    chunked = RowChunkedLinear(layer, found)
+    assert torch.equal(chunked(x), torch.cat([chunked(row) for row in x.split(1)]))
+
+
 @torch.inference_mode()
 def test_int8_linear_is_the_per_channel_quantised_weight():
     torch.manual_seed(0)

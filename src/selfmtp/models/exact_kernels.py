@@ -15,6 +15,10 @@ the pass (docs/measurements/decode-dtype-cpu has the kernel-level measurements):
   that row computed alone (padded to `min_rows`); `RowChunkedLinear` then computes any number of rows in
   pieces of at most `chunk` rows, padded to at least `min_rows`. Measured, not assumed: the answer depends
   on the CPU, the dtype and the thread count (here bf16 was invariant up to 16 rows, float32 only from 2 rows on).
+  The probe compares enough outputs to see a rare difference: in bf16 the accumulators of two kernels differ
+  in their last float32 bits, and only about 1 output in 7,000 rounds to another bf16 value (the AMD EPYC's
+  1536-wide down projection, 1 row against 2 or more); a probe of 16 rows missed it, and verify's text parted
+  from NTP's on 14 of 16 prompts.
   Attention in a bf16 or fp16 model is computed in float32 (UPCAST_ATTENTION): cheaper per query, and more exact.
 
 `make_decoding_exact(model)` installs both and returns what it found (for logs and results files). Every
@@ -36,6 +40,11 @@ from selfmtp.models.linears import linear_layers, replace_linears
 
 ROWWISE_ATTENTION = "selfmtp_rowwise"
 PROBE_MAX_ROWS = 64  # row counts probed per weight shape (a tree-verify pass of K=8 feeds up to ~72 tokens)
+# Outputs compared per row count: a kernel pair that rounds 1 bf16 output in 7,000 differently (measured: AMD
+# EPYC, bf16, 1536 -> 576, 1 row against >= 2 rows, 1.4e-4 of 1.2M outputs) shows ~37 differences, missed
+# with probability e^-37. The sample is capped so that narrow layers stay cheap to probe.
+PROBE_OUTPUTS = 1 << 18
+PROBE_SAMPLE_ROWS_MAX = 512
 MIN_ROWS_CANDIDATES = (1, 2, 4, 8)  # padding a 1-row input to 2 rows costs nothing where GEMV is not invariant
 USEFUL_CHUNK = 16  # a chunk this large covers every batch-1 verify pass in one call
 # Attention of bf16/fp16 models runs in float32 (q, k, v upcast, the output cast back): it computes one query
@@ -178,22 +187,25 @@ def _padded_call(linear: nn.Module, rows: torch.Tensor, min_rows: int) -> torch.
 
 @torch.inference_mode()
 def probe_linear_invariance(linear: nn.Module, *, max_rows: int = PROBE_MAX_ROWS, seed: int = 0) -> RowInvariance:
-    """Run `linear` on 1..max_rows rows of a fixed random input and find where every row equals that row alone.
+    """Run `linear` on inputs of 1..max_rows rows of a fixed random sample and find where every row equals that row alone.
 
-    For each candidate `min_rows`, `chunk` is the largest n such that every row count from min_rows to n
-    gives each row bit for bit as the row alone (padded to min_rows with zeros) gives it. The first
-    candidate whose chunk reaches USEFUL_CHUNK wins, else the one with the largest chunk; a kernel that
-    is invariant nowhere gets (1, 1): every row computed alone (exact, and as slow as NTP per row)."""
+    The sample has enough rows for PROBE_OUTPUTS outputs (at least max_rows, at most PROBE_SAMPLE_ROWS_MAX).
+    For each candidate `min_rows`, `chunk` is the largest n such that for every row count from min_rows to n,
+    the sample fed in pieces of that many rows gives each row bit for bit as the row alone (padded to min_rows
+    with zeros) gives it. The first candidate whose chunk reaches USEFUL_CHUNK wins, else the one with the
+    largest chunk; a kernel that is invariant nowhere gets (1, 1): every row computed alone (exact, and as slow
+    as NTP per row)."""
     weight = linear.weight
+    sample_rows = min(max(max_rows, -(-PROBE_OUTPUTS // linear.out_features)), max(max_rows, PROBE_SAMPLE_ROWS_MAX))
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(max_rows, linear.in_features, generator=generator).to(weight.device, _activation_dtype(linear))
-    outputs = {n: linear(x[:n]) for n in range(1, max_rows + 1)}
+    x = torch.randn(sample_rows, linear.in_features, generator=generator).to(weight.device, _activation_dtype(linear))
     best = RowInvariance(1, 1)
     for min_rows in MIN_ROWS_CANDIDATES:
-        alone = torch.cat([_padded_call(linear, x[r : r + 1], min_rows) for r in range(max_rows)])
+        alone = torch.cat([_padded_call(linear, row, min_rows) for row in x.split(1)])
         chunk = 0
         for n in range(min_rows, max_rows + 1):
-            if not torch.equal(outputs[n], alone[:n]):
+            whole = sample_rows - sample_rows % n  # pieces of exactly n rows
+            if not torch.equal(torch.cat([linear(piece) for piece in x[:whole].split(n)]), alone[:whole]):
                 break
             chunk = n
         if chunk >= min(USEFUL_CHUNK, max_rows):
