@@ -81,9 +81,12 @@ def test_rowwise_attention_is_attention():
     key, value = torch.randn(2, 2, 12, 16, generator=generator), torch.randn(2, 2, 12, 16, generator=generator)
     causal = torch.ones(5, 12, dtype=torch.bool).tril(7)[None, None].expand(2, 1, 5, 12).clone()
     holes = causal.clone()
-    holes[1, 0, :, 2] = False  # a hole: not a prefix, gathered
+    holes[1, 0, :, 2] = False  # a hole: not a prefix, gathered once for the row (nested key sets)
+    branches = holes.clone()
+    branches[0, 0, 2, 6] = False  # query 2 skips a key query 3 sees (a tree's branch): gathered on its own
     module = nn.Module()
-    for mask, reference_mask in [(None, None), (holes, holes), (torch.where(holes, 0.0, -1e30), holes)]:
+    masks = [(None, None), (holes, holes), (torch.where(holes, 0.0, -1e30), holes), (branches, branches)]
+    for mask, reference_mask in masks:
         out, _ = rowwise_attention(module, query, key, value, mask, scaling=0.25)
         if reference_mask is None:  # a prefill without a mask is causal, as transformers' sdpa makes it
             reference_mask = torch.ones(5, 12, dtype=torch.bool).tril(7)

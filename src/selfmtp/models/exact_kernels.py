@@ -53,6 +53,7 @@ USEFUL_CHUNK = 16  # a chunk this large covers every batch-1 verify pass in one 
 # (docs/measurements/decode-dtype-amd-cpu). Exactness does not depend on it: every pass makes the same calls.
 UPCAST_ATTENTION = (torch.bfloat16, torch.float16)
 LINEAR_KINDS = (nn.Linear, Int8Linear)
+PREFIX, GATHERED_PREFIX, OWN_GATHER = 0, 1, 2  # where a query's keys come from (Layout.source)
 
 
 def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -75,27 +76,50 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         return out.transpose(1, 2).to(out_dtype), None
     if is_causal is None:  # as transformers' sdpa decides it: causal when no mask was built
         is_causal = queries > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    visible, counts, is_prefix = _layout(attention_mask, batch, queries, key.shape[2], query.device, is_causal)
+    layout = _layout(attention_mask, batch, queries, key.shape[2], query.device, is_causal)
     out = query.new_zeros(batch, queries, heads, value.shape[-1])
-    for b, (row_counts, row_prefix) in enumerate(zip(counts, is_prefix, strict=True)):
-        for i, (count, prefix) in enumerate(zip(row_counts, row_prefix, strict=True)):
+    for b, (row_counts, row_source) in enumerate(zip(layout.counts, layout.source, strict=True)):
+        row_keys = None  # the row's visible keys in order, gathered once for all its queries
+        for i, (count, where) in enumerate(zip(row_counts, row_source, strict=True)):
             if count == 0:  # a pad query that sees nothing: its output is never read
                 continue
-            if prefix:
+            if where == PREFIX:
                 k, v = key[b : b + 1, :, :count], value[b : b + 1, :, :count]
-            else:
-                index = visible[b, i].nonzero().squeeze(1)
+            elif where == GATHERED_PREFIX:
+                if row_keys is None:
+                    index = layout.order[b]
+                    row_keys = key[b : b + 1].index_select(2, index), value[b : b + 1].index_select(2, index)
+                k, v = row_keys[0][:, :, :count], row_keys[1][:, :, :count]
+            else:  # its keys are not the first of its row's visible keys (a tree's branches): its own gather
+                index = layout.visible[b, i].nonzero().squeeze(1)
                 k, v = key[b : b + 1].index_select(2, index), value[b : b + 1].index_select(2, index)
             q = query[b : b + 1, :, i : i + 1]
             out[b, i] = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)[0, :, 0]
     return out.to(out_dtype), None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which keys each query of a pass sees, worked out once per pass (every layer gets the same mask).
+
+    A query whose visible keys are keys[:count] reads a slice of the cache (PREFIX: every NTP pass at batch 1).
+    Otherwise (left pads, holes of rejected drafts) its row's visible keys are gathered once per layer, in order
+    (`order`), and a query that sees the first `count` of them reads a slice of that (GATHERED_PREFIX: a chain of
+    drafts sees nested key sets, so a verify row of 9 queries gathers once, not 9 times); only a query that sees
+    another subset gathers its own (OWN_GATHER). Each way hands SDPA the same numbers in the same order: what a one-token pass of
+    that query would attend over.
+    """
+
+    visible: torch.Tensor  # (B, Q, S) bool
+    counts: list  # [[int]]: keys each query sees
+    source: list  # [[PREFIX | GATHERED_PREFIX | OWN_GATHER]]
+    order: list  # [(U_b,) long tensor | None]: row b's visible keys in order, where a query reads a slice of them
+
+
 _last_layout: list = [None, None]  # (the mask, its layout): every layer of a pass gets the same mask object
 
 
-def _layout(mask, batch: int, queries: int, keys: int, device, is_causal):
-    """(visible (B, Q, S) bool, counts [[int]], is_prefix [[bool]]): worked out once per pass, not per layer."""
+def _layout(mask, batch: int, queries: int, keys: int, device, is_causal) -> Layout:
     key = (mask, batch, queries, keys, is_causal)
     cached_key, layout = _last_layout
     if cached_key is not None and cached_key[0] is mask and mask is not None and cached_key[1:] == key[1:]:
@@ -103,7 +127,18 @@ def _layout(mask, batch: int, queries: int, keys: int, device, is_causal):
     visible = _visible_keys(mask, batch, queries, keys, device, is_causal)
     counts = visible.sum(-1)
     is_prefix = visible.cumprod(-1).sum(-1) == counts  # the visible keys are keys[:count]
-    layout = (visible, counts.tolist(), is_prefix.tolist())
+    source = torch.where(is_prefix, PREFIX, OWN_GATHER)
+    order = [None] * batch
+    if not bool(is_prefix.all()):
+        union = visible.any(1)  # (B, S): keys some query of the row sees
+        # a stable sort puts each row's visible keys first, in their order
+        ranked = torch.sort((~union).to(torch.uint8), dim=1, stable=True).indices
+        in_order = visible.gather(2, ranked[:, None, :].expand(-1, queries, -1))
+        nested = in_order.cumprod(-1).sum(-1) == counts  # the query sees the first `count` of its row's keys
+        source = torch.where(is_prefix, PREFIX, torch.where(nested, GATHERED_PREFIX, OWN_GATHER))
+        widths = union.sum(-1).tolist()
+        order = [ranked[b, : widths[b]] if bool((source[b] == GATHERED_PREFIX).any()) else None for b in range(batch)]
+    layout = Layout(visible, counts.tolist(), source.tolist(), order)
     _last_layout[:] = [key, layout]  # holds the mask, so its identity cannot be reused while cached
     return layout
 
