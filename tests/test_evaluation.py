@@ -387,13 +387,23 @@ def test_sweep_reports_agreement_and_coherence_against_the_teacher(tiny_mtp, tmp
 def test_results_files_get_the_usual_mode_not_tempfiles_private_one(tmp_path):
     import os
 
+    import torch
+    from safetensors.torch import save_file
+
     from selfmtp.files import atomic_dir_write, current_umask, write_json_atomic
 
     write_json_atomic(tmp_path / "r.json", {"a": 1})
-    atomic_dir_write(tmp_path / "ckpt", lambda d: (d / "x").write_text("x"))
+    def write(directory):
+        (directory / "x").write_text("x")
+        (directory / "sub").mkdir()
+        save_file({"w": torch.zeros(2)}, str(directory / "sub" / "w.safetensors"))  # safetensors writes 0600
+
+    atomic_dir_write(tmp_path / "ckpt", write)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~current_umask()
-    assert os.listdir(tmp_path / "ckpt") == ["x"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["sub", "x"]
+    for name in ("x", "sub/w.safetensors"):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name
 
 
 def test_exact_rows_are_named_by_all_their_options():

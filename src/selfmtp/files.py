@@ -140,6 +140,7 @@ def atomic_dir_write(target: Path, write, *, keep_existing: bool = False) -> Non
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a checkpoint should get the usual mode
         write(tmp)
+        _usual_file_modes(tmp)
         if keep_existing and target.exists():
             shutil.rmtree(tmp, ignore_errors=True)
             return
@@ -155,6 +156,15 @@ def atomic_dir_write(target: Path, write, *, keep_existing: bool = False) -> Non
         shutil.rmtree(tmp, ignore_errors=True)
         recover_dir(target)
         raise
+
+
+def _usual_file_modes(directory: Path) -> None:
+    """Files a writer made private get the usual mode: safetensors' `save_file` writes 0600 (measured:
+    an exported gated_model.safetensors was unreadable to the group that shares the checkpoint)."""
+    mode = 0o666 & ~current_umask()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)
 
 
 def cache_dir() -> Path:
