@@ -62,8 +62,45 @@ def test_prepack_swaps_every_linear_and_keeps_the_state_dict_and_tied_head():
 
 
 def test_prepack_refuses_other_dtypes_with_one_clear_error():
-    with pytest.raises(SelfMTPError, match="CPU float32"):
-        load_model("tiny", seed=0, dtype="bfloat16", prepack=True)
+    with pytest.raises(SelfMTPError, match="float32 or bfloat16"):
+        load_model("tiny", seed=0, dtype="float16", prepack=True)
+
+
+# bf16 outputs have 8 mantissa bits: two kernels' float32 accumulators that differ in their last bits round
+# to bf16 values 1 ulp apart (2^-8 relative, ~4e-3 at size 1); 2e-2 absolute covers a few ulps of outputs of
+# size ~1-3, while a wrong weight, bias or row order moves outputs by O(0.1-1).
+BF16_ATOL = 2e-2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_bf16_prepacked_linear_matches_stock_bf16_for_every_row_count_one_included(rows):
+    linear = nn.Linear(64, 48).bfloat16().requires_grad_(False)
+    packed = PrepackedLinear(linear)
+    x = torch.randn(rows, 64).bfloat16()
+    with torch.inference_mode():
+        got, expected = packed(x), linear(x)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected.float(), atol=BF16_ATOL, rtol=0)
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    with pytest.MonkeyPatch.context() as patch:  # one row goes through the packed weight too (not F.linear)
+        patch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a))
+        with torch.inference_mode():
+            packed(x)
+    assert calls == [1]
+
+
+def test_bf16_on_a_cpu_is_packed_by_default_and_float32_is_not():
+    bf16, _ = load_model("tiny", seed=0, dtype="bfloat16", exact_kernels="auto")
+    float32, _ = load_model("tiny", seed=0)
+    stock, _ = load_model("tiny", seed=0, dtype="bfloat16", prepack=False)
+    assert bf16.selfmtp_decode["prepacked"] and not float32.selfmtp_decode["prepacked"]
+    assert not stock.selfmtp_decode["prepacked"]
+    # the batch-invariant kernels wrap (and probed) the packed layers: none is left unchunked
+    assert not any(type(m) in (nn.Linear, PrepackedLinear) and "inner" not in name
+                   for name, m in bf16.named_modules())  # fmt: skip
+    assert sum(type(m) is PrepackedLinear for m in bf16.modules()) == sum(type(m) is nn.Linear for m in stock.modules())
+    assert not any(type(m) is PrepackedLinear for model in (float32, stock) for m in model.modules())
 
 
 @pytest.mark.parametrize("head", [False, True])
@@ -102,3 +139,12 @@ def test_exact_decoding_on_a_prepacked_model_equals_its_static_1_and_the_stock_m
     assert [r.token_ids for r in packed.generate(prompts, strategy="static:1", **decode)] == reference
     assert [r.token_ids for r in packed.generate(prompts, strategy="verify:4", **decode)] == reference
     assert [r.token_ids for r in packed.generate(prompts, strategy="static:3", **decode)] != reference
+
+
+def test_a_linear_made_under_inference_mode_packs_and_runs():
+    # inference tensors have no version counter: packing must not read one (a model loaded in inference_mode)
+    with torch.inference_mode():
+        linear = nn.Linear(32, 16).bfloat16()
+        packed = PrepackedLinear(linear)
+        x = torch.randn(3, 32).bfloat16()
+        torch.testing.assert_close(packed(x).float(), linear(x).float(), atol=BF16_ATOL, rtol=0)

@@ -53,7 +53,7 @@ class BenchConfig:
     dtype: str = "auto"
     compare_dtypes: list[str] = field(default_factory=list)  # more dtypes whose ntp (and hf-generate) run beside
     device: str = "cpu"
-    prepack: bool = False  # CPU: oneDNN-packed linear weights for every engine on the loaded model (models/prepack.py)
+    prepack: bool | None = None  # CPU: oneDNN-packed linears (models/prepack.py; None: bf16 packed, float32 not)
     progress: bool = True
 
 

@@ -1,9 +1,9 @@
 """`selfmtp bench --pass-cost`: what one cached pass costs by the tokens it feeds, per decode variant.
 
 A pass: N new tokens on top of a cached PREFIX-token prefix, keeping logits for all N (as a verify pass
-does). Variants (VARIANTS): float32, float32 with `--prepack`, bfloat16 with stock kernels and with the
-batch-invariant kernels decoding runs (models/exact_kernels.py), int8 weight-only (models/int8.py) with
-and without them. One process holds every variant; each round times every (variant, tokens fed) once,
+does). Variants (VARIANTS): float32, float32 with `--prepack`, bfloat16 with oneDNN-packed linears (the
+default, models/prepack.py) and without, bfloat16 with the batch-invariant kernels decoding runs
+(models/exact_kernels.py), int8 weight-only (models/int8.py) with and without them. One process holds every variant; each round times every (variant, tokens fed) once,
 in turn, so a burst of load hits all alike; medians over rounds. On a CPU the output head's matmul is
 also timed alone per dtype (the kernel-level figure). Clocks (`pass_timer`): at 1 CPU thread the
 thread's CPU time (a shared machine's preemption is not charged, as `decoding.pass_cost.pass_clock`
@@ -32,7 +32,8 @@ PREFIX = 200
 VARIANTS = {  # name -> load_model keywords
     "float32": {"dtype": "float32"},
     "float32-prepack": {"dtype": "float32", "prepack": True},
-    "bfloat16": {"dtype": "bfloat16"},
+    "bfloat16": {"dtype": "bfloat16"},  # packed linears (the default on a CPU), stock attention
+    "bfloat16-unpacked": {"dtype": "bfloat16", "prepack": False},  # torch's stock bf16 calls
     "bfloat16-exact": {"dtype": "bfloat16", "exact_kernels": True},
     "int8": {"dtype": "int8"},
     "int8-exact": {"dtype": "int8", "exact_kernels": True},
@@ -81,6 +82,7 @@ def head_matmul_ms(hidden: int, vocab: int, rounds: int, timer) -> dict:
     kernels = {
         "float32": lambda x: F.linear(x, weight),
         "bfloat16": lambda x, w=weight.bfloat16(): F.linear(x.bfloat16(), w),
+        "bfloat16 packed": _packed_kernel(weight.bfloat16()),
         "int8": lambda x, s=scales.bfloat16(): torch.ops.aten._weight_int8pack_mm(x.bfloat16(), int8, s),
     }
     samples = {(name, m): [] for name in kernels for m in HEAD_ROWS}
@@ -92,6 +94,16 @@ def head_matmul_ms(hidden: int, vocab: int, rounds: int, timer) -> dict:
             kernels[name](x[:m])
             times.append(timer() - started)
     return {f"{name} {m}": round(1000 * statistics.median(t), 2) for (name, m), t in samples.items()}
+
+
+def _packed_kernel(weight: torch.Tensor):
+    """The head as `PrepackedLinear` computes it (what bf16 decoding runs on a CPU with oneDNN)."""
+    from selfmtp.models.prepack import PrepackedLinear, prepack_available
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype).requires_grad_(False)
+    linear.weight.copy_(weight)
+    linear = PrepackedLinear(linear) if prepack_available() else linear
+    return lambda x: linear(x.to(weight.dtype))
 
 
 def cpu_info() -> dict:

@@ -46,7 +46,7 @@ class SweepConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
-    prepack: bool = False  # CPU: oneDNN-packed linear weights (models/prepack.py); like device, float noise only
+    prepack: bool | None = None  # CPU: oneDNN-packed linears (models/prepack.py; None: bf16 only); float noise only
     coherence: bool = False  # also score every strategy's text with the teacher (evaluation/reference.py)
 
     def validate(self) -> None:

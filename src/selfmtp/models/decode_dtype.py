@@ -13,7 +13,9 @@ what this project's strategies run, and NTP must not pay much for them. Measured
 decode-dtype-cpu): on an AMD EPYC with AVX512-BF16, bf16 matmuls were 0.78x float32's at 1 row and 0.30x
 at 8; on an Intel Xeon with AMX, 0.96x and 0.29x (float32's 1-row GEMV is fast there, so bf16 NTP is no
 faster, but 8-token passes cost 1.1x a 1-token pass instead of 2.2x); without native bf16 the kernels are
-emulated and slower than float32. The choice and its timings are printed and recorded in results.
+emulated and slower than float32. bf16 is timed as it decodes: with oneDNN-packed weights where this torch
+has them (models/prepack.py; packing is the default for bf16 on a CPU). The choice and its timings are printed
+and recorded in results.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from selfmtp.errors import SelfMTPError
+from selfmtp.models.prepack import PrepackedLinear, prepack_available, prepack_linears
 
 BF16_MUST_SAVE_AT_8 = 0.7  # bf16 8-row matmuls must cost at most this fraction of float32's
 BF16_MAY_COST_AT_1 = 1.15  # and 1-row ones at most this multiple (noise on a shared machine is ~10%)
@@ -55,10 +58,12 @@ def choose_decode_dtype(config, device: str | torch.device = "cpu") -> DtypeChoi
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
         for name, (k, n) in shapes.items():
-            weight = torch.randn(n, k).to(dtype)
+            linear = nn.Linear(k, n, bias=False).to(dtype).requires_grad_(False)
+            if dtype == torch.bfloat16 and prepack_available():
+                linear = PrepackedLinear(linear)  # what bf16 decoding runs (to_decode_dtype's default)
             for rows in (1, 8):
                 x = torch.randn(rows, k).to(dtype)
-                timings[f"{str(dtype).removeprefix('torch.')} {name} {rows} row{'s' * (rows > 1)}"] = _median_ms(weight, x)
+                timings[f"{str(dtype).removeprefix('torch.')} {name} {rows} row{'s' * (rows > 1)}"] = _median_ms(linear, x)
     ratios = [sum(timings[f"bfloat16 {s} {r}"] for s in shapes) / sum(timings[f"float32 {s} {r}"] for s in shapes)
               for r in ("1 row", "8 rows")]  # fmt: skip
     verdict = "bfloat16" if ratios[0] <= BF16_MAY_COST_AT_1 and ratios[1] <= BF16_MUST_SAVE_AT_8 else "float32"
@@ -67,13 +72,13 @@ def choose_decode_dtype(config, device: str | torch.device = "cpu") -> DtypeChoi
     return DtypeChoice(verdict, reason, {key: round(ms, 3) for key, ms in timings.items()})
 
 
-def _median_ms(weight: torch.Tensor, x: torch.Tensor) -> float:
+def _median_ms(linear: nn.Module, x: torch.Tensor) -> float:
     with torch.inference_mode():
-        F.linear(x, weight)  # warm-up: the first call may pack or allocate
+        linear(x)  # warm-up: the first call may allocate
         times = []
         for _ in range(TIMED_CALLS):
             started = time.perf_counter()
-            F.linear(x, weight)
+            linear(x)
             times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 
@@ -87,9 +92,11 @@ def check_dtype_name(dtype: str | torch.dtype) -> None:
         raise SelfMTPError(f"unknown dtype {dtype!r} (use one of {', '.join(DECODE_DTYPES)})")
 
 
-def to_decode_dtype(model, dtype: str | torch.dtype, *, device, prepack: bool = False, exact_kernels: bool | str = False):
+def to_decode_dtype(model, dtype: str | torch.dtype, *, device, prepack: bool | None = None,
+                    exact_kernels: bool | str = False):  # fmt: skip
     """`model` (float32, just loaded) in `dtype` on `device`, in eval mode: "auto" resolved here, int8 linears
-    swapped in, prepacked (float32), batch-invariant kernels installed ("auto": in every dtype but float32).
+    swapped in, linears prepacked (None: bf16 on a CPU with oneDNN, see models/prepack.py; True: also
+    float32; False: never), batch-invariant kernels installed ("auto": in every dtype but float32).
     What was chosen is recorded as `model.selfmtp_decode`."""
     if isinstance(dtype, torch.dtype):
         decode = {"dtype": str(dtype).removeprefix("torch.")}
@@ -104,10 +111,11 @@ def to_decode_dtype(model, dtype: str | torch.dtype, *, device, prepack: bool = 
         from selfmtp.models.int8 import quantize_linears
 
         quantize_linears(model)
+    if prepack is None:
+        prepack = torch.device(device).type == "cpu" and decode["dtype"] == "bfloat16" and prepack_available()
     if prepack:
-        from selfmtp.models.prepack import prepack_linears
-
         prepack_linears(model)
+    decode["prepacked"] = bool(prepack)
     if exact_kernels == "auto":
         exact_kernels = decode["dtype"] != "float32"
     if exact_kernels:

@@ -37,6 +37,7 @@ from torch import nn
 
 from selfmtp.models.int8 import Int8Linear
 from selfmtp.models.linears import linear_layers, replace_linears
+from selfmtp.models.prepack import PrepackedLinear
 
 ROWWISE_ATTENTION = "selfmtp_rowwise"
 PROBE_MAX_ROWS = 64  # row counts probed per weight shape (a tree-verify pass of K=8 feeds up to ~72 tokens)
@@ -52,7 +53,7 @@ USEFUL_CHUNK = 16  # a chunk this large covers every batch-1 verify pass in one 
 # 1 thread, one query over 201 cached keys, 9 heads / 3 KV heads, head dim 64: bf16 188.6 us, float32 33.7 us
 # (docs/measurements/decode-dtype-amd-cpu). Exactness does not depend on it: every pass makes the same calls.
 UPCAST_ATTENTION = (torch.bfloat16, torch.float16)
-LINEAR_KINDS = (nn.Linear, Int8Linear)
+LINEAR_KINDS = (nn.Linear, Int8Linear, PrepackedLinear)
 PREFIX, GATHERED_PREFIX, OWN_GATHER = 0, 1, 2  # where a query's keys come from (Layout.source)
 
 

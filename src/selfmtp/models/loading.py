@@ -111,14 +111,15 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     add_mtp: bool = True,
-    prepack: bool = False,
+    prepack: bool | None = None,
     exact_kernels: bool | str = False,
 ):
     """Resolve `spec`, load (model, tokenizer), and by default make sure `<mtp>` is in both.
 
     The model is returned in eval mode on `device`. `seed` makes `tiny` weights and the new
-    `<mtp>` rows deterministic. `prepack`: CPU float32 inference with oneDNN-packed linear
-    weights (models/prepack.py: cheaper multi-token passes on a CPU). `dtype`: also "auto" (bf16 where
+    `<mtp>` rows deterministic. `prepack`: CPU inference with oneDNN-packed linear weights
+    (models/prepack.py): None packs bf16 (same numbers, far cheaper), True also float32 (cheaper
+    multi-token passes, dearer 1-token ones), False never. `dtype`: also "auto" (bf16 where
     this machine's kernels make it pay, models/decode_dtype.py) and "int8" (weight-only, models/int8.py).
     `exact_kernels`: batch-invariant attention and linears for decoding (models/exact_kernels.py), so a
     token's logits do not depend on the pass that computes it; "auto": in every dtype but float32 (whose
@@ -127,8 +128,6 @@ def load_model(
     """
     resolved = parse_model_spec(spec)
     check_dtype_name(dtype)
-    if prepack and dtype == "auto":
-        dtype = "float32"  # prepacked oneDNN weights are a float32 path
     if resolved.kind == "tiny":
         model, tokenizer = _build_tiny(resolved.options, seed=seed, attn_implementation=attn_implementation)
     elif resolved.kind == "gguf":
