@@ -57,3 +57,19 @@ def test_eval_no_progress_draws_no_bar(library_bars, tmp_path, capsys):
     assert "1/1" in capsys.readouterr().err  # the strategy's bar (a plain line: stderr is no terminal here)
     assert main([*argv, "--output", str(tmp_path / "b"), "--no-progress"]) == 0
     assert capsys.readouterr().err == "" and library_bars() == (False, False)
+
+
+def test_no_progress_also_silences_the_gguf_conversion_bar(library_bars):
+    # transformers draws the GGUF conversion bar with tqdm.auto directly, past its own progress switch
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from selfmtp.models.loading import gguf_conversion_bar_follows_transformers
+
+    original = gguf_utils.tqdm
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        with gguf_conversion_bar_follows_transformers():
+            bar = gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")
+            assert bar.disable is not enabled
+            bar.close()
+        assert gguf_utils.tqdm is original

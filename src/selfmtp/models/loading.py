@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 from selfmtp.errors import SelfMTPError
 from selfmtp.files import atomic_dir_write, cache_dir, recover_dir
@@ -241,12 +243,29 @@ def converted_gguf_dir(path: Path) -> Path:
     if (target / "config.json").exists():
         return target
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        with gguf_conversion_bar_follows_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
         raise SelfMTPError(f"could not load GGUF {path}: {_first_line(exc)}") from exc
     save_checkpoint(model, tokenizer, target, keep_existing=True)  # a cache entry
     return target
+
+
+@contextmanager
+def gguf_conversion_bar_follows_transformers():
+    """transformers' GGUF conversion draws its bar with `tqdm.auto` directly, past its own progress-bar switch
+    (which `--no-progress` turns off): for the duration, that bar is disabled when the switch is off."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None and not hf_logging.is_progress_bar_enabled():
+        gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def smollm2_gguf_path() -> Path:
