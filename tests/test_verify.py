@@ -330,6 +330,35 @@ def test_bf16_rows_joining_a_running_batch_decode_exactly_as_alone(student_dir):
     assert [row.token_ids for row in rows] == alone
 
 
+def test_bf16_lossy_passes_attend_in_one_call_a_layer_and_exact_rows_beside_them_stay_exact(student_dir, monkeypatch):
+    """A pass of ConfAdapt rows only needs no batch invariance: one attention call per layer (not one per query).
+    A pass with an exact row in it keeps the per-query attention, and that row still gives its greedy tokens."""
+    from selfmtp.evaluation.tasks import load_task
+
+    mtp = MTPModel.from_pretrained(student_dir, dtype="bfloat16")
+    task = load_task("tiny-gsm", limit=2)
+    prompts = [mtp.encode(task.prompt(item, mtp.tokenizer), chat=False) for item in task.items]
+    layers = mtp.model.config.num_hidden_layers
+    queries = []  # the query count of every SDPA call
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: queries.append(q.shape[2]) or sdpa(q, *a, **kw))  # fmt: skip
+    decoder = BatchDecoder(mtp.model, tokenizer=mtp.tokenizer)
+    decoder.add(prompts[0], parse_strategy("confadapt:0.9:4"), max_new_tokens=40)
+    decoder.step()  # the prompt's pass (and its masks): one call a layer as well
+    assert queries == [len(prompts[0]) + 3] * layers
+    queries.clear()
+    decoder.step()
+    assert queries == [4] * layers  # the last token and 3 masks, one call a layer
+    exact = decoder.add(prompts[1], with_model_defaults(parse_strategy("verify:4"), mtp.model), max_new_tokens=24)
+    queries.clear()
+    decoder.step()
+    assert len(queries) > 2 * layers and set(queries) == {1}  # an exact row in the pass: one call per query
+    while not exact.finished:
+        decoder.step()
+    assert exact.token_ids == greedy(mtp, [prompts[1]], 24)[0].token_ids
+
+
 def test_tree_accepts_at_least_as_much_as_merged(student, gsm_prompts):
     merged = decode(student, gsm_prompts, "verify:4", 60)
     tree = decode(student, gsm_prompts, "verify:4:tree", 60)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ from selfmtp.decoding.rows import (
 from selfmtp.decoding.strategies import Strategy, Verify, with_model_defaults
 from selfmtp.decoding.verify import ExactRow
 from selfmtp.errors import SelfMTPError
+from selfmtp.models.exact_kernels import lossy_attention
 
 COMPACT_AT_LEAST = 64  # dead cache columns worth a copy of the cache to drop
 
@@ -216,14 +218,17 @@ class BatchDecoder:
         input_ids, position_ids, fed, within = pass_layout(plans, self.real_count, self.pad_token_id, self.mask_id)
         mask_width = max(plan.masks for plan in plans)
         keep = max(plan.drafts for plan in plans) + 1 + mask_width  # logits: the checks and the masks
-        logits = self.model(
-            input_ids=input_ids.to(self.model.device),
-            position_ids=position_ids,
-            attention_mask=attention_mask(self.key_is_real, fed, within),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        ).logits
+        # exact rows and NTP rows (verify's reference) keep the batch-invariant attention; lossy mask rows need none
+        lossy = all(row.exact is None and row.strategy.k_max > 1 for row in rows)
+        with lossy_attention(self.model) if lossy else nullcontext():
+            logits = self.model(
+                input_ids=input_ids.to(self.model.device),
+                position_ids=position_ids,
+                attention_mask=attention_mask(self.key_is_real, fed, within),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            ).logits
         confidences, proposals = greedy_readout(logits, self.mask_id)
         real_end = keep - mask_width  # index in the logits of the column after every row's real tokens
         now = time.perf_counter()

@@ -21,6 +21,10 @@ the pass (docs/measurements/decode-dtype-cpu has the kernel-level measurements):
   from NTP's on 14 of 16 prompts.
   Attention in a bf16 or fp16 model is computed in float32 (UPCAST_ATTENTION): cheaper per query, and more exact.
 
+Lossy multi-token strategies (ConfAdapt, static:K > 1) promise no identity with NTP, so a pass that only their
+rows make needs no batch invariance: `lossy_attention(model)` gives it one (upcast) SDPA call per layer instead
+of one per query (at 9 queries and 200 keys: 131 us against 523; batched_attention_probe.txt).
+
 `make_decoding_exact(model)` installs both and returns what it found (for logs and results files). Every
 row-wise operation of a Llama layer (norms, rotary, activations, residuals) is invariant as it is; the test
 suite checks the whole model: cached logits of a multi-token pass == the same tokens fed one by one.
@@ -40,6 +44,7 @@ from selfmtp.models.linears import linear_layers, replace_linears
 from selfmtp.models.prepack import PrepackedLinear
 
 ROWWISE_ATTENTION = "selfmtp_rowwise"
+BATCHED_ATTENTION = "selfmtp_batched"  # one upcast SDPA call per layer: for passes of lossy rows only
 PROBE_MAX_ROWS = 64  # row counts probed per weight shape (a tree-verify pass of K=8 feeds up to ~72 tokens)
 # Outputs compared per row count: a kernel pair that rounds 1 bf16 output in 7,000 differently (measured: AMD
 # EPYC, bf16, 1536 -> 576, 1 row against >= 2 rows, 1.4e-4 of 1.2M outputs) shows ~37 differences, missed
@@ -158,6 +163,32 @@ def _visible_keys(mask, batch: int, queries: int, keys: int, device, is_causal) 
     return mask[:, 0].expand(batch, queries, keys)
 
 
+def batched_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA, computed in float32 for bf16/fp16 models (UPCAST_ATTENTION): one call for all queries.
+    Not batch-invariant (a query's output depends on the others in the call): for lossy passes only."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out_dtype = query.dtype
+    if out_dtype in UPCAST_ATTENTION:
+        query, key, value = query.float(), key.float(), value.float()
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return out.to(out_dtype), weights
+
+
+@contextmanager
+def lossy_attention(model: nn.Module):
+    """For the duration, a model with the rowwise attention runs `batched_attention` (others are left as they are):
+    for a pass whose every row decodes lossily with masks (module docstring)."""
+    config = model.config
+    original = config._attn_implementation
+    if original == ROWWISE_ATTENTION:
+        config._attn_implementation = BATCHED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
+
+
 @contextmanager
 def stock_attention(model: nn.Module):
     """transformers' own SDPA for the duration (a baseline such as `generate` measured as users run it)."""
@@ -174,8 +205,9 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(ROWWISE_ATTENTION, rowwise_attention)
-    AttentionMaskInterface.register(ROWWISE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # boolean 4D masks
+    for name, attention in ((ROWWISE_ATTENTION, rowwise_attention), (BATCHED_ATTENTION, batched_attention)):
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # boolean 4D masks
 
 
 # ---------------------------------------------------------------------------------------------
