@@ -3,9 +3,10 @@
 A pass: N new tokens on top of a cached PREFIX-token prefix, keeping logits for all N (as a verify pass
 does). Variants (VARIANTS): float32, float32 with `--prepack`, bfloat16 with oneDNN-packed linears (the
 default, models/prepack.py) and without, bfloat16 with the batch-invariant kernels decoding runs
-(models/exact_kernels.py), int8 weight-only (models/int8.py) with and without them. One process holds every variant; each round times every (variant, tokens fed) once,
-in turn, so a burst of load hits all alike; medians over rounds. On a CPU the output head's matmul is
-also timed alone per dtype (the kernel-level figure). Clocks (`pass_timer`): at 1 CPU thread the
+(models/exact_kernels.py), int8 weight-only (models/int8.py) with and without them. One process holds
+every variant; each round times every (variant, tokens fed) once, in turn, so a burst of load hits all
+alike; medians over rounds. On a CPU the output head's matmul is also timed alone per dtype (the
+kernel-level figure). Clocks (`pass_timer`): at 1 CPU thread the
 thread's CPU time (a shared machine's preemption is not charged, as `decoding.pass_cost.pass_clock`
 does), at more threads wall time (CPU time would add the threads up), on a GPU wall time after a
 synchronize. The CPU's model name and flags go into the results. Records: docs/measurements/decode-dtype-cpu.

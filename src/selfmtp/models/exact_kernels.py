@@ -176,29 +176,26 @@ def batched_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 @contextmanager
-def lossy_attention(model: nn.Module):
-    """For the duration, a model with the rowwise attention runs `batched_attention` (others are left as they are):
-    for a pass whose every row decodes lossily with masks (module docstring)."""
+def _instead_of_rowwise(model: nn.Module, implementation: str):
+    """For the duration, a model with the rowwise attention runs `implementation` (others are left as they are)."""
     config = model.config
     original = config._attn_implementation
     if original == ROWWISE_ATTENTION:
-        config._attn_implementation = BATCHED_ATTENTION
+        config._attn_implementation = implementation
     try:
         yield
     finally:
         config._attn_implementation = original
 
 
-@contextmanager
+def lossy_attention(model: nn.Module):
+    """`batched_attention` for the duration: for a pass whose every row decodes lossily with masks (module docstring)."""
+    return _instead_of_rowwise(model, BATCHED_ATTENTION)
+
+
 def stock_attention(model: nn.Module):
     """transformers' own SDPA for the duration (a baseline such as `generate` measured as users run it)."""
-    config = model.config
-    original = config._attn_implementation
-    config._attn_implementation = "sdpa" if original == ROWWISE_ATTENTION else original
-    try:
-        yield
-    finally:
-        config._attn_implementation = original
+    return _instead_of_rowwise(model, "sdpa")
 
 
 def _register() -> None:
