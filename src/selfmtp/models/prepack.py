@@ -55,14 +55,14 @@ class PrepackedLinear(nn.Module):
 
     def _pack(self) -> None:
         self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-        self._packed_version = _version(self.weight)
+        self._packed_version = weight_version(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         gemv = rows <= 1 and self.weight.dtype == torch.float32  # float32's 1-row MKL GEMV beats oneDNN
         if gemv or rows == 0 or (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        if _version(self.weight) != self._packed_version:
+        if weight_version(self.weight) != self._packed_version:
             self._pack()
         bias = None if self.bias is None else self.bias.detach()
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self._packed, bias, "none", [], "")
@@ -72,7 +72,7 @@ class PrepackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, prepacked"
 
 
-def _version(weight: torch.Tensor) -> int | None:
+def weight_version(weight: torch.Tensor) -> int | None:
     """The weight's in-place version counter; None for a tensor made under inference_mode, which has none."""
     return None if weight.is_inference() else weight._version
 
