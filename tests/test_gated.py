@@ -449,7 +449,7 @@ def test_smollm2_mtp_alias_names_a_packaged_gated_dir_on_the_smollm2_base():
     assert parse_model_spec("smollm2-135m-mtp").kind == "alias"
     path = ALIASES["smollm2-135m-mtp"]()
     assert is_gated_dir(path) and base_spec(path) == "smollm2-135m"
-    assert (path / GATED_WEIGHTS).stat().st_size < 20e6  # committed to git: bf16 LoRA deltas only
+    assert (path / GATED_WEIGHTS).stat().st_size < 45e6  # committed to git: bf16 LoRA r64 deltas only (39 MB)
 
 
 def test_a_run_continues_from_a_saved_gated_directory(data, tmp_path):

@@ -6,7 +6,7 @@ ConfAdapt tau=0.9. For a gated model (the shipped one), static k=1 IS the origin
 decoding: real tokens never see the deltas (models/gated.py). So `verify:8` must reproduce it token
 for token, and ConfAdapt's answers are compared with it. The figures are the real model's targets
 (README), reported and never asserted; a handful of prompts only shows the direction (docs/measurements/
-smollm2-135m-mtp-cpu has the dev-split evaluation).
+smollm2-135m-mtp-v3-cpu has the dev-split evaluation).
 """
 
 from __future__ import annotations

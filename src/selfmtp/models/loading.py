@@ -309,8 +309,8 @@ def tiny_gsm_teacher_dir() -> Path:
 
 
 def smollm2_mtp_dir() -> Path:
-    """SmolLM2-135M-Instruct with gated MTP weights trained by this project on a CPU (recipe and curve:
-    docs/measurements/smollm2-135m-mtp-cpu/); at real tokens it computes exactly `smollm2-135m`."""
+    """SmolLM2-135M-Instruct with gated MTP weights (LoRA r64) trained by this project on an H200, then a CPU (lineage:
+    its recipe.json; curve: docs/measurements/smollm2-135m-mtp-v3-cpu/); at real tokens exactly `smollm2-135m`."""
     path = Path(__file__).parents[1] / "assets" / "smollm2-135m-mtp"
     if not (path / "selfmtp.json").exists():
         raise SelfMTPError(f"the packaged smollm2-135m-mtp weights are missing at {path}: reinstall selfmtp")
