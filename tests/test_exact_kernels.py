@@ -21,6 +21,7 @@ from selfmtp.models.exact_kernels import (
     ROWWISE_ATTENTION,
     RowChunkedLinear,
     RowInvariance,
+    lossy_tail,
     probe_linear_invariance,
     rowwise_attention,
 )
@@ -112,6 +113,40 @@ def test_rowwise_attention_of_bf16_tensors_is_float32_attention_cast_back():
     last = F.scaled_dot_product_attention(query[:, :, 2:].float(), key.float(), value.float(), scale=0.25, enable_gqa=True)
     assert several.dtype == torch.bfloat16
     assert torch.equal(several[:, 2:], last.transpose(1, 2).bfloat16())  # the last query sees every key
+
+
+def test_a_lossy_tail_is_one_attention_call_and_leaves_every_query_before_it_bit_for_bit(monkeypatch):
+    """verify's `<mtp>` masks sit at the end of every row and only draft (no real token attends to them): under
+    `lossy_tail(model, n)` the last n queries are one SDPA call, every other query is the one-query call it
+    was. The tail is another computation (float32 here: 1e-5 on outputs of size ~1); a tail query that sees no
+    key (a pad) would be NaN in one call, so then the whole pass stays per query."""
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(2, 4, 6, 16, generator=generator).bfloat16()
+    key, value = torch.randn(2, 2, 13, 16, generator=generator).bfloat16(), torch.randn(2, 2, 13, 16, generator=generator).bfloat16()
+    mask = torch.ones(6, 13, dtype=torch.bool).tril(7)[None, None].expand(2, 1, 6, 13).clone()
+    mask[1, 0, :, 3] = False  # a hole in row 1
+    model = nn.Module()
+    model.config = type("Config", (), {})()
+    module = nn.Module()
+    module.config = model.config  # the attention module shares its model's config, as in transformers
+    per_query, _ = rowwise_attention(module, query, key, value, mask, scaling=0.25)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
+    with lossy_tail(model, 3):
+        tailed, _ = rowwise_attention(module, query, key, value, mask, scaling=0.25)
+    assert sorted(calls) == [1] * 6 + [3]  # 3 real queries in each of 2 rows, one call for both rows' masks
+    assert torch.equal(tailed[:, :3], per_query[:, :3])
+    torch.testing.assert_close(tailed.float(), per_query.float(), rtol=0, atol=1e-2)  # bf16 outputs: 1/128 of ~1
+    calls.clear()
+    rowwise_attention(module, query, key, value, mask, scaling=0.25)
+    assert calls == [1] * 12  # the tail ends with the context
+    blind = mask.clone()
+    blind[0, 0, 5] = False  # a pad query that sees nothing
+    calls.clear()
+    with lossy_tail(model, 3):
+        out, _ = rowwise_attention(module, query, key, value, blind, scaling=0.25)
+    assert calls == [1] * 11 and not out.float().isnan().any()
 
 
 class _RowCountSensitive(nn.Linear):

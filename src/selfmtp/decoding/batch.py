@@ -42,7 +42,7 @@ from selfmtp.decoding.rows import (
 from selfmtp.decoding.strategies import Strategy, Verify, with_model_defaults
 from selfmtp.decoding.verify import ExactRow
 from selfmtp.errors import SelfMTPError
-from selfmtp.models.exact_kernels import lossy_attention
+from selfmtp.models.exact_kernels import lossy_attention, lossy_tail
 
 COMPACT_AT_LEAST = 64  # dead cache columns worth a copy of the cache to drop
 
@@ -220,7 +220,11 @@ class BatchDecoder:
         keep = max(plan.drafts for plan in plans) + 1 + mask_width  # logits: the checks and the masks
         # exact rows and NTP rows (verify's reference) keep the batch-invariant attention; lossy mask rows need none
         lossy = all(row.exact is None and row.strategy.k_max > 1 for row in rows)
-        with lossy_attention(self.model) if lossy else nullcontext():
+        if lossy:
+            attention = lossy_attention(self.model)
+        else:  # the masks at the end of every row only draft: their attention needs no invariance
+            attention = lossy_tail(self.model, mask_width) if mask_width else nullcontext()
+        with attention:
             logits = self.model(
                 input_ids=input_ids.to(self.model.device),
                 position_ids=position_ids,

@@ -23,7 +23,10 @@ the pass (docs/measurements/decode-dtype-cpu has the kernel-level measurements):
 
 Lossy multi-token strategies (ConfAdapt, static:K > 1) promise no identity with NTP, so a pass that only their
 rows make needs no batch invariance: `lossy_attention(model)` gives it one (upcast) SDPA call per layer instead
-of one per query (at 9 queries and 200 keys: 131 us against 523; batched_attention_probe.txt).
+of one per query (at 9 queries and 200 keys: 131 us against 523; batched_attention_probe.txt). In an exact
+pass the `<mtp>` masks at the end of every row only draft and no real token attends to them, so
+`lossy_tail(model, n)` gives those n queries one call a layer beside the real tokens' one-query calls
+(measured: a verify:8 pass at batch 16, 404 -> 320 ms; mask-tail-attention/).
 
 `make_decoding_exact(model)` installs both and returns what it found (for logs and results files). Every
 row-wise operation of a Llama layer (norms, rotary, activations, residuals) is invariant as it is; the test
@@ -84,9 +87,14 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         is_causal = queries > 1 and attention_mask is None and getattr(module, "is_causal", True)
     layout = _layout(attention_mask, batch, queries, key.shape[2], query.device, is_causal)
     out = query.new_zeros(batch, queries, heads, value.shape[-1])
+    exact = queries - _lossy_tail_of(module, layout, queries)
+    if exact < queries:  # the mask rows' outputs are drafts only: one call for all of them, not one per query
+        tail = F.scaled_dot_product_attention(query[:, :, exact:], key, value, attn_mask=layout.visible[:, None, exact:],
+                                              scale=scaling, enable_gqa=gqa)  # fmt: skip
+        out[:, exact:] = tail.transpose(1, 2)
     for b, (row_counts, row_source) in enumerate(zip(layout.counts, layout.source, strict=True)):
         row_keys = None  # the row's visible keys in order, gathered once for all its queries
-        for i, (count, where) in enumerate(zip(row_counts, row_source, strict=True)):
+        for i, (count, where) in enumerate(zip(row_counts[:exact], row_source[:exact], strict=True)):
             if count == 0:  # a pad query that sees nothing: its output is never read
                 continue
             if where == PREFIX:
@@ -102,6 +110,35 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             q = query[b : b + 1, :, i : i + 1]
             out[b, i] = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)[0, :, 0]
     return out.to(out_dtype), None
+
+
+_lossy_tails: dict[int, int] = {}  # id(config) -> how many last queries of every pass are lossy (lossy_tail)
+
+
+@contextmanager
+def lossy_tail(model: nn.Module, queries: int):
+    """For the duration, the last `queries` queries of every pass of `model` are `<mtp>` mask rows, whose
+    outputs are drafts only: rowwise attention computes them in one batched call (not batch-invariant) and
+    keeps the one-query call for every query before them. No real token attends to a mask (pass_layout), so
+    every real row's output, and with it what verify accepts, is bit for bit unchanged; the masks' drafts may
+    differ in their last bits, as a ConfAdapt pass's do. Measured on smollm2-135m-mtp (AMD EPYC, bf16, 1 thread):
+    a pass of 1 token + 7 masks 83.3 -> 77.8 ms at batch 1, 404 -> 320 ms at batch 16."""
+    key = id(model.config)
+    _lossy_tails[key] = queries
+    try:
+        yield
+    finally:
+        _lossy_tails.pop(key, None)
+
+
+def _lossy_tail_of(module, layout: Layout, queries: int) -> int:
+    """The lossy tail set for this module's model, 0 if any of its queries sees no key (a pad row: the
+    one-query loop skips it, a batched call would make it NaN)."""
+    config = getattr(module, "config", None)
+    tail = min(_lossy_tails.get(id(config), 0), queries) if config is not None else 0
+    if tail and any(0 in counts[queries - tail :] for counts in layout.counts):
+        return 0
+    return tail
 
 
 @dataclass(frozen=True)
