@@ -222,6 +222,7 @@ def test_sweep_writes_results(tiny_mtp, tmp_path):
         assert row["tokens_per_second"] > 0 and row["acceleration_std"] >= 0
         assert set(row) >= {"strategy", "accuracy", "stderr", "acceleration_mean", "acceleration_std", "n"}
     assert rows["static:1"]["acceleration_mean"] == 1.0 and rows["teacher"]["kind"] == "teacher"
+    assert all(row["decode"]["dtype"] == "float32" for row in rows.values())  # the decode dtype, recorded
     assert 1.0 < rows["static:2"]["acceleration_mean"] <= 2.0
     assert rows["confadapt:0.9:16"]["tau"] == 0.9 and rows["confadapt:0.9:16"]["k_max"] == 16
     # Per-item outputs: the teacher row is the teacher model's own NTP text, static:1 the student's
@@ -249,6 +250,14 @@ def test_sweep_writes_results(tiny_mtp, tmp_path):
     assert "identical_to_static_1" not in rows["static:1"] and "| same tokens as static k=1 |" in markdown
     assert "tokens/pass (pooled)" in markdown and "effective k" in markdown
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_records_what_dtype_auto_chose_and_why(tmp_path):
+    """`--dtype auto` is a measured choice per machine: results.json and results.md say which dtype decoded."""
+    results = run_sweep(_config(strategies=["static:1"], limit=1, dtype="auto"), tmp_path, progress=False)
+    decode = results["rows"][0]["decode"]
+    assert decode["requested"] == "auto" and decode["dtype"] in ("float32", "bfloat16") and decode["choice"]["reason"]
+    assert f"decode dtype of tiny: {decode['dtype']} (--dtype auto: " in (tmp_path / "results.md").read_text()
 
 
 def test_sweep_resumes_after_a_crash(tiny_mtp, tmp_path, monkeypatch):

@@ -93,6 +93,13 @@ def _points(difference: float, stderr: float) -> str:
     return f"{100 * difference:+.1f} +- {100 * stderr:.1f}"
 
 
+def _decode_text(decode: dict) -> str:
+    text = decode.get("dtype", "float32")
+    if decode.get("requested") == "auto" and "choice" in decode:
+        text += f" (--dtype auto: {decode['choice']['reason']})"
+    return text
+
+
 def markdown_report(results: dict) -> str:
     title = f"# {results['task']} - {results['model']}"
     notes = [
@@ -110,6 +117,8 @@ def markdown_report(results: dict) -> str:
     if any(key in row for row in results["rows"] for key, _ in PAIRED_COLUMNS):
         notes.append("vs static k=1 / vs teacher: accuracy difference in points on the same items, +- the "
                      "standard error of the per-item differences (paired).")
+    decodes = {(row["model"], _decode_text(row["decode"])) for row in results["rows"] if row.get("decode")}
+    notes += [f"decode dtype of {model}: {text}." for model, text in sorted(decodes)]
     if any("teacher_nll_per_token" in row for row in results["rows"]):
         notes.append("teacher NLL/token: the teacher's mean negative log-likelihood of the generated tokens (coherence).")
     return "\n\n".join([title, format_table(results), "\n".join(f"- {n}" for n in notes)]) + "\n"

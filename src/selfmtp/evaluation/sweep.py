@@ -184,6 +184,7 @@ def run_strategy(mtp, task, run: PlannedRun, config: SweepConfig, *, progress: b
         **({"draft_acceptance": summary["draft_acceptance"]} if "draft_acceptance" in summary else {}),
         "mean_new_tokens": summary["total_tokens"] / max(1, len(results)),
         "n": len(results), "wall_seconds": wall, "batch_size": config.batch_size, "device": config.device,
+        "decode": dict(getattr(mtp.model, "selfmtp_decode", None) or {}),  # the dtype --dtype auto chose, and why
     }  # fmt: skip
     outputs = [_item_output(item, r, s) for item, r, s in zip(task.items, results, scores, strict=True)]
     return {"row": row, "fingerprint": config.fingerprint(run.model), "outputs": outputs}

@@ -26,7 +26,7 @@ rows make needs no batch invariance: `lossy_attention(model)` gives it one (upca
 of one per query (at 9 queries and 200 keys: 131 us against 523; batched_attention_probe.txt). In an exact
 pass the `<mtp>` masks at the end of every row only draft and no real token attends to them, so
 `lossy_tail(model, n)` gives those n queries one call a layer beside the real tokens' one-query calls
-(measured: a verify:8 pass at batch 16, 404 -> 320 ms; mask-tail-attention/).
+(measured: a verify:8 pass at batch 16, 404 -> 320 ms; docs/measurements/decode-dtype-cpu/mask-tail-attention).
 
 `make_decoding_exact(model)` installs both and returns what it found (for logs and results files). Every
 row-wise operation of a Llama layer (norms, rotary, activations, residuals) is invariant as it is; the test
@@ -121,8 +121,8 @@ def lossy_tail(model: nn.Module, queries: int):
     outputs are drafts only: rowwise attention computes them in one batched call (not batch-invariant) and
     keeps the one-query call for every query before them. No real token attends to a mask (pass_layout), so
     every real row's output, and with it what verify accepts, is bit for bit unchanged; the masks' drafts may
-    differ in their last bits, as a ConfAdapt pass's do. Measured on smollm2-135m-mtp (AMD EPYC, bf16, 1 thread):
-    a pass of 1 token + 7 masks 83.3 -> 77.8 ms at batch 1, 404 -> 320 ms at batch 16."""
+    differ in their last bits, as a ConfAdapt pass's do. Measured on smollm2-135m-mtp (2-core Intel Xeon with AMX,
+    bf16, 1 thread): a pass of 1 token + 7 masks 83.3 -> 77.8 ms at batch 1, 404 -> 320 ms at batch 16."""
     key = id(model.config)
     _lossy_tails[key] = queries
     try:
